@@ -1,0 +1,50 @@
+"""perceivers-jax: PerceiverS (Perceiver AR + Effective Segmentation + Multi-Scale
+cross-attention) for long expressive symbolic piano music, in JAX/Flax."""
+
+import setuptools
+
+REQUIRED = [
+    "jax>=0.7",
+    "flax>=0.11",
+    "optax",
+    "orbax-checkpoint",
+    "tensorflow-datasets>=4.9.8",
+    "note-seq",
+    "ml-collections",
+    "absl-py",
+    "grain>=0.2.12",
+    "array-record",
+    "numpy",
+    "scipy",
+    "matplotlib",
+    "tqdm",
+    "tensorboardX",
+    "safetensors",
+]
+
+setuptools.setup(
+    name="perceivers-jax",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["perceivers_jax*", "data_prep*"]),
+    install_requires=REQUIRED,
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "hypothesis"],
+        # Optional tf.data path; nothing else needs TensorFlow.
+        "tf": ["tensorflow-cpu"],
+        "gpu": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+    },
+    entry_points={
+        "console_scripts": [
+            "perceivers-tokens=perceivers_jax.cli.tokens:run",
+            "perceivers-build-data=perceivers_jax.cli.build_data:run",
+            "perceivers-train=perceivers_jax.cli.train:run",
+            "perceivers-sample=perceivers_jax.cli.sample:run",
+            "perceivers-evaluate=perceivers_jax.cli.evaluate:run",
+            "perceivers-export=perceivers_jax.cli.export:run",
+            "perceivers-demo=perceivers_jax.cli.demo:run",
+        ],
+    },
+)
