@@ -1,0 +1,93 @@
+"""Paper-size defaults shared by every experiment config in `configs/`.
+
+Each `configs/*.py` starts from `base_config()` and changes what its experiment changes,
+as big_vision's configs start from `big_vision.configs.common`.
+"""
+
+import ml_collections
+
+# 0 in `cross_attention_scales` means "full context" (ml_collections lists cannot hold None).
+FULL_CONTEXT = 0
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """PerceiverS at the paper's size: L=32,768, N=1,024, width 1,024, 24 latent layers."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict(dict(
+      vocab_size=391,
+      max_length=32768,  # L: inputs the model attends to.
+      num_latents=1024,  # N: queries = the last N inputs; targets per window.
+      embed_dim=1024,
+      num_heads=16,
+      head_dim=64,
+      mlp_ratio=4,
+      num_latent_layers=24,
+      cross_attention_scales=(FULL_CONTEXT, 1024),
+      scale_mask="sliding",  # sliding | final_block
+      combine="cascade",  # cascade | sum
+      dropout_rate=0.1,
+      rotary_fraction=0.5,
+      max_wavelength=0,  # 0 -> max_length, as Perceiver AR.
+      attention_impl="xla",  # xla | cudnn | chunked
+      attention_chunk_size=4096,
+      dtype="bfloat16",  # activations
+      param_dtype="float32",
+      remat_policy="nothing_saveable",
+      scan_layers=True,
+  ))
+
+  config.data = ml_collections.ConfigDict(dict(
+      data_dir="",  # TFDS data_dir holding maestro_performance (perceivers-build-data).
+      dataset="maestro_performance/full",
+      train_split="train",
+      eval_split="validation",
+      windows="effective",  # effective | baseline
+      padding_side="left",
+      worker_count=0,
+  ))
+
+  config.train = ml_collections.ConfigDict(dict(
+      batch_size=8,  # global, over all hosts
+      microbatches=1,
+      num_steps=100_000,
+      optimizer="adam",
+      learning_rate=0.03125,
+      schedule="rsqrt",
+      warmup_steps=10_000,
+      b1=0.9,
+      b2=0.98,
+      weight_decay=0.0,
+      grad_clip_norm=1.0,
+      z_loss=1e-4,
+  ))
+
+  config.eval = ml_collections.ConfigDict(dict(
+      every_steps=5_000,
+      batch_size=8,
+      max_batches=0,  # 0: the whole split's sequential windows.
+  ))
+
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=1_000,
+      keep=3,
+      async_save=True,
+  ))
+
+  config.log_every_steps = 50
+
+  # Mesh axes and how logical axes map onto them (MaxText style). One axis may be -1.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.logical_axis_rules = (
+      ("batch", ("data", "fsdp")),
+      ("length", None),
+      ("latents", None),
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("kv", None),
+      ("mlp", "tensor"),
+      ("vocab", "tensor"),
+      ("layers", None),
+  )
+  return config
