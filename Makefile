@@ -1,0 +1,38 @@
+# The two commands of the README: `make demo` (the main job) and `make test`.
+# Each creates .venv and installs what it needs on a fresh machine.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_FLAGS ?=
+PYTEST_FLAGS ?=
+
+.PHONY: setup fetch-data test demo audio-tools clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# The 10 real MAESTRO performances (SPEC section 1) into the ignored .cache/.
+fetch-data: setup
+	$(PY) -m data_prep.fetch_maestro_samples
+
+test: fetch-data
+	$(PY) -m pytest $(PYTEST_FLAGS) tests
+
+# Optional system tools (root + apt only; skipped with a message elsewhere):
+# fluidsynth + a General MIDI soundfont render the demo's MIDI to WAV.
+audio-tools:
+	-@command -v fluidsynth >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq fluidsynth fluid-soundfont-gm >/dev/null 2>&1 \
+	  && echo "installed fluidsynth"; } || echo "fluidsynth unavailable: the demo will skip WAV renderings"
+
+demo: fetch-data audio-tools
+	$(PY) -m perceivers_jax.cli.demo $(DEMO_FLAGS)
+
+clean:
+	rm -rf $(VENV) .cache demo_output
