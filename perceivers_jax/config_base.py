@@ -45,7 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
       eval_split="validation",
       windows="effective",  # effective | baseline
       padding_side="left",
-      worker_count=0,
+      worker_count=0,  # >0: Grain worker processes (mp_prefetch)
+      read_threads=8,
+      prefetch_buffer_size=16,
   ))
 
   config.train = ml_collections.ConfigDict(dict(

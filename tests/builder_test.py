@@ -1,0 +1,206 @@
+"""TFDS builder `maestro_performance` on real pieces in MAESTRO-v3 and folder layouts."""
+
+import csv
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pretty_midi
+import pytest
+import tensorflow_datasets as tfds
+
+from data_prep import maestro_performance
+from data_prep.maestro_performance import maestro_performance_dataset_builder as mpdb
+from perceivers_jax import config_base
+from perceivers_jax import input_pipeline
+from perceivers_jax import tokens
+from perceivers_jax import windows
+
+# Three of the shorter real pieces, one per split.
+REAL = {"Maestro_3.mid": "train", "Maestro_1.mid": "validation", "Maestro_10.mid": "test"}
+BAD = {"corrupt.midi": ("train", "not a readable MIDI"), "empty.midi": ("validation", "no notes"),
+       "drums.midi": ("test", "only drum notes")}
+
+
+def _write_bad(path: pathlib.Path, kind: str) -> None:
+  if kind == "corrupt.midi":
+    path.write_bytes(b"MThd\x00\x00\x00\x06\x00\x01truncated")
+    return
+  pm = pretty_midi.PrettyMIDI()
+  inst = pretty_midi.Instrument(program=0, is_drum=kind == "drums.midi")
+  if kind == "drums.midi":
+    inst.notes = [pretty_midi.Note(velocity=100, pitch=36 + i, start=i * 0.5, end=i * 0.5 + 0.1)
+                  for i in range(4)]
+  pm.instruments.append(inst)
+  pm.write(str(path))
+
+
+def _populate(root: pathlib.Path, maestro_dir: pathlib.Path, year_folders: bool) -> list[dict]:
+  """Copies the real pieces and writes the bad ones; returns CSV rows."""
+  rows = []
+  for i, (name, split) in enumerate(REAL.items()):
+    rel = f"{2004 + i}/{name}" if year_folders else f"sub{i % 2}/{name}"
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(maestro_dir / name, root / rel)
+    rows.append(dict(canonical_composer=f"Composer {i}", canonical_title=f"Title {i}",
+                     split=split, year=2004 + i, midi_filename=rel,
+                     audio_filename=rel.replace(".mid", ".wav"), duration=100.0 + i))
+  for name, (split, _) in BAD.items():
+    rel = f"2018/{name}"
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    _write_bad(root / rel, name)
+    rows.append(dict(canonical_composer="X", canonical_title=name, split=split, year=2018,
+                     midi_filename=rel, audio_filename="x.wav", duration=1.0))
+  return rows
+
+
+@pytest.fixture(scope="module")
+def maestro_build(maestro_paths, tmp_path_factory):
+  """One MAESTRO-v3-shaped manual dir built as `full` (2 processes) and windows_L64_N16."""
+  root = tmp_path_factory.mktemp("maestro-v3.0.0")
+  rows = _populate(root, maestro_paths[0].parent, year_folders=True)
+  with (root / mpdb.MAESTRO_CSV).open("w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=mpdb.MAESTRO_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+  data_dir = tmp_path_factory.mktemp("tfds")
+  builder, report = maestro_performance.build(root, data_dir, "full", num_workers=2)
+  windows_builder, _ = maestro_performance.build(root, data_dir, "windows_L64_N16",
+                                                 num_workers=1)
+  return dict(root=root, rows=rows, data_dir=data_dir, builder=builder, report=report,
+              windows_builder=windows_builder)
+
+
+def test_report_lists_the_bad_files_with_reasons(maestro_build):
+  report = maestro_build["report"]
+  path = pathlib.Path(maestro_build["builder"].data_dir) / "build_report.json"
+  assert path == maestro_build["data_dir"] / "maestro_performance/full/1.0.0/build_report.json"
+  assert json.loads(path.read_text()) == report
+  assert report["pieces_found"] == 6 and report["pieces_built"] == 3
+  assert report["pieces_per_split"] == {"train": 1, "validation": 1, "test": 1}
+  assert report["skipped"] == 3
+  reasons = {pathlib.PurePosixPath(b["filename"]).name: b["reason"]
+             for b in report["skipped_files"]}
+  assert set(reasons) == set(BAD)
+  for name, (_, reason) in BAD.items():
+    assert reason in reasons[name] and name in reasons[name]
+
+
+def test_full_config_splits_follow_the_csv(maestro_build):
+  by_file = {r["midi_filename"]: r for r in maestro_build["rows"]}
+  for split in mpdb.SPLITS:
+    source = tfds.data_source("maestro_performance/full", split=split,
+                              data_dir=maestro_build["data_dir"])
+    assert len(source) == 1
+    record = source[0]
+    row = by_file[record["filename"].decode()]
+    assert row["split"] == split and REAL[pathlib.PurePosixPath(row["midi_filename"]).name] == split
+    expected = tokens.midi_file_to_tokens(maestro_build["root"] / row["midi_filename"])
+    np.testing.assert_array_equal(record["tokens"], expected)
+    assert record["tokens"].dtype == np.int32 and record["num_tokens"] == len(expected)
+    assert record["composer"].decode() == row["canonical_composer"]
+    assert record["title"].decode() == row["canonical_title"]
+    assert record["year"] == row["year"]
+    assert record["duration"] == pytest.approx(row["duration"])
+    assert record["piece_id"] == maestro_build["rows"].index(row)
+
+
+def test_windows_config_holds_every_target_once(maestro_build):
+  full = tfds.data_source("maestro_performance/full", split="validation",
+                          data_dir=maestro_build["data_dir"])
+  piece = full[0]["tokens"]
+  source = tfds.data_source("maestro_performance/windows_L64_N16", split="validation",
+                            data_dir=maestro_build["data_dir"])
+  assert len(source) == windows.num_sequential_windows([len(piece)], 16)
+  counts = np.zeros(len(piece), int)
+  ends = set()
+  for i in range(len(source)):
+    example = source[i]
+    assert example["inputs"].shape == (64,) and example["piece_id"] == full[0]["piece_id"]
+    valid = example["positions"] >= 0
+    np.testing.assert_array_equal(example["inputs"][valid], piece[example["positions"][valid]])
+    assert example["positions"][valid][-1] == example["end"] - 2
+    predicted = example["targets"] != tokens.PAD_ID
+    np.add.at(counts, example["positions"][predicted] + 1, 1)
+    ends.add(int(example["end"]))
+  assert counts[0] == 0 and np.all(counts[1:] == 1)
+  assert ends == {end for end, _ in windows.sequential_ends(len(piece), 16)}
+
+
+def test_open_data_source_feeds_the_pipeline(maestro_build):
+  config = config_base.base_config()
+  config.data.data_dir = str(maestro_build["data_dir"])
+  config.model.max_length, config.model.num_latents = 128, 32
+  config.train.batch_size = config.eval.batch_size = 2
+  source = input_pipeline.open_data_source(config, "train")
+  batch = next(input_pipeline.make_train_iterator(config, source, seed=0, process_index=0,
+                                                  process_count=1))
+  assert batch["inputs"].shape == (2, 128)
+  config.eval.max_batches = 3
+  eval_batches = list(input_pipeline.make_eval_batches(
+      config, input_pipeline.open_data_source(config, "test"), process_index=0,
+      process_count=1))
+  assert len(eval_batches) == 3 and (eval_batches[0]["targets"] != 0).sum() == 2 * 32
+  config.data.dataset = "maestro_performance/windows_L8_N4"
+  with pytest.raises(FileNotFoundError, match="perceivers-build-data"):
+    input_pipeline.open_data_source(config, "train")
+
+
+def test_folder_layout_builds_through_the_cli(maestro_paths, tmp_path):
+  root = tmp_path / "midis"
+  _populate(root, maestro_paths[0].parent, year_folders=False)
+  data_dir = tmp_path / "tfds"
+  result = subprocess.run(
+      [sys.executable, "-m", "perceivers_jax.cli.build_data", f"--manual_dir={root}",
+       f"--data_dir={data_dir}", "--layout=folder", "--num_workers=1"],
+      capture_output=True, text=True, check=True)
+  assert "pieces: 3 of 6" in result.stdout and "skipped: 3" in result.stdout
+  report = json.loads(
+      (data_dir / "maestro_performance/folder_full/1.0.0/build_report.json").read_text())
+  assert {pathlib.PurePosixPath(b["filename"]).name for b in report["skipped_files"]} == set(BAD)
+  seen = []
+  for split, count in report["pieces_per_split"].items():
+    if not count:
+      continue
+    source = tfds.data_source("maestro_performance/folder_full", split=split,
+                              data_dir=data_dir)
+    for i in range(len(source)):
+      filename = source[i]["filename"].decode()
+      assert mpdb.folder_split(filename) == split
+      assert source[i]["duration"] == pytest.approx(
+          tokens.tokens_duration_seconds(source[i]["tokens"]))
+      seen.append(pathlib.PurePosixPath(filename).name)
+  assert sorted(seen) == sorted(REAL)
+
+
+def test_folder_split_is_deterministic_and_balanced():
+  splits = [mpdb.folder_split(f"composer{i}/piece_{i}.mid") for i in range(2000)]
+  assert splits == [mpdb.folder_split(f"composer{i}/piece_{i}.mid") for i in range(2000)]
+  shares = {s: splits.count(s) / len(splits) for s in mpdb.SPLITS}
+  assert shares["train"] == pytest.approx(0.8, abs=0.03)
+  assert shares["validation"] == pytest.approx(0.1, abs=0.02)
+
+
+def test_wrong_layouts_say_what_was_expected(tmp_path):
+  with pytest.raises(maestro_performance.LayoutError, match="does not exist"):
+    mpdb.list_pieces(tmp_path / "missing", "maestro_v3")
+  with pytest.raises(maestro_performance.LayoutError,
+                     match="maestro-v3.0.0.csv is missing.*magenta.tensorflow.org"):
+    mpdb.list_pieces(tmp_path, "maestro_v3")
+  (tmp_path / mpdb.MAESTRO_CSV).write_text("split,midi_filename\ntrain,a.midi\n")
+  with pytest.raises(maestro_performance.LayoutError, match="missing columns"):
+    mpdb.list_pieces(tmp_path, "maestro_v3")
+  with pytest.raises(maestro_performance.LayoutError, match="no MIDI files"):
+    mpdb.list_pieces(tmp_path, "folder")
+
+
+def test_config_names():
+  config = maestro_performance.make_config("folder_windows_L2048_N256")
+  assert (config.layout, config.max_length, config.num_latents) == ("folder", 2048, 256)
+  assert maestro_performance.make_config("full").layout == "maestro_v3"
+  for bad in ("windows_L16_N32", "windows", "other"):
+    with pytest.raises(ValueError, match="config"):
+      maestro_performance.make_config(bad)
