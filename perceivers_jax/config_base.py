@@ -48,6 +48,12 @@ def base_config() -> ml_collections.ConfigDict:
       worker_count=0,  # >0: Grain worker processes (mp_prefetch)
       read_threads=8,
       prefetch_buffer_size=16,
+      # Training-only, per piece, seeded per record visit; all off as in the paper.
+      augmentation=ml_collections.ConfigDict(dict(
+          transpose_range=0,  # semitones uniform in [-r, r]; Music Transformer used 3
+          stretch_range=(1.0, 1.0),  # factor uniform in [low, high]; Music Transformer 0.95-1.05
+          velocity_shift_range=0,  # velocity bins uniform in [-r, r]
+      )),
   ))
 
   config.train = ml_collections.ConfigDict(dict(

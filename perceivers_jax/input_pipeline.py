@@ -24,6 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from perceivers_jax import augmentation
 from perceivers_jax import windows
 
 Batch = dict[str, np.ndarray]
@@ -53,11 +54,12 @@ def _check_data_config(config: ml_collections.ConfigDict) -> None:
   if config.data.padding_side not in windows.PADDING_SIDES:
     raise ValueError(f"config.data.padding_side must be one of {windows.PADDING_SIDES}, "
                      f"got {config.data.padding_side!r}")
+  augmentation.check_config(config.data.augmentation)
 
 
 def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=config.data.get("read_threads", 8),
-                           prefetch_buffer_size=config.data.get("prefetch_buffer_size", 16))
+  return grain.ReadOptions(num_threads=config.data.read_threads,
+                           prefetch_buffer_size=config.data.prefetch_buffer_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +73,14 @@ class _RandomWindow:
   max_length: int
   num_latents: int
   padding_side: str
+  augment_config: dict[str, Any]  # config.data.augmentation as a dict (picklable)
 
   def __call__(self, visit: int, record: int) -> Batch:
     epoch = visit // self.shard_size
     rng = np.random.default_rng([self.seed, epoch, int(record)])
     piece = np.asarray(self.data_source[int(record)]["tokens"], np.int32)
+    # Per piece, before windowing: stretching changes lengths and positions stay absolute.
+    piece = augmentation.augment(piece, rng, self.augment_config)
     return windows.random_window(piece, rng, self.kind, max_length=self.max_length,
                                  num_latents=self.num_latents,
                                  padding_side=self.padding_side)
@@ -101,7 +106,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_source: DataSour
   make_window = _RandomWindow(
       data_source=data_source, shard_size=len(records), seed=seed,
       kind=config.data.windows, max_length=config.model.max_length,
-      num_latents=config.model.num_latents, padding_side=config.data.padding_side)
+      num_latents=config.model.num_latents, padding_side=config.data.padding_side,
+      augment_config=config.data.augmentation.to_dict())
   dataset = (records.shuffle(seed=seed)  # reshuffled each epoch
              .repeat()
              .map_with_index(make_window)

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from perceivers_jax import augmentation
 from perceivers_jax import config_base
 from perceivers_jax import input_pipeline
 from perceivers_jax import tokens
@@ -253,3 +254,32 @@ def test_worker_processes_give_the_same_batches_and_resume():
   resumed.set_state(state)
   for batch in expected[2:]:
     np.testing.assert_array_equal(next(resumed)["positions"], batch)
+
+
+def test_augmentation_transposes_training_windows_deterministically(real_source):
+  """With transposition on, each window is a window of a transposed piece, fixed by the seed."""
+  config = _config()
+  config.data.augmentation.transpose_range = 6
+  take = lambda: next(input_pipeline.make_train_iterator(
+      config, real_source, seed=3, process_index=0, process_count=1))
+  first, again = take(), take()
+  for key in first:
+    np.testing.assert_array_equal(first[key], again[key])
+  shifts = []
+  for row in _rows(first):
+    valid = row["positions"] >= 0
+    matches = [k for r in real_source for k in range(-6, 7)
+               if row["positions"][valid][-1] < len(r["tokens"]) and np.array_equal(
+                   augmentation.transpose(r["tokens"], k)[row["positions"][valid]],
+                   row["inputs"][valid])]
+    assert matches, "window is no transposition of any piece"
+    shifts.append(matches[0])
+  assert any(k != 0 for k in shifts)
+
+
+def test_bad_augmentation_config_is_named(real_source):
+  config = _config()
+  config.data.augmentation.stretch_range = (1.1, 0.9)
+  with pytest.raises(ValueError, match="config.data.augmentation.stretch_range"):
+    input_pipeline.make_train_iterator(config, real_source, seed=0, process_index=0,
+                                       process_count=1)
