@@ -1,0 +1,5 @@
+"""Objective evaluation (SPEC 5): Table I features, set comparison, repetition, report."""
+
+from perceivers_jax.evaluation.report import evaluate_sets
+
+__all__ = ["evaluate_sets"]

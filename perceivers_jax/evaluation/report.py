@@ -1,0 +1,397 @@
+"""Evaluates generated sets against a reference set: metrics.json, report.md and plots.
+
+`evaluate_sets` loads every set (MIDI files, token arrays, NoteSequences or a TFDS split),
+extracts the Table I features (features.py), compares each generated set with the
+reference (distances.py) and measures repetition (repetition.py).
+"""
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import warnings
+
+from absl import logging
+from matplotlib import figure
+import numpy as np
+import tqdm
+
+with warnings.catch_warnings():
+  # note_seq imports pydub for audio, which warns about ffmpeg; we never touch audio.
+  warnings.simplefilter("ignore", RuntimeWarning)
+  import note_seq
+
+from perceivers_jax import tokens as tokens_lib
+from perceivers_jax.evaluation import distances
+from perceivers_jax.evaluation import features as features_lib
+from perceivers_jax.evaluation import repetition
+
+TFDS_PREFIX = "tfds:"
+# A set: a folder (searched recursively for .mid/.midi/.npy), "tfds:NAME:SPLIT", or a
+# sequence of paths, token arrays or NoteSequences.
+SetSource = str | os.PathLike | Sequence
+
+_PLOT_FILES = ("distance_kde.png", "repetition_density.png", "token_autocorrelation.png")
+
+
+@dataclasses.dataclass
+class PieceSet:
+  """A loaded set: one entry per piece."""
+  name: str
+  source: str
+  piece_names: list[str]
+  notes: list[features_lib.Notes]
+  tokens: list[np.ndarray]
+
+
+def _tfds_items(source: str, data_dir: str | None, max_pieces: int | None):
+  spec = source[len(TFDS_PREFIX):]
+  name, sep, split = spec.rpartition(":")
+  if not sep or not name or not split:
+    raise ValueError(f"{source!r}: expected tfds:NAME:SPLIT, "
+                     "e.g. tfds:maestro_performance/full:validation")
+  # Imported here: only tfds sources need TFDS and the builder (importing it registers it).
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from data_prep import maestro_performance  # pylint: disable=g-import-not-at-top,unused-import
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():  # evaluation reads a built dataset, it never builds one
+    raise ValueError(
+        f"{source!r}: not built under {builder.data_dir}; build it with `perceivers-build-data "
+        "--manual_dir=MAESTRO_DIR --data_dir=DATA_DIR` and pass --data_dir=DATA_DIR")
+  try:
+    data_source = builder.as_data_source(split=split)
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"{source!r}: cannot open split {split!r} ({e})") from e
+  count = len(data_source) if max_pieces is None else min(max_pieces, len(data_source))
+  return [(f"{split}[{i}]", np.asarray(data_source[i]["tokens"])) for i in range(count)]
+
+
+def _folder_items(folder: pathlib.Path, max_pieces: int | None):
+  suffixes = features_lib.MIDI_SUFFIXES + features_lib.TOKEN_SUFFIXES
+  paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+  if not paths:
+    raise ValueError(f"{folder}: no {'/'.join(suffixes)} files in this folder; point the "
+                     "set at a folder of MIDI files or token arrays")
+  return [(str(p.relative_to(folder)), p) for p in paths[:max_pieces]]
+
+
+def _load_item(piece_name: str, item) -> tuple[features_lib.Notes, np.ndarray]:
+  if isinstance(item, (str, os.PathLike)):
+    return features_lib.load_piece(item)  # its errors name the file
+  if isinstance(item, note_seq.NoteSequence):
+    return features_lib.notes_from_sequence(item), tokens_lib.note_sequence_to_tokens(item)
+  token_ids = np.asarray(item)  # numpy or jax arrays, lists of ids
+  if token_ids.ndim != 1 or not np.issubdtype(token_ids.dtype, np.integer):
+    raise TypeError(f"{piece_name}: expected a path, a NoteSequence or a 1-D integer token "
+                    f"array, got {type(item).__name__} {token_ids.dtype} {token_ids.shape}")
+  try:
+    ns = tokens_lib.tokens_to_note_sequence(token_ids)
+  except ValueError as e:
+    raise ValueError(f"{piece_name}: {e}") from e
+  return features_lib.notes_from_sequence(ns), token_ids
+
+
+def load_set(name: str, source: SetSource, *, data_dir: str | None = None,
+             max_pieces: int | None = None) -> PieceSet:
+  """Loads a set's pieces (notes and tokens), with a progress bar.
+
+  Args:
+    name: the set's name, for messages and the report.
+    source: a folder, "tfds:NAME:SPLIT" (a built TFDS dataset's random-access source;
+      records with a `tokens` field), or a sequence of paths, token arrays or
+      NoteSequences (taken as they are: sustain already folded, as
+      `tokens.load_note_sequence` gives).
+    data_dir: TFDS data directory for a tfds source.
+    max_pieces: keep only the first pieces (sorted paths, record order).
+  """
+  if isinstance(source, str) and source.startswith(TFDS_PREFIX):
+    items, label = _tfds_items(source, data_dir, max_pieces), source
+  elif isinstance(source, (str, os.PathLike)):
+    folder = pathlib.Path(source)
+    if not folder.is_dir():
+      raise ValueError(f"{folder} ({name} set): not a folder")
+    items, label = _folder_items(folder, max_pieces), str(folder)
+  else:
+    items = [(str(item) if isinstance(item, (str, os.PathLike)) else f"{name}[{i}]", item)
+             for i, item in enumerate(list(source)[:max_pieces])]
+    label = f"{len(items)} pieces given in memory"
+  if not items:
+    raise ValueError(f"the {name} set ({label}) is empty")
+  piece_set = PieceSet(name, label, [], [], [])
+  for piece_name, item in tqdm.tqdm(items, desc=f"{name}: loading", unit="piece"):
+    notes, token_ids = _load_item(piece_name, item)
+    if not len(notes):
+      logging.warning("%s set: %s has no notes; its features are all zero", name, piece_name)
+    piece_set.piece_names.append(piece_name)
+    piece_set.notes.append(notes)
+    piece_set.tokens.append(token_ids)
+  return piece_set
+
+
+def _set_features(piece_set: PieceSet, num_segments: int) -> dict[str, np.ndarray]:
+  per_piece = [features_lib.extract_features(n, num_segments)
+               for n in tqdm.tqdm(piece_set.notes, desc=f"{piece_set.name}: features",
+                                  unit="piece")]
+  return features_lib.stack_features(per_piece)
+
+
+def _column_means(rows: np.ndarray) -> np.ndarray:
+  """Mean of each column over its finite entries; NaN where there are none."""
+  finite = np.isfinite(rows)
+  counts = finite.sum(axis=0)
+  sums = np.where(finite, rows, 0.0).sum(axis=0)
+  return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def _finite_stat(values: np.ndarray, stat) -> float | None:
+  finite = values[np.isfinite(values)]
+  return float(stat(finite)) if finite.size else None
+
+
+def _repetition(piece_set: PieceSet, max_lag: int) -> dict:
+  summaries = [repetition.repetition_summary(n) for n in piece_set.notes]
+  densities = [repetition.repetition_density(n)[1] for n in piece_set.notes]
+  num_bins = max((d.size for d in densities), default=0)
+  # Pieces differ in length: each bin averages the pieces that reach it.
+  padded = np.full((len(densities), num_bins), np.nan)
+  for row, d in zip(padded, densities):
+    row[:d.size] = d
+  mean_density = _column_means(padded)
+  mean_rho = _column_means(
+      np.stack([repetition.token_autocorrelation(t, max_lag) for t in piece_set.tokens]))
+  shares = np.array([s["repetitive_share"] for s in summaries])
+  per_second = np.array([s["repetitive_per_second"] for s in summaries])
+  return {
+      "repetitive_share_mean": shares.mean(), "repetitive_share_std": shares.std(),
+      "repetitive_per_second_mean": per_second.mean(),
+      "repetitive_per_second_std": per_second.std(),
+      "density_bin_seconds": repetition.BIN_S,
+      "density_per_second_by_bin": mean_density,
+      "autocorrelation_by_lag": mean_rho,
+      "autocorrelation_mean": _finite_stat(mean_rho, np.mean),
+      "autocorrelation_max": _finite_stat(mean_rho, np.max),
+  }
+
+
+def _value_spread(values: np.ndarray) -> dict:
+  return {"value_mean": values.mean(), "value_std": values.std()}
+
+
+def _jsonable(value):
+  """numpy -> Python; NaN and infinities -> None (strict JSON)."""
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, np.ndarray):
+    return _jsonable(value.tolist())
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, (np.floating, float)):
+    return float(value) if math.isfinite(value) else None
+  if isinstance(value, np.integer):
+    return int(value)
+  return value
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+  """None (a non-finite value in metrics.json) prints as n/a."""
+  return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _write_markdown(metrics: dict, path: pathlib.Path) -> None:
+  names = list(metrics["sets"])
+  first = names[0]
+  header = ["Feature"]
+  for name in names:
+    header += [f"{name} KLD", f"{name} OA"]
+    if name != first:
+      header.append(f"{name} OA vs {first} (%)")
+  lines = [
+      "# Objective evaluation (Table I layout)", "",
+      f"Reference: `{metrics['reference']['source']}` "
+      f"({metrics['reference']['num_pieces']} pieces). KLD = KL(reference intra-set || "
+      f"inter-set), `{metrics['config']['kld']}` mode; OA = overlap area of the two "
+      "distance densities. Lower KLD and higher OA mean closer to the reference.", "",
+      "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for feature in features_lib.FEATURE_NAMES:
+    row = [feature]
+    for name in names:
+      entry = metrics["sets"][name]["features"][feature]
+      row += [_fmt(entry["kld"]), _fmt(entry["oa"])]
+      if name != first:
+        row.append(_fmt(metrics["sets"][name]["oa_change_percent"][feature], 1))
+    lines.append("| " + " | ".join(row) + " |")
+  row = ["**Mean**"]
+  for name in names:
+    row += [_fmt(metrics["sets"][name]["kld_mean"]), _fmt(metrics["sets"][name]["oa_mean"])]
+    if name != first:
+      row.append(_fmt(metrics["sets"][name]["oa_change_percent_mean"], 1))
+  lines += ["| " + " | ".join(row) + " |", "",
+            "## Repetition", "",
+            f"Repetitive note: its pitch {repetition.NGRAM}-gram also ended within the "
+            f"previous {repetition.WINDOW_S:g} s. rho(k): chance-corrected token "
+            f"autocorrelation, lags 1..{metrics['config']['max_lag']}.", "",
+            "| Set | pieces | repetitive share | repetitive notes/s | mean rho | max rho |",
+            "|---|---|---|---|---|---|"]
+  for name, entry in [("reference", metrics["reference"])] + list(metrics["sets"].items()):
+    rep = entry["repetition"]
+    lines.append(f"| {name} | {entry['num_pieces']} | {_fmt(rep['repetitive_share_mean'])} | "
+                 f"{_fmt(rep['repetitive_per_second_mean'])} | "
+                 f"{_fmt(rep['autocorrelation_mean'])} | {_fmt(rep['autocorrelation_max'])} |")
+  lines += ["", "Plots: " + ", ".join(f"[{f}]({f})" for f in _PLOT_FILES), ""]
+  path.write_text("\n".join(lines))
+
+
+def _kde_curve(ax, sample: np.ndarray | None, grid: np.ndarray, **style) -> None:
+  if sample is None:
+    return
+  pdf = distances.density(sample)
+  if pdf is None:  # Singular: a point mass.
+    ax.axvline(float(sample[0]), **style)
+  else:
+    ax.plot(grid, pdf(grid), **style)
+
+
+def _plot_distances(reference_intra: Mapping[str, np.ndarray], per_set: Mapping[str, dict],
+                    path: pathlib.Path) -> None:
+  names = features_lib.FEATURE_NAMES
+  cols = 4
+  rows = -(-len(names) // cols)
+  fig = figure.Figure(figsize=(4 * cols, 3 * rows), layout="constrained")
+  axes = fig.subplots(rows, cols, squeeze=False).reshape(-1)
+  colors = [f"C{i}" for i in range(len(per_set))]
+  for ax, feature in zip(axes, names):
+    samples = [reference_intra[feature]]
+    for entry in per_set.values():
+      d = entry[feature]["distances"]
+      samples += [d["inter"]] + ([d["generated_intra"]] if d["generated_intra"] is not None
+                                 else [])
+    everything = np.concatenate(samples)
+    span = max(float(np.ptp(everything)), 1e-9)
+    grid = np.linspace(everything.min() - 0.1 * span, everything.max() + 0.1 * span, 400)
+    _kde_curve(ax, reference_intra[feature], grid, color="k", label="reference intra")
+    for color, (name, entry) in zip(colors, per_set.items()):
+      d = entry[feature]["distances"]
+      _kde_curve(ax, d["inter"], grid, color=color, label=f"{name} inter")
+      _kde_curve(ax, d["generated_intra"], grid, color=color, linestyle="--",
+                 label=f"{name} intra")
+    ax.set_title(feature)
+    ax.set_xlabel("distance")
+  for ax in axes[len(names):]:
+    ax.set_axis_off()
+  axes[0].legend(fontsize="small")
+  fig.savefig(path, dpi=80)
+
+
+def _plot_curves(curves: Mapping[str, list], first_x: float, x_step: float, xlabel: str,
+                 ylabel: str, title: str, path: pathlib.Path) -> None:
+  """One line per set (the reference first, in black); None entries are gaps."""
+  fig = figure.Figure(figsize=(8, 4), layout="constrained")
+  ax = fig.subplots()
+  for i, (name, y) in enumerate(curves.items()):
+    y = np.array([np.nan if v is None else v for v in y], np.float64)
+    ax.plot(first_x + np.arange(y.size) * x_step, y, color="k" if i == 0 else f"C{i - 1}",
+            label=name)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend()
+  fig.savefig(path, dpi=80)
+
+
+def evaluate_sets(reference: SetSource, generated: Mapping[str, SetSource],
+                  output_dir: str | os.PathLike, *, kld: str = "shared_grid",
+                  data_dir: str | None = None, max_pieces: int | None = None,
+                  num_segments: int = features_lib.NUM_SEGMENTS,
+                  max_lag: int = repetition.MAX_LAG) -> dict:
+  """Compares each generated set with the reference; writes metrics.json, report.md, plots.
+
+  Args:
+    reference: the reference set (see `load_set`), at least 2 pieces.
+    generated: {set name: source}, at least one set; the first is the baseline of the
+      report's OA-change column.
+    output_dir: created if missing.
+    kld: "shared_grid" (default) or "mgeval" (see distances.py).
+    data_dir: TFDS data directory for tfds sources.
+    max_pieces: cap on the pieces read from each set.
+    num_segments: segments per piece for the /seg features.
+    max_lag: largest token-autocorrelation lag.
+
+  Returns:
+    The metrics written to metrics.json: {"config", "reference", "sets": {name: {
+    "features": {feature: {"kld", "oa", "reference_intra", "generated_intra", "inter"
+    (mean/std of distances), "value_mean"/"value_std" for scalar features}}, "kld_mean",
+    "oa_mean", "oa_change_percent", "oa_change_percent_mean", "repetition", ...}}}.
+  """
+  if kld not in distances.KLD_MODES:
+    raise ValueError(f"kld must be one of {distances.KLD_MODES}, got {kld!r}")
+  if not generated:
+    raise ValueError("no generated sets given")
+  output_dir = pathlib.Path(output_dir)
+  output_dir.mkdir(parents=True, exist_ok=True)
+  load = dict(data_dir=data_dir, max_pieces=max_pieces)
+  reference_set = load_set("reference", reference, **load)
+  if len(reference_set.notes) < 2:
+    raise ValueError(f"the reference set ({reference_set.source}) needs at least 2 pieces "
+                     f"for intra-set distances, found {len(reference_set.notes)}")
+  reference_features = _set_features(reference_set, num_segments)
+  reference_intra = {name: distances.intra_set_distances(values)
+                     for name, values in reference_features.items()}
+  metrics = {
+      "config": {"kld": kld, "num_segments": num_segments, "max_lag": max_lag,
+                 "note_length_edges_s": features_lib.NOTE_LENGTH_EDGES_S,
+                 "repetition_ngram": repetition.NGRAM,
+                 "repetition_window_s": repetition.WINDOW_S},
+      "reference": {
+          "source": reference_set.source, "num_pieces": len(reference_set.notes),
+          "pieces": reference_set.piece_names,
+          "features": {name: _value_spread(reference_features[name])
+                       for name in features_lib.SCALAR_FEATURES},
+          "repetition": _repetition(reference_set, max_lag)},
+      "sets": {},
+  }
+  comparisons = {}
+  for set_name, source in generated.items():
+    piece_set = load_set(set_name, source, **load)
+    set_features = _set_features(piece_set, num_segments)
+    comparison = {name: distances.compare_feature(reference_features[name],
+                                                  set_features[name], kld,
+                                                  reference_intra[name])
+                  for name in features_lib.FEATURE_NAMES}
+    comparisons[set_name] = comparison
+    for name in features_lib.SCALAR_FEATURES:
+      comparison[name].update(_value_spread(set_features[name]))
+    metrics["sets"][set_name] = {
+        "source": piece_set.source, "num_pieces": len(piece_set.notes),
+        "pieces": piece_set.piece_names,
+        "features": {name: {k: v for k, v in entry.items() if k != "distances"}
+                     for name, entry in comparison.items()},
+        "kld_mean": np.mean([entry["kld"] for entry in comparison.values()]),
+        "oa_mean": np.mean([entry["oa"] for entry in comparison.values()]),
+        "repetition": _repetition(piece_set, max_lag),
+    }
+  baseline = metrics["sets"][next(iter(generated))]["features"]
+  for entry in metrics["sets"].values():
+    change = {name: (100.0 * (f["oa"] - baseline[name]["oa"]) / baseline[name]["oa"]
+                     if baseline[name]["oa"] > 0 else math.nan)
+              for name, f in entry["features"].items()}
+    entry["oa_change_percent"] = change
+    entry["oa_change_percent_mean"] = np.nanmean(list(change.values())) if any(
+        math.isfinite(v) for v in change.values()) else math.nan
+  metrics = _jsonable(metrics)
+  (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
+  _write_markdown(metrics, output_dir / "report.md")
+  _plot_distances(reference_intra, comparisons, output_dir / _PLOT_FILES[0])
+  all_sets = {"reference": metrics["reference"], **metrics["sets"]}
+  _plot_curves({name: entry["repetition"]["density_per_second_by_bin"]
+                for name, entry in all_sets.items()},
+               0.0, repetition.BIN_S, "time (s)", "repetitive notes per second",
+               "Repetitive-note density along the pieces (mean over pieces)",
+               output_dir / _PLOT_FILES[1])
+  _plot_curves({name: entry["repetition"]["autocorrelation_by_lag"]
+                for name, entry in all_sets.items()},
+               1.0, 1.0, "lag k (tokens)", "rho(k)", "Chance-corrected token autocorrelation",
+               output_dir / _PLOT_FILES[2])
+  logging.info("wrote %s", output_dir / "report.md")
+  return metrics
