@@ -222,7 +222,9 @@ def sample_params(rng: np.random.Generator, config: Any) -> AugmentParams:
 
 
 def apply(tokens: np.ndarray, params: AugmentParams) -> np.ndarray:
-  """Applies transposition, velocity shift and stretch (they commute)."""
+  """Applies transposition, velocity shift and stretch (they commute); none: `tokens` as is."""
+  if params == AugmentParams():
+    return tokens
   tokens = _check_tokens(tokens)
   if params.semitones:
     tokens = transpose(tokens, params.semitones)
