@@ -1,0 +1,178 @@
+"""Multi-head attention: projections with rotary encoding, and three attention kernels.
+
+`Attention` exposes its steps separately (`project_query`, `project_key_value`, `attend`) so
+the cached decoder reuses the same projections and kernels as training: it projects keys and
+values once, stores them, and attends new queries against the stored ones.
+
+Kernels (config.model.attention_impl):
+  xla:     einsum + masked softmax; any backend.
+  cudnn:   `jax.nn.dot_product_attention(..., implementation="cudnn")` with a dense boolean
+           mask (never `is_causal`, which aligns top-left); GPU and bf16/fp16 only.
+  chunked: lax.scan over key chunks with an online softmax, so memory grows with the chunk,
+           not with L; for long contexts on CPU/TPU.
+Queries that see no key (padding latents) get zeros, never NaN.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from perceivers_jax import masks as masks_lib
+from perceivers_jax import partitioning
+from perceivers_jax import rotary
+
+ATTENTION_IMPLS = ("xla", "cudnn", "chunked")
+# Finite stand-in for -inf, so fully masked rows stay finite in float32.
+_NEG = -1e30
+
+
+def check_impl(impl: str, dtype) -> None:
+  """Raises a config error if `impl` cannot run here with activations of `dtype`."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"config.model.attention_impl={impl!r}; use one of {ATTENTION_IMPLS}.")
+  if impl == "cudnn":
+    if jax.default_backend() != "gpu":
+      raise ValueError(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, but the jax "
+                       f"backend is {jax.default_backend()!r}; use 'xla' or 'chunked'.")
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+      raise ValueError(f"config.model.attention_impl='cudnn' needs config.model.dtype bfloat16 "
+                       f"or float16, got {jnp.dtype(dtype).name}.")
+
+
+def _xla_attention(q_BNHK, k_BLHK, v_BLHK, mask: masks_lib.Mask) -> jax.Array:
+  visible_BN1L = mask.dense()[:, :, None, :]
+  s_BNHL = jnp.einsum("bnhk,blhk->bnhl", q_BNHK, k_BLHK, preferred_element_type=jnp.float32)
+  s_BNHL = jnp.where(visible_BN1L, s_BNHL, _NEG)
+  max_BNH = jax.lax.stop_gradient(s_BNHL.max(axis=-1))
+  p_BNHL = jnp.where(visible_BN1L, jnp.exp(s_BNHL - max_BNH[..., None]), 0.0)
+  denom_BNH = p_BNHL.sum(axis=-1)
+  out_BNHK = jnp.einsum("bnhl,blhk->bnhk", p_BNHL.astype(v_BLHK.dtype), v_BLHK,
+                        preferred_element_type=jnp.float32)
+  return out_BNHK / jnp.maximum(denom_BNH, 1e-30)[..., None]
+
+
+def _chunked_attention(q_BNHK, k_BLHK, v_BLHK, mask: masks_lib.Mask, chunk_size: int):
+  batch, length, heads, head_dim = k_BLHK.shape
+  chunk = min(chunk_size, length)
+  num_chunks = -(-length // chunk)
+  pad = num_chunks * chunk - length
+
+  def chunks(a):  # [B, L, ...] -> [num_chunks, B, chunk, ...]; padded keys are invalid.
+    a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
+    return jnp.moveaxis(a.reshape((batch, num_chunks, chunk) + a.shape[2:]), 1, 0)
+
+  xs = (chunks(k_BLHK), chunks(v_BLHK), chunks(mask.kv_positions_BL), chunks(mask.kv_valid_BL))
+  num_q = q_BNHK.shape[1]
+
+  # Rematerialised per chunk: the backward pass keeps only the carries, not [N, chunk] scores.
+  @jax.checkpoint
+  def step(carry, x):
+    max_BNH, denom_BNH, acc_BNHK = carry
+    k_c, v_c, pos_c, valid_c = x
+    chunk_mask = masks_lib.Mask(mask.q_positions_BN, mask.q_lower_BN, pos_c, valid_c)
+    visible_BN1C = chunk_mask.dense()[:, :, None, :]
+    s_BNHC = jnp.einsum("bnhk,bchk->bnhc", q_BNHK, k_c, preferred_element_type=jnp.float32)
+    s_BNHC = jnp.where(visible_BN1C, s_BNHC, _NEG)
+    new_max = jax.lax.stop_gradient(jnp.maximum(max_BNH, s_BNHC.max(axis=-1)))
+    correction = jnp.exp(max_BNH - new_max)
+    p_BNHC = jnp.where(visible_BN1C, jnp.exp(s_BNHC - new_max[..., None]), 0.0)
+    denom_BNH = denom_BNH * correction + p_BNHC.sum(axis=-1)
+    acc_BNHK = acc_BNHK * correction[..., None] + jnp.einsum(
+        "bnhc,bchk->bnhk", p_BNHC.astype(v_c.dtype), v_c, preferred_element_type=jnp.float32)
+    return (new_max, denom_BNH, acc_BNHK), None
+
+  init = (jnp.full((batch, num_q, heads), _NEG, jnp.float32),
+          jnp.zeros((batch, num_q, heads), jnp.float32),
+          jnp.zeros((batch, num_q, heads, v_BLHK.shape[-1]), jnp.float32))
+  (_, denom_BNH, acc_BNHK), _ = jax.lax.scan(step, init, xs)
+  return acc_BNHK / jnp.maximum(denom_BNH, 1e-30)[..., None]
+
+
+def _cudnn_attention(q_BNHK, k_BLHK, v_BLHK, mask: masks_lib.Mask) -> jax.Array:
+  visible_BNL = mask.dense()
+  any_BN = visible_BNL.any(axis=-1)
+  # cuDNN's softmax over an empty row is undefined: give such rows key 0, then zero them.
+  first_key_L = jnp.arange(visible_BNL.shape[-1]) == 0
+  visible_BNL = visible_BNL | (~any_BN[:, :, None] & first_key_L)
+  out_BNHK = jax.nn.dot_product_attention(q_BNHK, k_BLHK, v_BLHK, mask=visible_BNL[:, None],
+                                          scale=1.0, implementation="cudnn")
+  return jnp.where(any_BN[:, :, None, None], out_BNHK, 0)
+
+
+def dot_product_attention(q_BNHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
+                          mask: masks_lib.Mask, *, impl: str = "xla",
+                          chunk_size: int = 4096) -> jax.Array:
+  """softmax(q k^T / sqrt(K)) v over the keys `mask` lets each query see; dtype of v out."""
+  q_BNHK = q_BNHK * jnp.asarray(q_BNHK.shape[-1] ** -0.5, q_BNHK.dtype)
+  if impl == "xla":
+    out = _xla_attention(q_BNHK, k_BLHK, v_BLHK, mask)
+  elif impl == "chunked":
+    out = _chunked_attention(q_BNHK, k_BLHK, v_BLHK, mask, chunk_size)
+  elif impl == "cudnn":
+    out = _cudnn_attention(q_BNHK, k_BLHK, v_BLHK, mask)
+  else:
+    raise ValueError(f"config.model.attention_impl={impl!r}; use one of {ATTENTION_IMPLS}.")
+  return out.astype(v_BLHK.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with rotary q/k; projections and kernel usable separately."""
+
+  def __init__(self, q_dim: int, kv_dim: int, *, num_heads: int, head_dim: int,
+               rotary_fraction: float, max_wavelength: float, impl: str, chunk_size: int,
+               dtype, param_dtype, rngs: nnx.Rngs):
+    init = nnx.initializers.lecun_normal
+    proj_init = partitioning.logical_param(init(in_axis=0, out_axis=(1, 2)),
+                                           ("embed", "heads", "kv"))
+    bias_init = partitioning.logical_param(nnx.initializers.zeros, ("heads", "kv"))
+
+    def param(init_fn, shape):
+      return nnx.Param(init_fn(rngs.params(), shape, param_dtype))
+
+    self.query_kernel = param(proj_init, (q_dim, num_heads, head_dim))
+    self.query_bias = param(bias_init, (num_heads, head_dim))
+    self.key_kernel = param(proj_init, (kv_dim, num_heads, head_dim))
+    self.key_bias = param(bias_init, (num_heads, head_dim))
+    self.value_kernel = param(proj_init, (kv_dim, num_heads, head_dim))
+    self.value_bias = param(bias_init, (num_heads, head_dim))
+    self.out_kernel = param(partitioning.logical_param(init(in_axis=(0, 1), out_axis=2),
+                                                       ("heads", "kv", "embed")),
+                            (num_heads, head_dim, q_dim))
+    self.out_bias = param(partitioning.logical_param(nnx.initializers.zeros, ("embed",)),
+                          (q_dim,))
+    self.rotary_fraction = rotary_fraction
+    self.max_wavelength = max_wavelength
+    self.impl = impl
+    self.chunk_size = chunk_size
+    self.dtype = dtype
+
+  def _project(self, x_BTD, kernel, bias, positions_BT, length_axis, rotate):
+    y_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD.astype(self.dtype),
+                        kernel.get_value().astype(self.dtype))
+    y_BTHK = y_BTHK + bias.get_value().astype(self.dtype)
+    if rotate:
+      y_BTHK = rotary.apply_rotary(y_BTHK, positions_BT, fraction=self.rotary_fraction,
+                                   max_wavelength=self.max_wavelength)
+    return partitioning.constrain(y_BTHK, ("batch", length_axis, "heads", "kv"))
+
+  def project_query(self, x_BND: jax.Array, positions_BN: jax.Array) -> jax.Array:
+    """Rotated queries [B, N, H, K]."""
+    return self._project(x_BND, self.query_kernel, self.query_bias, positions_BN, "latents",
+                         True)
+
+  def project_key_value(self, x_BLD: jax.Array, positions_BL: jax.Array, *,
+                        length_axis: str = "length") -> tuple[jax.Array, jax.Array]:
+    """Rotated keys and values [B, L, H, K] (what a decoding cache stores)."""
+    k = self._project(x_BLD, self.key_kernel, self.key_bias, positions_BL, length_axis, True)
+    v = self._project(x_BLD, self.value_kernel, self.value_bias, positions_BL, length_axis,
+                      False)
+    return k, v
+
+  def attend(self, q_BNHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
+             mask: masks_lib.Mask) -> jax.Array:
+    """Attention over (possibly cached) keys/values, then the output projection: [B, N, D]."""
+    out_BNHK = dot_product_attention(q_BNHK, k_BLHK, v_BLHK, mask, impl=self.impl,
+                                     chunk_size=self.chunk_size)
+    out_BND = jnp.einsum("bnhk,hkd->bnd", out_BNHK, self.out_kernel.get_value().astype(self.dtype))
+    out_BND = out_BND + self.out_bias.get_value().astype(self.dtype)
+    return partitioning.constrain(out_BND, ("batch", "latents", "embed"))

@@ -1,0 +1,323 @@
+"""PerceiverS: Perceiver AR with Multi-Scale cross-attention (SPEC 3), in Flax NNX.
+
+inputs [B, L] -> token embedding -> latents = a linear map of the embeddings of the latent
+block (the last N valid inputs, `masks.latent_block_start`) -> cross-attention layers over
+the embedded inputs, one per scale, combined in cascade (layer k's output is layer k+1's
+query input) or summed (every layer reads the initial latents; their residual updates are
+added, i.e. the outputs summed minus the repeated input) -> latent self-attention stack ->
+final LayerNorm -> zero-initialised head: logits [B, N, vocab] in float32.
+
+All attention uses rotary encoding from absolute positions and the masks of `masks.py`.
+Layers expose their steps (`CrossAttentionLayer.key_value` / `attend`,
+`LatentLayer.project` / `finish`) so the cached decoder runs the same code.
+"""
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from perceivers_jax import attention as attention_lib
+from perceivers_jax import masks as masks_lib
+from perceivers_jax import partitioning
+from perceivers_jax import tokens
+
+COMBINES = ("cascade", "sum")
+REMAT_POLICIES = ("none", "full", "nothing_saveable", "everything_saveable", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable")
+
+
+def _dtype(name: str, field: str):
+  try:
+    return jnp.dtype(name)
+  except TypeError as e:
+    raise ValueError(f"config.model.{field}={name!r} is not a dtype (e.g. 'bfloat16').") from e
+
+
+def remat_policy(name: str):
+  """None for 'none' (no remat), else the jax.checkpoint policy of that name."""
+  if name == "none":
+    return None
+  if name == "full":
+    return jax.checkpoint_policies.nothing_saveable
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat_policy={name!r}; use one of {REMAT_POLICIES}.")
+  return getattr(jax.checkpoint_policies, name)
+
+
+class _Settings:
+  """The static settings the layers share, read once from config.model."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict):
+    self.embed_dim = cfg.embed_dim
+    self.num_heads = cfg.num_heads
+    self.head_dim = cfg.head_dim
+    self.mlp_dim = cfg.embed_dim * cfg.mlp_ratio
+    self.dropout_rate = cfg.dropout_rate
+    self.rotary_fraction = cfg.rotary_fraction
+    self.max_wavelength = cfg.max_wavelength or cfg.max_length
+    self.impl = cfg.attention_impl
+    self.chunk_size = cfg.attention_chunk_size
+    self.dtype = _dtype(cfg.dtype, "dtype")
+    self.param_dtype = _dtype(cfg.param_dtype, "param_dtype")
+
+
+def _layer_norm(s: _Settings, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+      s.embed_dim, epsilon=1e-6, dtype=s.dtype, param_dtype=s.param_dtype,
+      scale_init=partitioning.logical_param(nnx.initializers.ones, ("embed",)),
+      bias_init=partitioning.logical_param(nnx.initializers.zeros, ("embed",)), rngs=rngs)
+
+
+def _attention(s: _Settings, rngs: nnx.Rngs) -> attention_lib.Attention:
+  return attention_lib.Attention(
+      s.embed_dim, s.embed_dim, num_heads=s.num_heads, head_dim=s.head_dim,
+      rotary_fraction=s.rotary_fraction, max_wavelength=s.max_wavelength, impl=s.impl,
+      chunk_size=s.chunk_size, dtype=s.dtype, param_dtype=s.param_dtype, rngs=rngs)
+
+
+class Dense(nnx.Module):
+  """y = x W + b with logical axis names on W and b."""
+
+  def __init__(self, in_dim: int, out_dim: int, axes: tuple[str | None, str | None], *,
+               dtype, param_dtype, rngs: nnx.Rngs, zero_init: bool = False):
+    kernel_init = nnx.initializers.zeros if zero_init else nnx.initializers.lecun_normal()
+    self.kernel = nnx.Param(partitioning.logical_param(kernel_init, axes)(
+        rngs.params(), (in_dim, out_dim), param_dtype))
+    self.bias = nnx.Param(partitioning.logical_param(nnx.initializers.zeros, axes[1:])(
+        rngs.params(), (out_dim,), param_dtype))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.dot(x.astype(self.dtype), self.kernel.get_value().astype(self.dtype))
+    return y + self.bias.get_value().astype(self.dtype)
+
+
+class Mlp(nnx.Module):
+  """Widening MLP with squared-ReLU (Perceiver AR)."""
+
+  def __init__(self, s: _Settings, rngs: nnx.Rngs):
+    self.wi = Dense(s.embed_dim, s.mlp_dim, ("embed", "mlp"), dtype=s.dtype,
+                    param_dtype=s.param_dtype, rngs=rngs)
+    self.wo = Dense(s.mlp_dim, s.embed_dim, ("mlp", "embed"), dtype=s.dtype,
+                    param_dtype=s.param_dtype, rngs=rngs)
+
+  def __call__(self, x_BND: jax.Array) -> jax.Array:
+    h_BNF = jnp.square(jax.nn.relu(self.wi(x_BND)))
+    h_BNF = partitioning.constrain(h_BNF, ("batch", "latents", "mlp"))
+    return self.wo(h_BNF)
+
+
+class CrossAttentionLayer(nnx.Module):
+  """Latents attend to the embedded inputs: pre-LN on q and kv, residual, squared-ReLU MLP."""
+
+  def __init__(self, s: _Settings, rngs: nnx.Rngs):
+    self.query_norm = _layer_norm(s, rngs)
+    self.kv_norm = _layer_norm(s, rngs)
+    self.attention = _attention(s, rngs)
+    self.mlp_norm = _layer_norm(s, rngs)
+    self.mlp = Mlp(s, rngs)
+    self.dropout = nnx.Dropout(s.dropout_rate, rngs=rngs)
+
+  def key_value(self, inputs_BLD: jax.Array, positions_BL: jax.Array):
+    """Keys and values of the inputs (cacheable: they never change once computed)."""
+    return self.attention.project_key_value(self.kv_norm(inputs_BLD), positions_BL)
+
+  def attend(self, x_BND: jax.Array, positions_BN: jax.Array, k_BLHK: jax.Array,
+             v_BLHK: jax.Array, mask: masks_lib.Mask, *, deterministic: bool) -> jax.Array:
+    q_BNHK = self.attention.project_query(self.query_norm(x_BND), positions_BN)
+    h_BND = x_BND + self.dropout(self.attention.attend(q_BNHK, k_BLHK, v_BLHK, mask),
+                                 deterministic=deterministic)
+    return h_BND + self.dropout(self.mlp(self.mlp_norm(h_BND)), deterministic=deterministic)
+
+
+class LatentLayer(nnx.Module):
+  """Latent self-attention block: pre-LN attention + squared-ReLU MLP, both residual."""
+
+  def __init__(self, s: _Settings, rngs: nnx.Rngs):
+    self.attention_norm = _layer_norm(s, rngs)
+    self.attention = _attention(s, rngs)
+    self.mlp_norm = _layer_norm(s, rngs)
+    self.mlp = Mlp(s, rngs)
+    self.dropout = nnx.Dropout(s.dropout_rate, rngs=rngs)
+
+  def project(self, x_BND: jax.Array, positions_BN: jax.Array):
+    """(q, k, v) of the latents; a decoder caches k and v."""
+    y_BND = self.attention_norm(x_BND)
+    k_BNHK, v_BNHK = self.attention.project_key_value(y_BND, positions_BN,
+                                                      length_axis="latents")
+    return self.attention.project_query(y_BND, positions_BN), k_BNHK, v_BNHK
+
+  def finish(self, x_BND: jax.Array, q_BNHK: jax.Array, k_BMHK: jax.Array, v_BMHK: jax.Array,
+             mask: masks_lib.Mask, *, deterministic: bool) -> jax.Array:
+    """Attention of q over (possibly cached) latent keys, residual and MLP."""
+    h_BND = x_BND + self.dropout(self.attention.attend(q_BNHK, k_BMHK, v_BMHK, mask),
+                                 deterministic=deterministic)
+    return h_BND + self.dropout(self.mlp(self.mlp_norm(h_BND)), deterministic=deterministic)
+
+  def __call__(self, x_BND: jax.Array, positions_BN: jax.Array, mask: masks_lib.Mask, *,
+               deterministic: bool) -> jax.Array:
+    q, k, v = self.project(x_BND, positions_BN)
+    return self.finish(x_BND, q, k, v, mask, deterministic=deterministic)
+
+
+class PerceiverS(nnx.Module):
+  """PerceiverS language model over token windows (see module docstring)."""
+
+  def __init__(self, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    cfg = model_config
+    s = _Settings(cfg)
+    attention_lib.check_impl(cfg.attention_impl, s.dtype)
+    if cfg.combine not in COMBINES:
+      raise ValueError(f"config.model.combine={cfg.combine!r}; use one of {COMBINES}.")
+    if cfg.scale_mask not in masks_lib.SCALE_MASKS:
+      raise ValueError(f"config.model.scale_mask={cfg.scale_mask!r}; "
+                       f"use one of {masks_lib.SCALE_MASKS}.")
+    if not 0 < cfg.num_latents <= cfg.max_length:
+      raise ValueError(f"config.model.num_latents={cfg.num_latents} must be in "
+                       f"[1, max_length={cfg.max_length}].")
+    self.num_latents = cfg.num_latents
+    self.max_length = cfg.max_length
+    self.num_heads = cfg.num_heads
+    self.head_dim = cfg.head_dim
+    self.num_latent_layers = cfg.num_latent_layers
+    self.scales = tuple(int(w) for w in cfg.cross_attention_scales)
+    self.scale_mask = cfg.scale_mask
+    self.combine = cfg.combine
+    self.scan_layers = bool(cfg.scan_layers)
+    self.remat_policy_name = cfg.remat_policy
+    remat_policy(cfg.remat_policy)  # validates the name early
+    self.dtype = s.dtype
+
+    self.embed = nnx.Embed(
+        cfg.vocab_size, s.embed_dim, dtype=s.dtype, param_dtype=s.param_dtype,
+        embedding_init=partitioning.logical_param(nnx.initializers.normal(0.02),
+                                                  ("vocab", "embed")), rngs=rngs)
+    # Output axis unnamed (replicated): one width can't carry two mesh axes' worth of names.
+    self.latent_init = Dense(s.embed_dim, s.embed_dim, ("embed", None), dtype=s.dtype,
+                             param_dtype=s.param_dtype, rngs=rngs)
+    self.cross_layers = nnx.List([CrossAttentionLayer(s, rngs) for _ in self.scales])
+    if self.scan_layers:
+      @nnx.split_rngs(splits=cfg.num_latent_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make_layers(layer_rngs: nnx.Rngs) -> LatentLayer:
+        return LatentLayer(s, layer_rngs)
+      self.latent_layers = make_layers(rngs)
+    else:
+      self.latent_layers = nnx.List([LatentLayer(s, rngs) for _ in range(cfg.num_latent_layers)])
+    self.final_norm = _layer_norm(s, rngs)
+    self.head = Dense(s.embed_dim, cfg.vocab_size, ("embed", "vocab"), dtype=jnp.float32,
+                      param_dtype=s.param_dtype, rngs=rngs, zero_init=True)
+
+  # -- steps shared with the cached decoder ----------------------------------------------------
+
+  def embed_inputs(self, inputs_BL: jax.Array) -> jax.Array:
+    return partitioning.constrain(self.embed(inputs_BL), ("batch", "length", "embed"))
+
+  def initial_latents(self, embedded_BND: jax.Array) -> jax.Array:
+    return partitioning.constrain(self.latent_init(embedded_BND), ("batch", "latents", "embed"))
+
+  def _remat(self, fn, *, in_scan: bool):
+    policy = remat_policy(self.remat_policy_name)
+    if policy is None:
+      return fn
+    # Inside scan, CSE cannot undo rematerialisation and prevent_cse only costs speed.
+    return nnx.remat(fn, policy=policy, prevent_cse=not in_scan)
+
+  def cross_attend(self, x_BND: jax.Array, positions_BN: jax.Array,
+                   kv_positions_BL: jax.Array, kv_valid_BL: jax.Array, *,
+                   embedded_BLD: jax.Array | None = None,
+                   keys_values: Sequence[tuple[jax.Array, jax.Array]] | None = None,
+                   min_key_position_B: jax.Array | None = None,
+                   deterministic: bool, remat: bool = True) -> jax.Array:
+    """All cross-attention layers (cascade or sum) over the inputs.
+
+    Keys/values come from `embedded_BLD` (training: recomputed under remat) or, per layer,
+    from `keys_values` (a decoder's cache). `min_key_position_B` hides keys at or before it.
+    `remat=False` skips the configured remat policy: inference inside lax control flow (the
+    decoder) needs no remat, and nnx.remat cannot write state back across those traces.
+    """
+    if (embedded_BLD is None) == (keys_values is None):
+      raise ValueError("cross_attend needs exactly one of embedded_BLD and keys_values.")
+
+    def layer_fn(layer, x, mask, kv):
+      k, v = layer.key_value(embedded_BLD, kv_positions_BL) if kv is None else kv
+      return layer.attend(x, positions_BN, k, v, mask, deterministic=deterministic)
+    if remat:
+      layer_fn = self._remat(layer_fn, in_scan=False)
+
+    x0_BND = x_BND
+    for index, (layer, scale) in enumerate(zip(self.cross_layers, self.scales)):
+      mask = masks_lib.cross_attention_mask(positions_BN, kv_positions_BL, kv_valid_BL,
+                                             scale=scale, scale_mask=self.scale_mask,
+                                             min_key_position_B=min_key_position_B)
+      kv = None if keys_values is None else keys_values[index]
+      if self.combine == "cascade":
+        x_BND = layer_fn(layer, x_BND, mask, kv)
+      else:  # sum: each layer's update of the shared query input is added.
+        x_BND = x_BND + layer_fn(layer, x0_BND, mask, kv) - x0_BND
+    return x_BND
+
+  def latent_stack(self, x_BND: jax.Array, positions_BN: jax.Array, valid_BN: jax.Array, *,
+                   deterministic: bool) -> jax.Array:
+    mask = masks_lib.self_attention_mask(positions_BN, valid_BN)
+
+    def layer_fn(layer, x):
+      return layer(x, positions_BN, mask, deterministic=deterministic)
+    layer_fn = self._remat(layer_fn, in_scan=self.scan_layers)
+
+    if self.scan_layers:
+      scan = nnx.scan(layer_fn, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+      return scan(self.latent_layers, x_BND)
+    for layer in self.latent_layers:
+      x_BND = layer_fn(layer, x_BND)
+    return x_BND
+
+  def logits(self, x_BND: jax.Array) -> jax.Array:
+    logits_BNV = self.head(self.final_norm(x_BND).astype(jnp.float32))
+    return partitioning.constrain(logits_BNV, ("batch", "latents", "vocab"))
+
+  # -- training / evaluation forward -----------------------------------------------------------
+
+  def __call__(self, inputs_BL: jax.Array, positions_BL: jax.Array, *,
+               deterministic: bool = True,
+               first_latent_position_B: jax.Array | None = None) -> jax.Array:
+    """Logits [B, N, V] (float32) for the latent block of each row.
+
+    `first_latent_position_B` turns latents before that position into padding latents (the
+    cached decoder's reference: a latent block that starts at its last reset).
+    """
+    valid_BL = inputs_BL != tokens.PAD_ID
+    positions_BL = masks_lib.masked_positions(inputs_BL, positions_BL)
+    embedded_BLD = self.embed_inputs(inputs_BL)
+    n = self.num_latents
+    latent_positions_BN = masks_lib.gather_latent_block(positions_BL, inputs_BL, n)
+    latent_valid_BN = masks_lib.gather_latent_block(valid_BL, inputs_BL, n)
+    if first_latent_position_B is not None:
+      latent_valid_BN &= latent_positions_BN >= first_latent_position_B[:, None]
+      latent_positions_BN = jnp.where(latent_valid_BN, latent_positions_BN, -1)
+    x_BND = self.initial_latents(masks_lib.gather_latent_block(embedded_BLD, inputs_BL, n))
+    x_BND = self.cross_attend(x_BND, latent_positions_BN, positions_BL, valid_BL,
+                              embedded_BLD=embedded_BLD, deterministic=deterministic)
+    x_BND = self.latent_stack(x_BND, latent_positions_BN, latent_valid_BN,
+                              deterministic=deterministic)
+    return self.logits(x_BND)
+
+
+def forward_matmul_flops(model_config: ml_collections.ConfigDict) -> int:
+  """Matmul FLOPs (2 per multiply-add) of one forward pass over one window of L inputs.
+
+  Attention is counted dense over all L keys for every scale, as the xla and cudnn kernels
+  compute it. A training step costs about 3x this per window (forward + backward).
+  """
+  cfg = model_config
+  d, hk, n, length = cfg.embed_dim, cfg.num_heads * cfg.head_dim, cfg.num_latents, cfg.max_length
+  mlp = 2 * 2 * n * d * d * cfg.mlp_ratio
+  cross = (2 * n * d * hk + 2 * 2 * length * d * hk  # q; k and v of every input
+           + 2 * 2 * n * length * hk + 2 * n * hk * d + mlp)  # scores, weighted sum; output
+  latent = 3 * 2 * n * d * hk + 2 * 2 * n * n * hk + 2 * n * hk * d + mlp
+  return (2 * n * d * d + len(cfg.cross_attention_scales) * cross
+          + cfg.num_latent_layers * latent + 2 * n * d * cfg.vocab_size)
