@@ -1,0 +1,316 @@
+"""Cached autoregressive sampling (SPEC 4), the whole loop in one jitted `lax.while_loop`.
+
+Caches:
+  * cross-attention keys/values of every input, per cross-attention layer, in a ring buffer
+    of L slots (slot = position % L; a slot's position says what it holds, so nothing rolls);
+  * per latent layer, the keys/values of up to N latents.
+Rows may hold prompts of different lengths (left-padded) and so sit at different positions;
+their latent counts move together, so resets happen at the same step for all rows.
+Each new token appends its cross keys/values and one latent, which attends to the cached
+inputs and (per latent layer) to the cached latents. When N latents are cached, the latent
+caches are reset: the last F tokens (default N/2) become the new latent block and run
+through the latent layers together; the input cache is kept.
+
+Exactness: between resets, the logits of a cached step equal those of the uncached model
+(`PerceiverS.__call__` with `first_latent_position_B` = the reset's first latent) on the
+window of inputs with position > horizon - L, where horizon = the position at which the
+latent cache will be full. Bounding every latent's keys by that fixed horizon (instead of
+its own L-token window) is what makes cached latents reusable after the window slides; it
+costs at most N - F of the oldest inputs of context. Only `sliding` scale masks are
+supported (a `final_block` window moves with the last token, so cached latents would be
+stale).
+
+Layers are used through their steps (`CrossAttentionLayer.key_value` / `attend` via
+`PerceiverS.cross_attend`, `LatentLayer.project` / `finish`): no attention code is copied.
+"""
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from perceivers_jax import masks
+from perceivers_jax import model as model_lib
+from perceivers_jax import tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """temperature 0 = greedy; top_k 0 and top_p 1.0 = no filter."""
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"sampling temperature={self.temperature} must be >= 0 (0 = greedy).")
+    if self.top_k < 0:
+      raise ValueError(f"sampling top_k={self.top_k} must be >= 0 (0 = off).")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"sampling top_p={self.top_p} must be in (0, 1] (1 = off).")
+
+
+def filter_logits(logits_BV: jax.Array, sampling: SamplingConfig) -> jax.Array:
+  """Temperature, then top-k and top-p (nucleus) filtering; PAD and SOS are never sampled."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  logits_BV = logits_BV.at[:, tokens.PAD_ID].set(-jnp.inf).at[:, tokens.SOS_ID].set(-jnp.inf)
+  if sampling.temperature > 0:
+    logits_BV = logits_BV / sampling.temperature
+  if sampling.top_k:
+    kth_B1 = jax.lax.top_k(logits_BV, sampling.top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  if sampling.top_p < 1.0:
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    cumulative_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
+    keep_count_B = jnp.sum(cumulative_BV - jax.nn.softmax(sorted_BV, axis=-1) < sampling.top_p,
+                           axis=-1)
+    threshold_B1 = jnp.take_along_axis(sorted_BV, keep_count_B[:, None] - 1, axis=-1)
+    logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
+  return logits_BV
+
+
+def sample(logits_BV: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
+  """int32[B] next tokens."""
+  logits_BV = filter_logits(logits_BV, sampling)
+  if sampling.temperature == 0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class Cache:
+  """Decoder state. Rows may be at different positions; their latent counts move together."""
+  last_position_B: jax.Array  # int32[B]: position of each row's newest input
+  input_tokens_BL: jax.Array  # ring buffer of tokens, slot = position % L
+  input_positions_BL: jax.Array  # position held by each slot, -1 if empty
+  cross_keys: tuple[jax.Array, ...]  # per cross layer [B, L, H, K]
+  cross_values: tuple[jax.Array, ...]
+  latent_keys: jax.Array  # [layers, B, N, H, K]
+  latent_values: jax.Array
+  latent_positions_BN: jax.Array  # -1 for empty latent slots
+  num_latents: jax.Array  # int32[]: latent slots in use (same for every row)
+  horizon_B: jax.Array  # int32[B]: keys need position > horizon - L
+  latent_start_B: jax.Array  # int32[B]: first latent's position since the last reset
+
+
+def init_cache(model: model_lib.PerceiverS, batch_size: int) -> Cache:
+  """An empty cache for `model`."""
+  length, n = model.max_length, model.num_latents
+  heads, head_dim = model.num_heads, model.head_dim
+  layers = model.num_latent_layers
+  kv = lambda *shape: jnp.zeros(shape, model.dtype)
+  zeros_B = jnp.zeros((batch_size,), jnp.int32)
+  return Cache(
+      last_position_B=zeros_B - 1,
+      input_tokens_BL=jnp.zeros((batch_size, length), jnp.int32),
+      input_positions_BL=jnp.full((batch_size, length), -1, jnp.int32),
+      cross_keys=tuple(kv(batch_size, length, heads, head_dim) for _ in model.scales),
+      cross_values=tuple(kv(batch_size, length, heads, head_dim) for _ in model.scales),
+      latent_keys=kv(layers, batch_size, n, heads, head_dim),
+      latent_values=kv(layers, batch_size, n, heads, head_dim),
+      latent_positions_BN=jnp.full((batch_size, n), -1, jnp.int32),
+      num_latents=jnp.int32(0), horizon_B=zeros_B, latent_start_B=zeros_B)
+
+
+def _newest_positions(cache: Cache, count: int) -> jax.Array:
+  """Positions [B, count] of each row's newest `count` inputs."""
+  return cache.last_position_B[:, None] - count + 1 + jnp.arange(count, dtype=jnp.int32)
+
+
+def append_inputs(model: model_lib.PerceiverS, cache: Cache, tokens_BT: jax.Array) -> Cache:
+  """Writes T new inputs per row (T <= L): tokens and cross keys/values.
+
+  PAD tokens (a shorter prompt's left padding) are written as empty slots.
+  """
+  batch, count = tokens_BT.shape
+  cache = cache.replace(last_position_B=cache.last_position_B + count)
+  positions_BT = _newest_positions(cache, count)
+  rows_B1 = jnp.arange(batch)[:, None]
+  slots_BT = positions_BT % model.max_length
+  embedded_BTD = model.embed_inputs(tokens_BT)
+  keys, values = [], []
+  for layer, k_cache, v_cache in zip(model.cross_layers, cache.cross_keys, cache.cross_values):
+    k_BTHK, v_BTHK = layer.key_value(embedded_BTD, positions_BT)
+    keys.append(k_cache.at[rows_B1, slots_BT].set(k_BTHK.astype(k_cache.dtype)))
+    values.append(v_cache.at[rows_B1, slots_BT].set(v_BTHK.astype(v_cache.dtype)))
+  stored_BT = jnp.where(tokens_BT != tokens.PAD_ID, positions_BT, -1)
+  return cache.replace(
+      input_tokens_BL=cache.input_tokens_BL.at[rows_B1, slots_BT].set(tokens_BT),
+      input_positions_BL=cache.input_positions_BL.at[rows_B1, slots_BT].set(stored_BT),
+      cross_keys=tuple(keys), cross_values=tuple(values))
+
+
+def _latent_layers_step(model, cache: Cache, x_BTD, positions_BT):
+  """New latents through the latent layers, appending their keys/values to the caches."""
+  start = cache.num_latents
+  latent_positions_BN = jax.lax.dynamic_update_slice_in_dim(cache.latent_positions_BN,
+                                                            positions_BT, start, axis=1)
+  n = model.num_latents
+  valid_BN = jnp.broadcast_to(jnp.arange(n) < start + positions_BT.shape[1],
+                              latent_positions_BN.shape)
+  mask = masks.causal_mask(positions_BT, latent_positions_BN, valid_BN)
+
+  def layer_step(layer, x, k_cache, v_cache):
+    q, k, v = layer.project(x, positions_BT)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
+    return layer.finish(x, q, k_cache, v_cache, mask, deterministic=True), k_cache, v_cache
+
+  if model.scan_layers:
+    graphdef, layer_state = nnx.split(model.latent_layers)
+
+    def body(x, layer_xs):
+      state, k_cache, v_cache = layer_xs
+      x, k_cache, v_cache = layer_step(nnx.merge(graphdef, state), x, k_cache, v_cache)
+      return x, (k_cache, v_cache)
+
+    x_BTD, (keys, values) = jax.lax.scan(
+        body, x_BTD, (layer_state, cache.latent_keys, cache.latent_values))
+  else:
+    keys, values = [], []
+    for index, layer in enumerate(model.latent_layers):
+      x_BTD, k, v = layer_step(layer, x_BTD, cache.latent_keys[index],
+                               cache.latent_values[index])
+      keys.append(k)
+      values.append(v)
+    keys, values = jnp.stack(keys), jnp.stack(values)
+  cache = cache.replace(latent_keys=keys, latent_values=values,
+                        latent_positions_BN=latent_positions_BN,
+                        num_latents=start + positions_BT.shape[1])
+  return x_BTD, cache
+
+
+def add_latents(model: model_lib.PerceiverS, cache: Cache, count: int, *,
+                reset: bool) -> tuple[jax.Array, Cache]:
+  """Makes each row's newest `count` inputs latents; returns the newest latent's logits [B, V].
+
+  With `reset`, the latent caches start over with these latents (and a new horizon).
+  """
+  if reset:
+    cache = cache.replace(
+        num_latents=jnp.int32(0),
+        latent_positions_BN=jnp.full_like(cache.latent_positions_BN, -1),
+        horizon_B=cache.last_position_B + model.num_latents - count,
+        latent_start_B=cache.last_position_B - count + 1)
+  positions_BT = _newest_positions(cache, count)
+  rows_B1 = jnp.arange(positions_BT.shape[0])[:, None]
+  tokens_BT = cache.input_tokens_BL[rows_B1, positions_BT % model.max_length]
+  x_BTD = model.initial_latents(model.embed_inputs(tokens_BT))
+  kv_positions_BL = cache.input_positions_BL
+  x_BTD = model.cross_attend(x_BTD, positions_BT, kv_positions_BL, kv_positions_BL >= 0,
+                             keys_values=tuple(zip(cache.cross_keys, cache.cross_values)),
+                             min_key_position_B=cache.horizon_B - model.max_length,
+                             deterministic=True, remat=False)
+  x_BTD, cache = _latent_layers_step(model, cache, x_BTD, positions_BT)
+  return model.logits(x_BTD[:, -1:])[:, 0], cache
+
+
+def _check_model(model: model_lib.PerceiverS) -> None:
+  if model.scale_mask != "sliding" and any(model.scales):
+    raise ValueError("Cached decoding needs config.model.scale_mask='sliding' (a final_block "
+                     "window moves with every token, so cached latents would go stale).")
+
+
+def prefill(model: model_lib.PerceiverS, prompt_BP: jax.Array, prompt_lengths_B: jax.Array,
+            num_reset_latents: int, min_prompt_length: int) -> tuple[jax.Array, Cache]:
+  """Caches left-padded prompts (each row's last L tokens) and returns the next logits.
+
+  Every row starts with min(F, min_prompt_length) latents, so latent counts stay in step.
+  """
+  _check_model(model)
+  batch, width = prompt_BP.shape
+  kept = prompt_BP[:, -model.max_length:]
+  cache = init_cache(model, batch)
+  # Row b's kept columns hold positions prompt_length_b - kept_width .. prompt_length_b - 1.
+  cache = cache.replace(last_position_B=prompt_lengths_B.astype(jnp.int32) - kept.shape[1] - 1)
+  cache = append_inputs(model, cache, kept)
+  return add_latents(model, cache, min(num_reset_latents, min_prompt_length, kept.shape[1]),
+                     reset=True)
+
+
+def decode_step(model: model_lib.PerceiverS, cache: Cache, tokens_B: jax.Array,
+                num_reset_latents: int) -> tuple[jax.Array, Cache]:
+  """Appends one token per row; resets the latent caches when they are full."""
+  cache = append_inputs(model, cache, tokens_B[:, None])
+  return jax.lax.cond(
+      cache.num_latents >= model.num_latents,
+      lambda c: add_latents(model, c, num_reset_latents, reset=True),
+      lambda c: add_latents(model, c, 1, reset=False), cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "sampling",
+                                             "num_reset_latents", "min_prompt_length",
+                                             "record_logits"))
+def _generate(graphdef, state, prompt_BP, prompt_lengths_B, rng, *, num_steps, sampling,
+              num_reset_latents, min_prompt_length, record_logits):
+  model = nnx.merge(graphdef, state)
+  batch = prompt_BP.shape[0]
+  logits_BV, cache = prefill(model, prompt_BP, prompt_lengths_B, num_reset_latents,
+                             min_prompt_length)
+  out = dict(
+      tokens=jnp.zeros((batch, num_steps), jnp.int32),
+      latent_start=jnp.zeros((batch, num_steps), jnp.int32),
+      horizon=jnp.zeros((batch, num_steps), jnp.int32))
+  if record_logits:
+    out["logits"] = jnp.zeros((batch, num_steps, logits_BV.shape[-1]), jnp.float32)
+  done_B = jnp.zeros((batch,), bool)
+
+  def cond(carry):
+    step, _, _, _, done_B, _ = carry
+    return (step < num_steps) & ~done_B.all()
+
+  def body(carry):
+    step, logits_BV, cache, rng, done_B, out = carry
+    rng, key = jax.random.split(rng)
+    token_B = jnp.where(done_B, tokens.PAD_ID, sample(logits_BV, key, sampling))
+    out = dict(out, tokens=out["tokens"].at[:, step].set(token_B),
+               latent_start=out["latent_start"].at[:, step].set(cache.latent_start_B),
+               horizon=out["horizon"].at[:, step].set(cache.horizon_B))
+    if record_logits:
+      out["logits"] = out["logits"].at[:, step].set(logits_BV)
+    done_B = done_B | (token_B == tokens.EOS_ID)
+    logits_BV, cache = decode_step(model, cache, token_B, num_reset_latents)
+    return step + 1, logits_BV, cache, rng, done_B, out
+
+  carry = (jnp.int32(0), logits_BV, cache, rng, done_B, out)
+  steps, _, _, _, _, out = jax.lax.while_loop(cond, body, carry)
+  out["num_steps"] = steps
+  return out
+
+
+def generate(model: model_lib.PerceiverS, prompt_BP: jax.Array, *, num_steps: int,
+             rng: jax.Array, sampling: SamplingConfig = SamplingConfig(),
+             num_reset_latents: int | None = None, record_logits: bool = False) -> dict:
+  """Samples `num_steps` tokens after each prompt row (e.g. [[SOS]] for unconditional).
+
+  `prompt_BP`: int tokens, rows of different lengths left-padded with PAD (positions count from
+  each row's first token). Returns tokens [B, num_steps] (PAD after a row's EOS; the loop stops
+  early once every row has ended), num_steps (steps run), and per row and step the
+  latent_start and horizon used (the uncached reference: see module docstring); with
+  `record_logits`, the logits [B, S, V] each token was sampled from. `num_reset_latents` is F
+  (default N // 2).
+  """
+  n = model.num_latents
+  num_reset_latents = n // 2 if num_reset_latents is None else num_reset_latents
+  if not 1 <= num_reset_latents < n:
+    raise ValueError(f"num_reset_latents={num_reset_latents} must be in [1, N={n}) "
+                     "(F latents are kept at a reset; N/2 is the reference).")
+  prompt_BP = np.asarray(prompt_BP, np.int32)
+  valid_BP = prompt_BP != tokens.PAD_ID
+  if prompt_BP.ndim != 2 or not valid_BP.any(axis=1).all():
+    raise ValueError(f"prompt of shape {prompt_BP.shape}: need [B, P] with at least one token "
+                     "per row (e.g. [[SOS]]).")
+  lengths_B = valid_BP.sum(axis=1)
+  left_padded_BP = np.arange(prompt_BP.shape[1]) >= prompt_BP.shape[1] - lengths_B[:, None]
+  if (valid_BP != left_padded_BP).any():
+    raise ValueError("prompt rows must be left-padded with PAD (0) and hold no PAD inside.")
+  graphdef, state = nnx.split(model)
+  return _generate(graphdef, state, jnp.asarray(prompt_BP), jnp.asarray(lengths_B, jnp.int32),
+                   rng, num_steps=num_steps, sampling=sampling,
+                   num_reset_latents=num_reset_latents, min_prompt_length=int(lengths_B.min()),
+                   record_logits=record_logits)

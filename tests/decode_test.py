@@ -1,0 +1,97 @@
+"""Cached decoding equals the uncached model between resets; sampling filters; EOS stop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import tiny_model
+from perceivers_jax import decode
+from tiny_model import L, N
+
+PROMPT_LENGTHS = (5, 3)  # left-padded to 5: rows sit at different positions
+STEPS = 100  # 105 tokens > L = 64: the window slides; resets every N - F + 1 = 9 steps.
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),  # scanned, cascade, scales (0, 8)
+    dict(scan_layers=False, combine="sum", cross_attention_scales=(4, 0),
+         remat_policy="nothing_saveable"),
+])
+def test_cached_logits_equal_uncached_forward_between_resets(overrides):
+  model = tiny_model.make_model(tiny_model.tiny_model_config(**overrides))
+  bias = model.head.bias  # no EOS: every row runs all steps (rows stop at EOS)
+  bias.set_value(bias.get_value().at[1].set(-30.0))
+  prompts = [tiny_model.piece(n, seed) for seed, n in enumerate(PROMPT_LENGTHS)]
+  width = max(PROMPT_LENGTHS)
+  prompt = np.stack([np.pad(p, (width - len(p), 0)) for p in prompts])
+  out = decode.generate(model, prompt, num_steps=STEPS, rng=jax.random.key(0),
+                        sampling=decode.SamplingConfig(temperature=1.0),
+                        record_logits=True)
+  out = jax.tree.map(np.asarray, out)
+  assert out["num_steps"] == STEPS and (out["tokens"] > 2).all()
+  # Every row starts with min(F, shortest prompt) = 3 latents; at each reset the block restarts
+  # F = 8 tokens before the newest one, 9 tokens after the last; the window slides past L.
+  for row, length in enumerate(PROMPT_LENGTHS):
+    starts = np.unique(out["latent_start"][row])
+    assert starts[0] == length - 3 and len(starts) == 11
+    np.testing.assert_array_equal(np.diff(starts), 9)
+    assert out["horizon"][row].max() > L
+
+  rows, firsts = [], []
+  for step in range(STEPS):
+    for row, prompt_row in enumerate(prompts):
+      sequence = np.concatenate([prompt_row, out["tokens"][row]])
+      t = len(prompt_row) - 1 + step  # newest input when token `step` was sampled
+      first = max(int(out["horizon"][row, step]) - L + 1, 0)  # oldest input in context
+      rows.append(tiny_model.window(sequence[first:t + 1], first))
+      firsts.append(out["latent_start"][row, step])
+  inputs, positions = tiny_model.batch(rows)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def reference(state, inputs, positions, firsts):
+    return nnx.merge(graphdef, state)(inputs, positions, first_latent_position_B=firsts)[:, -1]
+
+  expected = np.asarray(reference(state, inputs, positions, jnp.asarray(firsts)))
+  cached = out["logits"].transpose(1, 0, 2).reshape(expected.shape)
+  np.testing.assert_allclose(cached, expected, atol=1e-5)
+
+
+def test_sampling_filters():
+  logits = jnp.asarray([[0.0, 5.0, 9.0, 1.0, 2.0, 3.0, 4.0]])  # PAD=0, EOS=1, SOS=2
+  greedy = decode.SamplingConfig(temperature=0.0)
+  assert int(decode.sample(logits, jax.random.key(0), greedy)[0]) == 1  # SOS never sampled
+  top2 = decode.filter_logits(logits, decode.SamplingConfig(top_k=2))
+  np.testing.assert_array_equal(np.isfinite(top2[0]), [0, 1, 0, 0, 0, 0, 1])
+  # Softmax over {5, 4, 3, 2, 1} (PAD/SOS removed): p(EOS) = 0.64, p(6) = 0.24, p(5) = 0.09.
+  top_p = decode.filter_logits(logits, decode.SamplingConfig(top_p=0.8))
+  np.testing.assert_array_equal(np.isfinite(top_p[0]), [0, 1, 0, 0, 0, 0, 1])
+  only_best = decode.filter_logits(logits, decode.SamplingConfig(top_p=0.1))
+  np.testing.assert_array_equal(np.isfinite(only_best[0]), [0, 1, 0, 0, 0, 0, 0])
+  keys = jax.random.split(jax.random.key(1), 200)
+  draws = jax.vmap(lambda k: decode.sample(logits, k, decode.SamplingConfig(top_k=2)))(keys)
+  assert set(np.unique(draws)) == {1, 6}
+  with pytest.raises(ValueError, match="top_p"):
+    decode.SamplingConfig(top_p=0.0)
+
+
+def test_per_sequence_eos_stop():
+  model = tiny_model.make_model(tiny_model.tiny_model_config())
+  bias = model.head.bias
+  bias.set_value(bias.get_value().at[1].set(4.0))  # EOS likely: rows end at different steps
+  prompt = np.stack([tiny_model.piece(5, s) for s in range(4)])
+  out = jax.tree.map(np.asarray, decode.generate(model, prompt, num_steps=STEPS,
+                                                 rng=jax.random.key(3)))
+  ends = [int(np.argmax(row == 1)) for row in out["tokens"]]
+  assert all((row == 1).any() for row in out["tokens"])
+  assert len(set(ends)) > 1
+  for row, end in zip(out["tokens"], ends):
+    assert (row[end + 1:] == 0).all() and (row[:end] > 2).all()
+  assert out["num_steps"] == max(ends) + 1  # the loop stops once every row has ended
+  with pytest.raises(ValueError, match="left-padded"):
+    decode.generate(model, np.asarray([[2, 5, 0]]), num_steps=2, rng=jax.random.key(0))
+  with pytest.raises(ValueError, match="final_block"):
+    decode.generate(tiny_model.make_model(tiny_model.tiny_model_config(
+        scale_mask="final_block")), prompt, num_steps=2, rng=jax.random.key(0))
