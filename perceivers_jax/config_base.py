@@ -69,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.0,
       grad_clip_norm=1.0,
       z_loss=1e-4,
+      peak_tflops=0.0,  # per device, for MFU; 0: the built-in table (H100, H200) or none
   ))
 
   config.eval = ml_collections.ConfigDict(dict(

@@ -1,0 +1,79 @@
+r"""perceivers-train: train, evaluate or size a model from a Python config.
+
+  perceivers-train --config=configs/tiny.py --workdir=/tmp/tiny
+  perceivers-train --config=configs/perceivers.py:final_block --workdir=DIR \
+      --config.train.batch_size=16 --config.mesh.fsdp=-1 --config.mesh.data=1
+  perceivers-train --config=configs/tiny.py --workdir=/tmp/tiny --mode=eval
+  perceivers-train --config=configs/perceivers.py --dry_run     # sizes only, no training
+
+Rerunning the same command resumes from the latest checkpoint in --workdir. Multi-host: run the
+same command on every host (TPU pods, SLURM and Open MPI are detected; otherwise pass
+--coordinator_address, --num_processes and --process_id, or the JAX_* environment variables).
+"""
+
+import logging as std_logging
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py[:variant]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config.json go here.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train (resuming from --workdir) or a one-off evaluation.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False,
+                             "Print one JSON line of sizes and compiled memory, then exit.")
+_DRY_RUN_COMPILE = flags.DEFINE_bool(
+    "dry_run_compile", True, "With --dry_run: compile the step for its memory analysis "
+    "(off: lowering only, much faster for paper size on CPU).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (multi-host GPU/CPU only).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+class _LibraryInfoFilter(std_logging.Filter):
+  """Drops INFO chatter of orbax/grain/jax (every checkpoint logs dozens of lines), so the
+  progress lines stay readable; their warnings and errors still show."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or not any(
+        part in record.pathname for part in _NOISY_LIBRARIES)
+
+
+_NOISY_LIBRARIES = ("/orbax/", "/grain/", "/jax/", "/etils/")
+
+
+def main(argv: list[str]) -> None:
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
+  # Multi-host start-up must happen before anything touches a jax backend.
+  from perceivers_jax import mesh  # pylint: disable=g-import-not-at-top
+  mesh.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from perceivers_jax import train  # pylint: disable=g-import-not-at-top
+
+  config = _CONFIG.value
+  if _DRY_RUN.value:
+    print(train.dry_run_json(config, compile_step=_DRY_RUN_COMPILE.value), flush=True)
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required for training and evaluation.")
+  if _MODE.value == "eval":
+    metrics = train.evaluate(config, _WORKDIR.value)
+    logging.info("Evaluation: %s", metrics)
+  else:
+    train.train_and_evaluate(config, _WORKDIR.value)
+
+
+def run() -> None:
+  """Console-script entry point (`perceivers-train`)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,151 @@
+"""Checks a config before anything is built or compiled.
+
+Every failure raises `ConfigError` naming the field, its value and what would fix it, so a bad
+`--config.x=y` override fails in a second instead of after a long compilation.
+"""
+
+from collections.abc import Sequence
+import math
+
+import ml_collections
+
+from perceivers_jax import attention
+from perceivers_jax import masks
+from perceivers_jax import model as model_lib
+from perceivers_jax import tokens
+from perceivers_jax import windows
+
+OPTIMIZERS = ("adam",)
+SCHEDULES = ("rsqrt", "constant", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field."""
+
+
+def _fail(field: str, value, why: str) -> None:
+  raise ConfigError(f"config.{field}={value!r}: {why}")
+
+
+def _check_choice(config: ml_collections.ConfigDict, field: str, choices: Sequence[str]) -> None:
+  value = _get(config, field)
+  if value not in choices:
+    _fail(field, value, f"must be one of {', '.join(choices)}.")
+
+
+def _check_positive(config: ml_collections.ConfigDict, field: str) -> None:
+  value = _get(config, field)
+  if not isinstance(value, int) or value <= 0:
+    _fail(field, value, "must be a positive integer.")
+
+
+def _get(config: ml_collections.ConfigDict, field: str):
+  node = config
+  for part in field.split("."):
+    if part not in node:
+      raise ConfigError(f"config.{field} is missing: start the config from "
+                        "perceivers_jax.config_base.base_config().")
+    node = node[part]
+  return node
+
+
+def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """(data, fsdp, tensor) sizes with the one -1 axis filled in; raises ConfigError if impossible."""
+  sizes = [mesh_config[axis] for axis in MESH_AXES]
+  for axis, size in zip(MESH_AXES, sizes):
+    if not isinstance(size, int) or (size <= 0 and size != -1):
+      _fail(f"mesh.{axis}", size,
+            "must be a positive integer or -1 (filled with the remaining devices).")
+  free = [i for i, size in enumerate(sizes) if size == -1]
+  if len(free) > 1:
+    _fail("mesh", dict(zip(MESH_AXES, sizes)), "at most one axis may be -1.")
+  fixed = math.prod(size for size in sizes if size != -1)
+  if free:
+    if num_devices % fixed:
+      _fail("mesh", dict(zip(MESH_AXES, sizes)),
+            f"the fixed axes multiply to {fixed}, which does not divide the {num_devices} devices.")
+    sizes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    _fail("mesh", dict(zip(MESH_AXES, sizes)),
+          f"the axes multiply to {fixed} but there are {num_devices} devices; set one axis to -1.")
+  return tuple(sizes)
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int,
+             process_count: int = 1) -> None:
+  """Raises ConfigError for the first value that cannot work with `num_devices` devices."""
+  model = config.model
+  for field in ("vocab_size", "max_length", "num_latents", "embed_dim", "num_heads", "head_dim",
+                "mlp_ratio", "num_latent_layers", "attention_chunk_size"):
+    _check_positive(config, f"model.{field}")
+  if model.vocab_size < tokens.VOCAB_SIZE:
+    _fail("model.vocab_size", model.vocab_size,
+          f"the token vocabulary has {tokens.VOCAB_SIZE} ids (perceivers_jax/tokens.py).")
+  if model.num_latents > model.max_length:
+    _fail("model.num_latents", model.num_latents,
+          f"N must be <= config.model.max_length (L={model.max_length}).")
+  _check_choice(config, "model.attention_impl", attention.ATTENTION_IMPLS)
+  _check_choice(config, "model.remat_policy", model_lib.REMAT_POLICIES)
+  _check_choice(config, "model.scale_mask", masks.SCALE_MASKS)
+  _check_choice(config, "model.combine", model_lib.COMBINES)
+  _check_choice(config, "model.dtype", DTYPES)
+  _check_choice(config, "model.param_dtype", DTYPES)
+  try:
+    attention.check_impl(model.attention_impl, model.dtype)  # e.g. cudnn needs a GPU and bf16.
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  scales = tuple(model.cross_attention_scales)
+  if not scales:
+    _fail("model.cross_attention_scales", scales, "needs at least one scale (0 = full context).")
+  for scale in scales:
+    if not isinstance(scale, int) or scale < 0:
+      _fail("model.cross_attention_scales", scales,
+            "each scale must be 0 (full context) or a positive window W.")
+  if not 0.0 <= model.rotary_fraction <= 1.0:
+    _fail("model.rotary_fraction", model.rotary_fraction, "must be in [0, 1].")
+  if not 0.0 <= model.dropout_rate < 1.0:
+    _fail("model.dropout_rate", model.dropout_rate, "must be in [0, 1).")
+  if model.max_wavelength < 0:
+    _fail("model.max_wavelength", model.max_wavelength, "must be >= 0 (0 means max_length).")
+
+  _check_choice(config, "data.windows", windows.WINDOW_KINDS)
+  _check_choice(config, "data.padding_side", windows.PADDING_SIDES)
+
+  train = config.train
+  _check_choice(config, "train.optimizer", OPTIMIZERS)
+  _check_choice(config, "train.schedule", SCHEDULES)
+  for field in ("batch_size", "microbatches", "num_steps"):
+    _check_positive(config, f"train.{field}")
+  if train.learning_rate <= 0:
+    _fail("train.learning_rate", train.learning_rate, "must be > 0.")
+  if train.warmup_steps < 0:
+    _fail("train.warmup_steps", train.warmup_steps, "must be >= 0.")
+  if train.schedule == "rsqrt" and train.warmup_steps == 0:
+    _fail("train.warmup_steps", 0, "the rsqrt schedule needs warm-up steps > 0.")
+
+  mesh_shape = resolve_mesh_shape(config.mesh, num_devices)
+  batch_shards = mesh_shape[0] * mesh_shape[1]  # data x fsdp split the batch.
+  if train.batch_size % train.microbatches:
+    _fail("train.batch_size", train.batch_size,
+          f"must be divisible by config.train.microbatches={train.microbatches}.")
+  microbatch = train.batch_size // train.microbatches
+  if microbatch % batch_shards:
+    _fail("train.batch_size", train.batch_size,
+          f"each microbatch ({microbatch} rows) must split evenly over the data x fsdp mesh axes "
+          f"({batch_shards} shards).")
+  if train.batch_size % process_count:
+    _fail("train.batch_size", train.batch_size, f"must be divisible by the {process_count} hosts.")
+  _check_positive(config, "eval.batch_size")
+  if config.eval.batch_size % batch_shards or config.eval.batch_size % process_count:
+    _fail("eval.batch_size", config.eval.batch_size,
+          f"must split evenly over {batch_shards} batch shards and {process_count} hosts.")
+  for field in ("eval.every_steps", "checkpoint.every_steps", "checkpoint.keep", "log_every_steps"):
+    _check_positive(config, field)
+
+  for rule in config.logical_axis_rules:
+    targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    for target in targets:
+      if target is not None and target not in MESH_AXES:
+        _fail("logical_axis_rules", rule, f"mesh axis {target!r} is not one of {MESH_AXES}.")

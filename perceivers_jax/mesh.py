@@ -1,0 +1,67 @@
+"""Multi-host start-up and the (data, fsdp, tensor) device mesh built from `config.mesh`."""
+
+import os
+
+from absl import logging
+import jax
+from jax.sharding import AxisType, Mesh
+import ml_collections
+
+from perceivers_jax import config_validation
+
+MESH_AXES = config_validation.MESH_AXES
+
+# Environment markers of a multi-host launch that `jax.distributed.initialize()` auto-detects.
+_AUTO_DETECT_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
+                    "OMPI_COMM_WORLD_SIZE")
+
+
+def _multi_host_environment() -> bool:
+  for name in _AUTO_DETECT_ENV:
+    value = os.environ.get(name, "")
+    if name == "TPU_WORKER_HOSTNAMES" and "," in value:
+      return True
+    if name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE") and value.isdigit() and int(value) > 1:
+      return True
+    if name == "MEGASCALE_COORDINATOR_ADDRESS" and value:
+      return True
+  return False
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Calls `jax.distributed.initialize()` when this is one process of a multi-host job.
+
+  Must run before anything touches a jax backend. Explicit arguments (or the environment
+  variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) are used for GPU/CPU
+  clusters; TPU pods, SLURM and Open MPI launches are auto-detected by jax. Returns whether
+  distributed mode was initialised.
+  """
+  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+  if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+    process_id = int(os.environ["JAX_PROCESS_ID"])
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise ValueError("A coordinator address needs num_processes and process_id too "
+                       "(flags or JAX_NUM_PROCESSES / JAX_PROCESS_ID).")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif _multi_host_environment():
+    jax.distributed.initialize()
+  else:
+    return False
+  logging.info("jax.distributed initialised: process %d of %d, %d local / %d global devices.",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+  return True
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  """The (data, fsdp, tensor) mesh over `devices` (default: all); one axis size may be -1."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = config_validation.resolve_mesh_shape(mesh_config, len(devices))
+  # Auto axes: shardings come from the logical-axis rules and GSPMD propagation.
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)

@@ -1,0 +1,572 @@
+"""Training and evaluation: sharded state, the jitted step, the loop, checkpoints, metrics.
+
+`train_and_evaluate(config, workdir)` trains (resuming from the latest checkpoint in
+`workdir`), evaluates periodically on the validation split's sequential windows and saves on
+an interval and on preemption. `evaluate(config, workdir)` is the one-off evaluation of the
+latest checkpoint; `dry_run(config)` reports sizes and the compiled step's memory without
+training.
+
+State layout (what the checkpoints hold): {"step": int32, "params": nested dict of arrays (the
+model's nnx.Param values as a pure dict), "opt_state": optax state}. Parameters are created
+directly in their shardings (nnx.eval_shape -> partitioning.state_shardings -> jax.jit with
+out_shardings), never whole on one host.
+
+Throughput: tokens/s counts predicted slots (global batch x N per step), as SPEC 6. MFU uses
+3 x the forward matmul FLOPs of one window (`train_flops_per_window`), with the peak FLOP/s of
+the device (`PEAK_TFLOPS`, or config.train.peak_tflops when set).
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+from absl import logging
+from etils import epath
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import ml_collections
+import numpy as np
+import optax
+
+from perceivers_jax import checkpointing
+from perceivers_jax import config_validation
+from perceivers_jax import input_pipeline
+from perceivers_jax import losses
+from perceivers_jax import mesh as mesh_lib
+from perceivers_jax import metrics_writer
+from perceivers_jax import model as model_lib
+from perceivers_jax import optimizer as optimizer_lib
+from perceivers_jax import partitioning
+
+State = dict[str, Any]
+Batch = dict[str, Any]
+
+BATCH_KEYS = ("inputs", "positions", "targets")
+BATCH_AXES = ("data", "fsdp")
+# Dense bf16 peak per chip, TFLOP/s. H200: the 790 measured in SPEC 6 (datasheet 989).
+PEAK_TFLOPS = {
+    "H200": 790.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,
+    "TPU v6 lite": 918.0,
+    "TPU v6e": 918.0,
+}
+# Target-position buckets of the evaluation NLL: [0, 512), [512, 1k), [1k, 2k), ... [16k, 32k),
+# [32k, inf).
+POSITION_BUCKETS = (0,) + tuple(512 * 2**i for i in range(7)) + (math.inf,)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs.
+
+
+def forward_flops_per_window(model_config: ml_collections.ConfigDict) -> float:
+  """Matmul FLOPs (2 per multiply-add) of one forward pass over one window.
+
+  With L inputs, N latents, width D, attention width A = heads x head_dim, MLP width F,
+  vocabulary V, C cross-attention layers and S latent layers:
+    each cross-attention layer: q and output projections 2 x 2NDA, K/V projections of all L
+      inputs 2 x 2LDA, scores and weighted values 2 x 2NLA (every key counts: the masked,
+      dense kernels compute them, whatever the layer's scale), MLP 2 x 2NDF;
+    each latent layer: q/k/v/output projections 4 x 2NDA, scores and values 2 x 2NNA,
+      MLP 2 x 2NDF;
+    initial latent map 2NDD and output head 2NDV.
+  At paper size with one cross-attention layer this is 1.02 TFLOP (SPEC 6: 3.06 TFLOP x 1/3).
+  """
+  m = model_config
+  L, N, D = m.max_length, m.num_latents, m.embed_dim
+  A, F, V = m.num_heads * m.head_dim, m.mlp_ratio * m.embed_dim, m.vocab_size
+  cross = 2 * (2 * N * D * A + 2 * L * D * A + 2 * N * L * A + 2 * N * D * F)
+  latent = 2 * (4 * N * D * A + 2 * N * N * A + 2 * N * D * F)
+  return float(len(m.cross_attention_scales) * cross + m.num_latent_layers * latent
+               + 2 * N * D * D + 2 * N * D * V)
+
+
+def train_flops_per_window(model_config: ml_collections.ConfigDict) -> float:
+  """Training FLOPs per window: forward + backward = 3 x forward matmul FLOPs."""
+  return 3.0 * forward_flops_per_window(model_config)
+
+
+def peak_flops_per_device(config: ml_collections.ConfigDict) -> float | None:
+  """Peak FLOP/s of one device: config.train.peak_tflops if > 0, else the table; None if unknown."""
+  override = config.train.get("peak_tflops", 0.0)
+  if override:
+    return override * 1e12
+  kind = jax.devices()[0].device_kind
+  for name, tflops in PEAK_TFLOPS.items():
+    if name.lower() in kind.lower():
+      return tflops * 1e12
+  return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, state and step functions.
+
+
+def _model_fn(config: ml_collections.ConfigDict) -> Callable[[], nnx.Module]:
+  return lambda: model_lib.PerceiverS(config.model, rngs=nnx.Rngs(config.seed))
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything built from a config and a mesh: shardings and the jitted functions."""
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+  abstract_state: State  # ShapeDtypeStructs carrying the target shardings.
+  abstract_rest: nnx.State  # the model's non-parameter state (RNG streams), replicated.
+  state_shardings: State
+  batch_sharding: NamedSharding
+  schedule: optax.Schedule
+  init_fn: Callable[[], tuple[State, nnx.State]]
+  init_rest: Callable[[], nnx.State]  # the non-parameter state (RNG streams) alone.
+  train_step: Callable[[State, nnx.State, Batch], tuple[State, dict[str, jax.Array]]]
+  eval_step: Callable[[Any, nnx.State, Batch], dict[str, jax.Array]]
+
+  @property
+  def num_params(self) -> int:
+    return count_params(self.abstract_state["params"])
+
+
+def count_params(params: Any) -> int:
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def _rng_stream_names(rest: nnx.State) -> tuple[str, ...]:
+  names = set()
+  for _, var in nnx.to_flat_state(rest):
+    if isinstance(var, nnx.RngKey):
+      names.add(var.tag)
+  return tuple(sorted(names))
+
+
+def _merge(trainer_parts, params: Any, rest: nnx.State) -> nnx.Module:
+  graphdef, template = trainer_parts
+  param_state = jax.tree.map(lambda x: x, template)  # fresh Variables to fill in.
+  nnx.replace_by_pure_dict(param_state, params)
+  # Fresh Variables at the current trace level (NNX refuses ones created under another trace).
+  return nnx.merge(graphdef, param_state, jax.tree.map(lambda x: x, rest))
+
+
+def _split_microbatches(batch: Batch, num_micro: int, mesh: Mesh) -> Batch:
+  """[B, L] -> [M, B/M, L], microbatch m = rows m, M+m, 2M+m, ...
+
+  Interleaving keeps every microbatch spread over all batch shards (a plain reshape would put
+  each microbatch on a subset of devices).
+  """
+  def split(x):
+    b = x.shape[0]
+    x = x.reshape(b // num_micro, num_micro, *x.shape[1:])
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
+    return jnp.swapaxes(x, 0, 1)
+  return {k: split(v) for k, v in batch.items()}
+
+
+def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
+  """Abstract state, shardings and jitted init/train/eval functions for `config` on `mesh`."""
+  rules = tuple(config.logical_axis_rules)
+  optimizer = optimizer_lib.make_optimizer(config.train)
+  schedule = optimizer_lib.make_schedule(config.train)
+  model_fn = _model_fn(config)
+
+  abstract_model = nnx.eval_shape(model_fn)
+  graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+  param_shardings = nnx.to_pure_dict(partitioning.state_shardings(abstract_params, mesh, rules))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  rest_shardings = jax.tree.map(lambda _: replicated, abstract_rest)
+
+  def init_fn():
+    _, params, rest = nnx.split(model_fn(), nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": optimizer.init(params)}
+    return state, rest
+
+  abstract_state, _ = jax.eval_shape(init_fn)
+  opt_shardings = optax.tree_utils.tree_map_params(
+      optimizer, lambda _, s: s, abstract_state["opt_state"], param_shardings,
+      transform_non_params=lambda _: replicated)
+  state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+      state_shardings)
+  batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+  parts = (graphdef, abstract_params)
+  rng_streams = _rng_stream_names(abstract_rest)
+  num_micro = config.train.microbatches
+  dropout_seed = config.seed + 1
+
+  def reseeded(params, rest, key):
+    """`rest` with every RNG stream reset from `key`: dropout depends only on (seed, step)."""
+    if not rng_streams:
+      return rest
+    model = _merge(parts, params, rest)
+    nnx.reseed(model, policy="match_shape", **{name: key for name in rng_streams})
+    return nnx.split(model, nnx.Param, ...)[2]
+
+  def loss_fn(params, rest, batch):
+    logits_BNV = _merge(parts, params, rest)(batch["inputs"], batch["positions"],
+                                             deterministic=False)
+    sums = losses.sum_losses(losses.token_losses(logits_BNV, batch, config.model.num_latents,
+                                                 config.train.z_loss))
+    return sums["nll"] + sums["z_loss"], sums  # a sum; divided by the global count below.
+
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def train_step(state, rest, batch):
+    step = state["step"]
+    key = jax.random.fold_in(jax.random.key(dropout_seed), step)
+    params = state["params"]
+    if num_micro == 1:
+      grads, sums = grad_fn(params, reseeded(params, rest, key), batch)
+    else:
+      micro = _split_microbatches(batch, num_micro, mesh)
+
+      def body(carry, xs):
+        index, microbatch = xs
+        micro_rest = reseeded(params, rest, jax.random.fold_in(key, index))
+        grads, sums = grad_fn(params, micro_rest, microbatch)
+        return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+      zero = jax.tree.map(jnp.zeros_like,
+                          jax.eval_shape(grad_fn, params, rest,
+                                         jax.tree.map(lambda x: x[0], micro)))
+      (grads, sums), _ = jax.lax.scan(body, zero, (jnp.arange(num_micro), micro))
+    # Exact mean over every target of the global batch, however it was split.
+    count = jnp.maximum(sums["count"], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_state = {"step": step + 1, "params": optax.apply_updates(params, updates),
+                 "opt_state": opt_state}
+    metrics = {
+        "loss": losses.mean_loss(sums),
+        "nll": sums["nll"] / count,
+        "accuracy": sums["correct"] / count,
+        "targets": sums["count"],
+        "grad_norm": optax.tree.norm(grads),
+        "lr": schedule(step),
+    }
+    return new_state, metrics
+
+  def eval_step(params, rest, batch):
+    model = _merge(parts, params, rest)
+    logits_BNV = model(batch["inputs"], batch["positions"], deterministic=True)
+    per = losses.token_losses(logits_BNV, batch, config.model.num_latents, 0.0)
+    out = losses.sum_losses(per)
+    del out["z_loss"]
+    positions_BN = per["positions_BN"]  # -1 where there is no target.
+    for low, high in zip(POSITION_BUCKETS[:-1], POSITION_BUCKETS[1:]):
+      in_bucket_BN = (positions_BN >= low) & (positions_BN < high)
+      out[f"bucket_{low}_nll"] = jnp.where(in_bucket_BN, per["nll_BN"], 0.0).sum()
+      out[f"bucket_{low}_count"] = in_bucket_BN.sum().astype(jnp.float32)
+    return out
+
+  def init_rest():
+    return nnx.split(model_fn(), nnx.Param, ...)[2]
+
+  in_mesh = functools.partial(_InMesh, mesh=mesh, rules=rules)
+  return Trainer(
+      config=config, mesh=mesh, abstract_state=abstract_state,
+      abstract_rest=jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_rest),
+      state_shardings=state_shardings, batch_sharding=batch_sharding, schedule=schedule,
+      init_fn=in_mesh(jax.jit(init_fn, out_shardings=(state_shardings, rest_shardings))),
+      init_rest=in_mesh(jax.jit(init_rest, out_shardings=rest_shardings)),
+      train_step=in_mesh(jax.jit(
+          train_step, in_shardings=(state_shardings, rest_shardings, batch_sharding),
+          out_shardings=(state_shardings, replicated), donate_argnums=(0,))),
+      eval_step=in_mesh(jax.jit(
+          eval_step, in_shardings=(param_shardings, rest_shardings, batch_sharding),
+          out_shardings=replicated)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _InMesh:
+  """A jitted function called (and lowered) with the mesh and logical-axis rules active, as
+  `partitioning.constrain` needs while jax traces."""
+  fn: Any
+  mesh: Mesh
+  rules: tuple
+
+  def __call__(self, *args):
+    with partitioning.activation_sharding(self.mesh, self.rules):
+      return self.fn(*args)
+
+  def lower(self, *args):
+    with partitioning.activation_sharding(self.mesh, self.rules):
+      return self.fn.lower(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches.
+
+
+def abstract_batch(config: ml_collections.ConfigDict, batch_size: int,
+                   sharding: NamedSharding) -> Batch:
+  shape = (batch_size, config.model.max_length)
+  return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for k in BATCH_KEYS}
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def run_evaluation(trainer: Trainer, params: Any, rest: nnx.State,
+                   batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
+  """NLL (nats, bits), accuracy and NLL per target-position bucket over this host's `batches`
+  (every host runs the same number of batches; sums are global)."""
+  totals: dict[str, float] = {}
+  num_batches = 0
+  start = time.perf_counter()
+  for local in batches:
+    batch = input_pipeline.to_global_arrays(local, trainer.batch_sharding)
+    sums = trainer.eval_step(params, rest, batch)
+    for name, value in jax.device_get(sums).items():
+      totals[name] = totals.get(name, 0.0) + float(value)
+    num_batches += 1
+  count = totals.get("count", 0.0)
+  if not count:
+    raise ValueError("Evaluation saw no targets: is the validation split empty?")
+  nll = totals["nll"] / count
+  metrics = {"nll": nll, "bits_per_token": nll / math.log(2),
+             "accuracy": totals["correct"] / count, "targets": count, "batches": num_batches,
+             "seconds": time.perf_counter() - start}
+  for low, high in zip(POSITION_BUCKETS[:-1], POSITION_BUCKETS[1:]):
+    bucket_count = totals[f"bucket_{low}_count"]
+    if bucket_count:
+      name = f"nll_pos_{low}_{'inf' if math.isinf(high) else int(high)}"
+      metrics[name] = totals[f"bucket_{low}_nll"] / bucket_count
+  return metrics
+
+
+def eval_batches(config: ml_collections.ConfigDict, eval_source: Any) -> Iterable[Batch]:
+  """This host's sequential validation windows (re-iterable; config.eval.max_batches applied)."""
+  return input_pipeline.make_eval_batches(config, eval_source, process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup shared by train / eval / dry run.
+
+
+def build_trainer_for(config: ml_collections.ConfigDict) -> Trainer:
+  """Validates `config` for this job's devices, then builds its mesh and Trainer."""
+  config_validation.validate(config, num_devices=jax.device_count(),
+                             process_count=jax.process_count())
+  mesh = mesh_lib.make_mesh(config.mesh)
+  logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size,
+               jax.devices()[0].device_kind)
+  return build_trainer(config, mesh)
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Where the Orbax checkpoints of `workdir` live (local paths made absolute, as Orbax needs)."""
+  if "://" not in workdir:
+    workdir = os.path.abspath(workdir)
+  return str(epath.Path(workdir) / "checkpoints")
+
+
+def _throughput(step_time: float, config: ml_collections.ConfigDict,
+                peak: float | None) -> dict[str, float]:
+  """Step time, predicted tokens/s (global batch x N), TFLOP/s per device and MFU."""
+  flops_per_device = (train_flops_per_window(config.model) * config.train.batch_size / step_time
+                      / jax.device_count())
+  out = {"step_time_s": step_time,
+         "tokens_per_s": config.train.batch_size * config.model.num_latents / step_time,
+         "tflops_per_s_per_device": flops_per_device / 1e12}
+  if peak:
+    out["mfu"] = flops_per_device / peak
+  return out
+
+
+def _check_finite(step: int, loss: float) -> None:
+  if not math.isfinite(loss):
+    raise NonFiniteLossError(
+        f"Training loss is {loss} at step {step}: stopping. Lower config.train.learning_rate, "
+        "raise config.train.warmup_steps or check config.train.grad_clip_norm; resuming "
+        "restarts from the last checkpoint, which holds only finite losses.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       train_source: Any = None, eval_source: Any = None) -> dict[str, float]:
+  """Trains to config.train.num_steps, resuming from `workdir`; returns the last eval metrics.
+
+  `train_source` / `eval_source` default to the TFDS splits of config.data; tests pass any
+  random-access sequence of {"tokens": int32 array}.
+  """
+  trainer = build_trainer_for(config)
+  _write_config(config, workdir)
+  if train_source is None:
+    train_source = input_pipeline.open_data_source(config, config.data.train_split)
+  if eval_source is None:
+    eval_source = input_pipeline.open_data_source(config, config.data.eval_split)
+  validation_batches = eval_batches(config, eval_source)
+  train_iter = input_pipeline.make_train_iterator(
+      config, train_source, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+  ckpt = checkpointing.Checkpointer(checkpoint_dir(workdir), config.checkpoint)
+  latest = ckpt.latest_step()
+  if latest is None:
+    state, rest = trainer.init_fn()
+  else:
+    state = ckpt.restore(latest, trainer.abstract_state, train_iter)
+    rest = trainer.init_rest()
+    logging.info("Resuming from step %d.", latest)
+  step = start_step = int(jax.device_get(state["step"]))
+
+  writer = metrics_writer.MetricsWriter(workdir)
+  watcher = checkpointing.PreemptionWatcher()
+  num_steps = config.train.num_steps
+  peak = peak_flops_per_device(config)
+  if jax.process_index() == 0:
+    logging.info("%d parameters; %.3g train FLOPs per step; peak %s per device.",
+                 trainer.num_params, train_flops_per_window(config.model) * config.train.batch_size,
+                 f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no MFU)")
+
+  eval_metrics: dict[str, float] = {}
+  interval_start, interval_steps = time.perf_counter(), 0
+  # (step, metrics) of the previous step: read one step late, so the device never waits.
+  pending = None
+  try:
+    while step < num_steps:
+      batch = input_pipeline.to_global_arrays(next(train_iter), trainer.batch_sharding)
+      state, metrics = trainer.train_step(state, rest, batch)
+      step += 1
+      interval_steps += 1
+      if step == start_step + 1:
+        jax.block_until_ready(metrics)  # Throughput excludes the first step's compilation.
+        interval_start, interval_steps = time.perf_counter(), 0
+      if pending is not None:
+        _check_finite(pending[0], float(pending[1]["loss"]))
+      pending = (step, metrics)
+
+      is_last = step == num_steps
+      if step % config.log_every_steps == 0 or is_last:
+        scalars = jax.device_get(metrics)
+        _check_finite(step, float(scalars["loss"]))
+        if interval_steps:  # Not on the very first step (its time is compilation).
+          scalars.update(_throughput((time.perf_counter() - interval_start) / interval_steps,
+                                     config, peak))
+        writer.write_scalars(step, scalars, prefix="train/")
+        writer.log_progress(step, num_steps, {k: scalars[k] for k in (
+            "loss", "accuracy", "grad_norm", "lr", "tokens_per_s") if k in scalars})
+        interval_start, interval_steps = time.perf_counter(), 0
+
+      if step % config.eval.every_steps == 0 or is_last:
+        eval_metrics = run_evaluation(trainer, state["params"], rest, validation_batches)
+        writer.write_scalars(step, eval_metrics, prefix="eval/")
+        writer.log_progress(step, num_steps, {f"eval_{k}": eval_metrics[k] for k in (
+            "nll", "bits_per_token", "accuracy")})
+        interval_start, interval_steps = time.perf_counter(), 0
+
+      stop = watcher.should_stop(step)
+      if is_last or stop or ckpt.should_save(step):
+        _check_finite(step, float(metrics["loss"]))  # Never checkpoint a diverged state.
+        ckpt.save(step, state, train_iter, force=True)
+      if stop:
+        logging.warning("Preempted: saved step %d to %s; rerun the same command to resume.",
+                        step, ckpt.directory)
+        break
+  finally:
+    ckpt.close()
+    writer.close()
+    watcher.close()
+  return eval_metrics
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+             eval_source: Any = None, step: int | None = None) -> dict[str, float]:
+  """Evaluates checkpoint `step` (default: the latest) of `workdir` on config.data.eval_split."""
+  trainer = build_trainer_for(config)
+  ckpt = checkpointing.Checkpointer(checkpoint_dir(workdir), config.checkpoint,
+                                    with_data_iter=False)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint under {ckpt.directory}: train first (--mode=train).")
+  state = ckpt.restore(step, trainer.abstract_state)
+  ckpt.close()
+  rest = trainer.init_rest()
+  if eval_source is None:
+    eval_source = input_pipeline.open_data_source(config, config.data.eval_split)
+  metrics = run_evaluation(trainer, state["params"], rest, eval_batches(config, eval_source))
+  writer = metrics_writer.MetricsWriter(workdir)
+  writer.write_scalars(step, metrics, prefix="eval_once/")
+  writer.log_progress(step, config.train.num_steps, metrics)
+  writer.close()
+  return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Dry run.
+
+
+def _bytes_per_device(abstract_tree: Any) -> int:
+  """Bytes one device holds of the arrays of `abstract_tree`, given their shardings."""
+  total = 0
+  for leaf in jax.tree.leaves(abstract_tree):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def dry_run(config: ml_collections.ConfigDict, *, compile_step: bool = True) -> dict[str, Any]:
+  """Sizes of `config` on this host's devices, from abstract shapes only (nothing trained).
+
+  Returns (and the CLI prints as one JSON line): parameter count, per-device bytes of
+  parameters and optimizer state, train FLOPs per step and, when `compile_step`, the compiled
+  train step's memory analysis (bytes per device: arguments, outputs, temporaries).
+  """
+  trainer = build_trainer_for(config)
+  params = trainer.abstract_state["params"]
+  report: dict[str, Any] = {
+      "num_params": trainer.num_params,
+      "mesh": dict(trainer.mesh.shape),
+      "devices": jax.device_count(),
+      "device_kind": jax.devices()[0].device_kind,
+      "param_bytes_per_device": _bytes_per_device(params),
+      "opt_state_bytes_per_device": _bytes_per_device(trainer.abstract_state["opt_state"]),
+      "train_flops_per_step": train_flops_per_window(config.model) * config.train.batch_size,
+  }
+  batch = abstract_batch(config, config.train.batch_size, trainer.batch_sharding)
+  start = time.perf_counter()
+  lowered = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_rest, batch)
+  report["lower_seconds"] = round(time.perf_counter() - start, 2)
+  if compile_step:
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    report["compile_seconds"] = round(time.perf_counter() - start, 2)
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+      memory = {name: int(getattr(analysis, f"{name}_size_in_bytes")) for name in (
+          "argument", "output", "temp", "alias", "generated_code")}
+      # Donated state aliases its output: live peak = arguments + outputs - aliased + temps.
+      memory["estimated_peak"] = (memory["argument"] + memory["output"] - memory["alias"]
+                                  + memory["temp"])
+      report["compiled_memory_bytes_per_device"] = memory
+  return report
+
+
+def dry_run_json(config: ml_collections.ConfigDict, **kwargs) -> str:
+  return json.dumps(dry_run(config, **kwargs), sort_keys=True)

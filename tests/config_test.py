@@ -1,0 +1,160 @@
+"""Configs load, bad values fail before anything is built, dry run matches the model's size."""
+
+import importlib.util
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+from flax import nnx
+import jax
+import pytest
+
+from perceivers_jax import config_validation
+from perceivers_jax import mesh as mesh_lib
+from perceivers_jax import model as model_lib
+from perceivers_jax import optimizer as optimizer_lib
+from perceivers_jax import train
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(name: str, arg: str | None = None):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("name,arg,windows,scales,scale_mask", [
+    ("perceivers", None, "effective", (0, 1024), "sliding"),
+    ("perceivers", "final_block", "effective", (0, 1024), "final_block"),
+    ("perceiver_ar_baseline", None, "baseline", (0,), "sliding"),
+    ("effective_segmentation", None, "effective", (0,), "sliding"),
+    ("perceivers", "sum", "effective", (0, 1024), "sliding"),
+    ("tiny", None, "effective", (0, 64), "sliding"),
+    ("tiny", "final_block", "effective", (0, 64), "final_block"),
+    ("tiny", "baseline", "baseline", (0,), "sliding"),
+])
+def test_configs_load_and_validate(name, arg, windows, scales, scale_mask):
+  config = load_config(name, arg)
+  assert config.data.windows == windows
+  assert tuple(config.model.cross_attention_scales) == scales
+  assert config.model.scale_mask == scale_mask
+  config_validation.validate(config, num_devices=8)
+
+
+def test_unknown_variant_is_rejected():
+  with pytest.raises(ValueError, match="unknown variant 'nope'"):
+    load_config("perceivers", "nope")
+
+
+def _set(config, field, value):
+  *parents, leaf = field.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+@pytest.mark.parametrize("field,value,devices,message", [
+    ("model.num_latents", 2048, 1, "config.model.num_latents=2048"),
+    ("model.attention_impl", "flash", 1, "config.model.attention_impl='flash'"),
+    ("model.scale_mask", "diagonal", 1, "config.model.scale_mask='diagonal'"),
+    ("model.combine", "mean", 1, "config.model.combine='mean'"),
+    ("model.remat_policy", "some", 1, "config.model.remat_policy='some'"),
+    ("model.cross_attention_scales", (0, -4), 1, "config.model.cross_attention_scales"),
+    ("mesh.tensor", 3, 8, "config.mesh="),
+    ("train.microbatches", 3, 1, "config.train.batch_size=8"),
+    ("train.batch_size", 12, 8, "config.train.batch_size=12"),
+    ("train.schedule", "linear", 1, "config.train.schedule='linear'"),
+    ("data.windows", "random", 1, "config.data.windows='random'"),
+])
+def test_bad_value_names_the_field(field, value, devices, message):
+  config = load_config("tiny")
+  _set(config, field, value)
+  with pytest.raises(config_validation.ConfigError) as error:
+    config_validation.validate(config, num_devices=devices)
+  assert message in str(error.value)
+
+
+def test_mesh_shape_fills_the_free_axis():
+  config = load_config("tiny")
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, -1, 2
+  assert config_validation.resolve_mesh_shape(config.mesh, 8) == (2, 2, 2)
+  config.mesh.data = -1
+  with pytest.raises(config_validation.ConfigError, match="at most one axis"):
+    config_validation.resolve_mesh_shape(config.mesh, 8)
+
+
+def test_bad_value_fails_before_building(monkeypatch, tmp_path):
+  """Validation runs before the model is built, so nothing is traced or compiled."""
+  config = load_config("tiny")
+  config.model.num_latents = config.model.max_length + 1
+
+  def must_not_build(*args, **kwargs):
+    raise AssertionError("the trainer was built for an invalid config")
+
+  monkeypatch.setattr(train, "build_trainer", must_not_build)
+  with pytest.raises(config_validation.ConfigError, match="config.model.num_latents"):
+    train.train_and_evaluate(config, str(tmp_path), train_source=[], eval_source=[])
+
+
+def test_cli_rejects_bad_override(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "perceivers_jax.cli.train", f"--config={CONFIGS / 'tiny.py'}",
+       f"--workdir={tmp_path}", "--config.model.attention_impl=flash"],
+      capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode != 0
+  assert "config.model.attention_impl='flash'" in result.stderr
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_dry_run_paper_size_matches_model_param_count():
+  """`perceivers-train --dry_run` prints sizes from abstract shapes (no 1.3 GB of weights)."""
+  result = subprocess.run(
+      [sys.executable, "-m", "perceivers_jax.cli.train",
+       f"--config={CONFIGS / 'perceivers.py'}", "--dry_run", "--dry_run_compile=false"],
+      capture_output=True, text=True, timeout=300, check=True)
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  config = load_config("perceivers")
+  model = nnx.eval_shape(lambda: model_lib.PerceiverS(config.model, rngs=nnx.Rngs(0)))
+  expected = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert report["num_params"] == expected
+  assert 300e6 < expected < 360e6  # 24 latent + 2 cross-attention layers of width 1,024.
+  assert report["param_bytes_per_device"] == 4 * expected  # float32, one device.
+  assert report["opt_state_bytes_per_device"] >= 8 * expected  # Adam mu and nu.
+
+
+def test_flops_match_spec_reference():
+  """SPEC 6: Perceiver AR at paper size trains at 3.06 TFLOP per window."""
+  flops = train.train_flops_per_window(load_config("perceiver_ar_baseline").model)
+  assert flops == pytest.approx(3.06e12, rel=0.01)
+  # Each extra cross-attention layer adds its full cost.
+  assert train.train_flops_per_window(load_config("perceivers").model) > 1.25 * flops
+
+
+def test_rsqrt_schedule_peaks_at_perceiver_ar_rate():
+  config = load_config("perceivers")
+  schedule = optimizer_lib.make_schedule(config.train)
+  peak = float(schedule(config.train.warmup_steps))
+  assert peak == pytest.approx(0.03125 / 100, rel=1e-5)  # 3.1e-4 at 10k warm-up steps.
+  assert float(schedule(config.train.warmup_steps // 2)) == pytest.approx(peak / 2, rel=1e-4)
+  assert float(schedule(4 * config.train.warmup_steps)) == pytest.approx(peak / 2, rel=1e-4)
+
+
+def test_single_host_does_not_initialize_distributed(monkeypatch):
+  for name in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS",
+               "OMPI_COMM_WORLD_SIZE", "MEGASCALE_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(name, raising=False)
+  called = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: called.append(a))
+  assert not mesh_lib.initialize_distributed()
+  monkeypatch.setenv("SLURM_NTASKS", "4")  # a multi-task SLURM job: jax auto-detects.
+  assert mesh_lib.initialize_distributed()
+  monkeypatch.delenv("SLURM_NTASKS")
+  assert mesh_lib.initialize_distributed("10.0.0.1:1234", 2, 1)
+  assert called == [(), ("10.0.0.1:1234", 2, 1)]
+  with pytest.raises(ValueError, match="needs num_processes and process_id"):
+    mesh_lib.initialize_distributed("10.0.0.1:1234")
