@@ -1,0 +1,36 @@
+r"""perceivers-export: a training checkpoint -> params-only export (+ config and manifest).
+
+  perceivers-export --workdir=/tmp/tiny --output=/tmp/tiny_export [--step=400] \
+      [--dtype=bfloat16|float32]
+
+The export restores on any number of devices (`perceivers_jax.export.load_exported`).
+"""
+
+import json
+
+from absl import app
+from absl import flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).",
+                               required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "New directory for the export.", required=True)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from perceivers_jax import export  # pylint: disable=g-import-not-at-top
+  manifest = export.export(_WORKDIR.value, _OUTPUT.value, step=_STEP.value, dtype=_DTYPE.value)
+  summary = {k: manifest[k] for k in ("step", "num_params", "dtype", "config_sha256")}
+  print(json.dumps({"output": _OUTPUT.value, **summary}), flush=True)
+
+
+def run() -> None:
+  """Console-script entry point (`perceivers-export`)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

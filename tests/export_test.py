@@ -1,0 +1,102 @@
+"""Params-only export: written from a checkpoint trained on 8 devices, restored on 1."""
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from perceivers_jax import checkpointing
+from perceivers_jax import export
+from perceivers_jax import mesh as mesh_lib
+from perceivers_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+_SAVE_ON_8 = r"""
+import importlib.util, sys
+import grain, jax, numpy as np
+from perceivers_jax import checkpointing, train
+assert jax.device_count() == 8
+spec = importlib.util.spec_from_file_location("tiny", sys.argv[1])
+tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)
+c = tiny.get_config()
+c.model.max_length, c.model.num_latents, c.model.num_latent_layers = 256, 32, 1
+c.model.embed_dim, c.model.num_heads, c.model.cross_attention_scales = 64, 2, (0, 16)
+c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+trainer = train.build_trainer_for(c)
+state, _ = trainer.init_fn()
+assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state["params"]))
+train._write_config(c, sys.argv[2])  # pylint: disable=protected-access
+ckpt = checkpointing.Checkpointer(train.checkpoint_dir(sys.argv[2]), c.checkpoint)
+data_iter = iter(grain.MapDataset.range(4).to_iter_dataset())
+ckpt.save(2, state, data_iter, force=True)
+ckpt.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A workdir (config.json + checkpoint 2) written by 8 simulated devices (2x2x2 mesh)."""
+  tmp = tmp_path_factory.mktemp("export")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", _SAVE_ON_8, str(ROOT / "configs/tiny.py"),
+                           str(tmp / "run")], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return tmp / "run"
+
+
+def test_export_restores_on_one_device(workdir, tmp_path):
+  assert jax.device_count() == 1
+  manifest = export.export(str(workdir), str(tmp_path / "f32"))
+  config, params, loaded_manifest = export.load_exported(str(tmp_path / "f32"))
+  assert loaded_manifest == manifest
+  assert manifest["step"] == 2 and manifest["dtype"] == "float32"
+  assert manifest["source_workdir"] == str(workdir)
+  config_text = (workdir / "config.json").read_text()
+  assert manifest["config_sha256"] == hashlib.sha256(config_text.encode()).hexdigest()
+  assert manifest["config"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert tuple(config.model.cross_attention_scales) == (0, 16)
+  assert not (tmp_path / "f32" / "params" / "opt_state").exists()
+
+  # The exported values are the checkpoint's parameters, read on one device.
+  local = export.for_local_devices(config)
+  reference = train.build_trainer(local, mesh_lib.make_mesh(local.mesh))
+  ckpt = checkpointing.Checkpointer(train.checkpoint_dir(str(workdir)), config.checkpoint,
+                                    with_data_iter=False)
+  state = ckpt.restore(2, reference.abstract_state)
+  ckpt.close()
+  assert manifest["num_params"] == train.count_params(state["params"]) == reference.num_params
+  jax.tree.map(np.testing.assert_array_equal, params, state["params"])
+
+
+def test_cli_bfloat16_export(workdir, tmp_path):
+  output = tmp_path / "bf16"
+  result = subprocess.run(
+      [sys.executable, "-m", "perceivers_jax.cli.export", f"--workdir={workdir}",
+       f"--output={output}", "--dtype=bfloat16", "--step=2"],
+      capture_output=True, text=True, timeout=300, check=True)
+  summary = json.loads(result.stdout.strip().splitlines()[-1])
+  assert summary["dtype"] == "bfloat16" and summary["step"] == 2
+  _, params, _ = export.load_exported(str(output))
+  leaves = jax.tree.leaves(params)
+  assert all(leaf.dtype == np.dtype("bfloat16") for leaf in leaves)
+  assert summary["num_params"] == sum(leaf.size for leaf in leaves)
+
+
+def test_bad_requests_are_explained(workdir, tmp_path):
+  with pytest.raises(ValueError, match="--step=7 not among the saved steps"):
+    export.export(str(workdir), str(tmp_path / "x"), step=7)
+  with pytest.raises(FileNotFoundError, match="config.json not found"):
+    export.export(str(tmp_path), str(tmp_path / "y"))
+  export.export(str(workdir), str(tmp_path / "z"))
+  (tmp_path / "z" / "config.json").write_text("{}")
+  with pytest.raises(ValueError, match="does not match the sha256"):
+    export.load_exported(str(tmp_path / "z"))
