@@ -104,7 +104,7 @@ def train_flops_per_window(model_config: ml_collections.ConfigDict) -> float:
 
 def peak_flops_per_device(config: ml_collections.ConfigDict) -> float | None:
   """Peak FLOP/s of one device: config.train.peak_tflops if > 0, else the table; None if unknown."""
-  override = config.train.get("peak_tflops", 0.0)
+  override = config.train.peak_tflops
   if override:
     return override * 1e12
   kind = jax.devices()[0].device_kind
