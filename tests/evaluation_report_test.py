@@ -1,22 +1,24 @@
 """Repetition measures, the report (metrics.json, report.md, plots) and the CLI."""
 
 import json
+import subprocess
+import sys
 
-from absl import app
-from absl import flags
-from absl.testing import flagsaver
 import note_seq
 import numpy as np
 import pytest
 
 from perceivers_jax import tokens as tokens_lib
-from perceivers_jax.cli import evaluate as evaluate_cli
 from perceivers_jax.evaluation import features
 from perceivers_jax.evaluation import report
 from perceivers_jax.evaluation import repetition
 
 _PATTERN = (60, 64, 67, 72)
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _evaluate_cli(*flags: str) -> list[str]:
+  return [sys.executable, "-m", "perceivers_jax.cli.evaluate", *flags]
 
 
 def _loop(repeats=40, step=0.25, length=0.2):
@@ -105,12 +107,10 @@ def test_cli_report_real_versus_shuffled(tmp_path, maestro_paths):
     np.save(shuffled_dir / f"{maestro_paths[i].stem}.npy",
             tokens_lib.note_sequence_to_tokens(_shuffled(ns, i)))
   out = tmp_path / "out"
-  # Overrides only this CLI's flags: other CLIs' required flags may share FLAGS here.
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  with flagsaver.as_parsed(reference=str(reference_dir), output_dir=str(out),
-                           generated=f"real:{real_dir},shuffled:{shuffled_dir}"):
-    evaluate_cli.main(["perceivers-evaluate"])
+  # A subprocess: each absl CLI owns its flags (several define --output_dir).
+  subprocess.run(_evaluate_cli(f"--reference={reference_dir}", f"--output_dir={out}",
+                               f"--generated=real:{real_dir},shuffled:{shuffled_dir}"),
+                 check=True)
 
   metrics = json.loads((out / "metrics.json").read_text())
   assert metrics["config"]["kld"] == "shared_grid"
@@ -193,6 +193,6 @@ def test_bad_sets_raise_clear_errors(tmp_path):
     report.load_set("generated", [[tokens_lib.SOS_ID, tokens_lib.EOS_ID], [2, 999, 1]])
   with pytest.raises(TypeError, match=r"generated\[0\]: expected a path"):
     report.load_set("generated", [np.zeros((2, 2), np.int32)])
-  with pytest.raises(app.UsageError, match="NAME:FOLDER"):
-    evaluate_cli.parse_generated(["no_colon"])
-  assert evaluate_cli.parse_generated(["a:x:y", "b:z"]) == {"a": "x:y", "b": "z"}
+  result = subprocess.run(_evaluate_cli(f"--reference={tmp_path}", f"--output_dir={tmp_path}",
+                                        "--generated=no_colon"), capture_output=True, text=True)
+  assert result.returncode != 0 and "expected NAME:FOLDER" in result.stderr

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite in one call (about 8 minutes on one H100/H200): cuDNN attention
+# correctness, then paper-size train steps and cached sampling. Writes JSON files into
+# $OUT (the device tool's output folder) or benchmarks/gpu_results/, and prints one table
+# row per benchmark.
+#
+#   bash benchmarks/gpu_suite.sh                 # on a GPU machine with the package installed
+#
+# Needs jax with CUDA, flax, optax, orbax (the GPU image has them) plus this package's other
+# requirements (note-seq, grain, tensorflow-datasets, ml-collections, tensorboardX): install
+# with `pip install -e .` or carry wheels. Each step has its own time limit so one slow step
+# cannot eat the others' time.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+out="${OUT:-benchmarks/gpu_results}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
+python -c 'import jax; print(jax.__version__, jax.devices())'
+
+status=0
+step() {  # step SECONDS NAME COMMAND...
+  local limit="$1" name="$2"
+  shift 2
+  echo "== $name"
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" || { echo "!! $name failed or timed out"; status=1; }
+}
+
+paper=(--config=configs/perceivers.py --config.model.attention_impl=cudnn
+       --config.model.dtype=bfloat16)
+step 90 cudnn_vs_xla python -m pytest -q tests/attention_test.py -k cudnn
+step 120 train_b1 python benchmarks/train_step.py "${paper[@]}" --config.train.batch_size=1 \
+  --steps=10 --output="$out/train_b1.json"
+step 150 train_b8 python benchmarks/train_step.py "${paper[@]}" --config.train.batch_size=8 \
+  --steps=10 --output="$out/train_b8.json"
+step 150 sampling python benchmarks/sampling.py --config=configs/perceivers.py \
+  --batch_sizes=1,16 --num_tokens=512 --output="$out/sampling.json"
+exit "$status"
