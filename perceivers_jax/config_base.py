@@ -70,6 +70,12 @@ def base_config() -> ml_collections.ConfigDict:
       grad_clip_norm=1.0,
       z_loss=1e-4,
       peak_tflops=0.0,  # per device, for MFU; 0: the built-in table (H100, H200) or none
+      # Fine-tuning. init_from: a `perceivers-export` directory or a training workdir whose
+      # parameters (only) start this run when its own workdir has no checkpoint yet.
+      init_from="",
+      # Parameter groups that get zero updates, e.g. ("embed", "cross_layers"); names in
+      # perceivers_jax/param_groups.py.
+      freeze=(),
   ))
 
   config.eval = ml_collections.ConfigDict(dict(

@@ -12,6 +12,7 @@ import ml_collections
 from perceivers_jax import attention
 from perceivers_jax import masks
 from perceivers_jax import model as model_lib
+from perceivers_jax import param_groups
 from perceivers_jax import tokens
 from perceivers_jax import windows
 
@@ -125,6 +126,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   if train.schedule == "rsqrt" and train.warmup_steps == 0:
     _fail("train.warmup_steps", 0, "the rsqrt schedule needs warm-up steps > 0.")
 
+  _check_freeze(config)
+
   mesh_shape = resolve_mesh_shape(config.mesh, num_devices)
   batch_shards = mesh_shape[0] * mesh_shape[1]  # data x fsdp split the batch.
   if train.batch_size % train.microbatches:
@@ -149,3 +152,23 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     for target in targets:
       if target is not None and target not in MESH_AXES:
         _fail("logical_axis_rules", rule, f"mesh axis {target!r} is not one of {MESH_AXES}.")
+
+
+def _check_freeze(config: ml_collections.ConfigDict) -> None:
+  """config.train.freeze: parameter groups of this model (from its abstract shapes only)."""
+  freeze = config.train.get("freeze", ())
+  if isinstance(freeze, str) or not all(isinstance(g, str) for g in freeze):
+    _fail("train.freeze", freeze, 'must be a tuple of group names, e.g. ("embed", "cross_layers").')
+  if not freeze:
+    return
+  names = param_groups.flatten(param_groups.abstract_params(config.model))
+  unknown = param_groups.unknown_groups(names, freeze)
+  if unknown:
+    hint = (" On the command line write a tuple: --config.train.freeze=\"('embed','head')\"."
+            if any("," in g for g in unknown) else "")
+    _fail("train.freeze", tuple(freeze),
+          f"{', '.join(map(repr, unknown))} names no parameter group of this model; use "
+          f"{', '.join(param_groups.GROUPS)} or a dotted prefix of a parameter name such as "
+          f"{next(iter(names))!r} (see perceivers_jax/param_groups.py).{hint}")
+  if all(any(param_groups.in_group(n, g) for g in freeze) for n in names):
+    _fail("train.freeze", tuple(freeze), "freezes every parameter: nothing left to train.")

@@ -1,13 +1,26 @@
 """Params-only export of a training checkpoint, restorable on any number of devices.
 
 An export directory holds
-  params/        Orbax checkpoint of the parameters only (pure dict, as in training
-                 checkpoints), cast to the export dtype; no optimizer state, no data iterator;
+  params/ or     the parameters only (no optimizer state, no data iterator), cast to the
+  params.safetensors
+                 export dtype: `--format=orbax` (default) writes an Orbax checkpoint of the
+                 pure params dict, as in training checkpoints; `--format=safetensors` writes
+                 one safetensors file with flat names (below) for use outside this package;
   config.json    the training config;
-  manifest.json  format, step, parameter count, dtype, source workdir, sha256 of config.json
-                 and the config itself.
+  manifest.json  format (FORMATS: which of the two), step, parameter count, dtype, source
+                 workdir, sha256 of config.json and the config itself.
 Only the parameters are read from the training checkpoint (partial restore), straight into
-the target devices' shardings, so exporting never loads the optimizer state.
+the target devices' shardings, so exporting never loads the optimizer state. `load_exported`
+reads either format back, into this process's devices or into any given shardings (as
+fine-tuning's config.train.init_from does, through `load_params`).
+
+Safetensors names are the flat dotted names of perceivers_jax/param_groups.py, e.g.
+`embed.embedding` [V, D], `cross_layers.0.attention.query_kernel` [D, H, K] (one cross layer
+per attention scale, in config.model.cross_attention_scales order), `head.kernel` [D, V].
+Scanned latent layers (config.model.scan_layers=True) keep their leading `layers` axis:
+`latent_layers.mlp.wi.kernel` is [S, D, F] for S = config.model.num_latent_layers; without
+scanning they are `latent_layers.0.mlp.wi.kernel`, ... The file's metadata repeats the
+manifest's format, step and dtype; bfloat16 tensors are stored as safetensors BF16.
 """
 
 import hashlib
@@ -19,13 +32,20 @@ from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+import safetensors.numpy
 
 from perceivers_jax import checkpointing
 from perceivers_jax import mesh as mesh_lib
+from perceivers_jax import param_groups
 from perceivers_jax import train
 
-FORMAT = "perceivers-jax-params-v1"
+FORMAT = "perceivers-jax-params-v1"  # the Orbax format; the name predates safetensors.
+SAFETENSORS_FORMAT = "perceivers-jax-safetensors-v1"
+FORMATS = {"orbax": FORMAT, "safetensors": SAFETENSORS_FORMAT}  # --format -> manifest format
+PARAMS_PATHS = {FORMAT: "params", SAFETENSORS_FORMAT: "params.safetensors"}
+MANIFEST = "manifest.json"
 DTYPES = ("float32", "bfloat16")
 
 
@@ -33,6 +53,8 @@ def load_config(path: epath.PathLike) -> ml_collections.ConfigDict:
   """A config.json written by training or export, with its tuples restored."""
   config = ml_collections.ConfigDict(json.loads(epath.Path(path).read_text()))
   config.model.cross_attention_scales = tuple(config.model.cross_attention_scales)
+  if "freeze" in config.train:
+    config.train.freeze = tuple(config.train.freeze)
   config.logical_axis_rules = tuple(
       (name, tuple(axes) if isinstance(axes, list) else axes)
       for name, axes in config.logical_axis_rules)
@@ -56,6 +78,24 @@ def _abstract_params(config: ml_collections.ConfigDict, dtype: str) -> Any:
                                                      sharding=a.sharding), params)
 
 
+def check_compatible(source_params: Any, target_params: Any, source: str) -> None:
+  """Raises ValueError naming the first parameter whose shape differs between the parameters
+  stored in `source` (abstract `source_params`) and this run's model (`target_params`)."""
+  have, want = param_groups.flatten(source_params), param_groups.flatten(target_params)
+  fix = ("fine-tuning needs the same parameter shapes: match config.model's vocab_size, "
+         "embed_dim, num_heads, head_dim, mlp_ratio, num_latent_layers, scan_layers and the "
+         "number of cross_attention_scales to the source's config.json.")
+  for name, target in want.items():
+    if name not in have:
+      raise ValueError(f"{source} has no parameter {name!r}, which this model needs: {fix}")
+    if tuple(have[name].shape) != tuple(target.shape):
+      raise ValueError(f"Parameter {name!r} has shape {tuple(have[name].shape)} in {source} "
+                       f"but {tuple(target.shape)} in this model: {fix}")
+  extra = sorted(set(have) - set(want))
+  if extra:
+    raise ValueError(f"{source} has parameter {extra[0]!r}, which this model lacks: {fix}")
+
+
 def restore_params(workdir: str, step: int, abstract_params: Any) -> Any:
   """Only the parameters of training checkpoint `step` of `workdir` (partial restore: the
   optimizer state is never read), in the shardings/dtypes of `abstract_params`."""
@@ -68,14 +108,44 @@ def restore_params(workdir: str, step: int, abstract_params: Any) -> Any:
   return restored["params"]
 
 
-def export(workdir: str, output: str, *, step: int | None = None,
-           dtype: str = "float32") -> dict[str, Any]:
+def _write_safetensors(path: epath.Path, params: Any, metadata: dict[str, str]) -> None:
+  # Replicated arrays: np.asarray reads this process's copy, also on multi-host jobs.
+  arrays = {name: np.asarray(leaf) for name, leaf in param_groups.flatten(params).items()}
+  if jax.process_index() == 0:
+    safetensors.numpy.save_file(arrays, os.fspath(path), metadata=metadata)
+
+
+def _read_safetensors(path: epath.Path, abstract_params: Any) -> Any:
+  """The arrays of `path`, by flat name, cast and sharded as `abstract_params`."""
+  arrays = safetensors.numpy.load_file(os.fspath(path))
+  extra = sorted(set(arrays) - set(param_groups.flatten(abstract_params)))
+  if extra:
+    raise ValueError(f"{path} holds {extra[0]!r}, which this model has no parameter for.")
+
+  def load(name, leaf):
+    if name not in arrays:
+      raise ValueError(f"{path} lacks parameter {name!r}.")
+    array = arrays[name]
+    if array.shape != tuple(leaf.shape):
+      raise ValueError(f"{path}: {name!r} has shape {array.shape}, the model needs "
+                       f"{tuple(leaf.shape)}.")
+    array = array.astype(leaf.dtype, copy=False)
+    return jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda index: array[index])
+
+  return param_groups.map_with_names(load, abstract_params)
+
+
+def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "float32",
+           file_format: str = "orbax") -> dict[str, Any]:
   """Writes the params of checkpoint `step` (default: latest) of `workdir` to `output`.
 
-  Returns the manifest. Raises FileNotFoundError / ValueError naming what is missing.
+  `file_format`: "orbax" or "safetensors" (FORMATS). Returns the manifest. Raises
+  FileNotFoundError / ValueError naming what is missing.
   """
   if dtype not in DTYPES:
     raise ValueError(f"--dtype={dtype!r}: use one of {DTYPES}.")
+  if file_format not in FORMATS:
+    raise ValueError(f"--format={file_format!r}: use one of {tuple(FORMATS)}.")
   config_path = epath.Path(workdir) / "config.json"
   if not config_path.exists():
     raise FileNotFoundError(f"{config_path} not found: --workdir must be a training workdir.")
@@ -91,16 +161,14 @@ def export(workdir: str, output: str, *, step: int | None = None,
   if step not in steps:
     raise ValueError(f"--step={step} not among the saved steps {sorted(steps)}.")
 
-  params = restore_params(workdir, step, _abstract_params(config, dtype))
-
   out = epath.Path(output)
-  if (out / "params").exists():
-    raise FileExistsError(f"{out / 'params'} exists: choose a new --output directory.")
+  params_path = out / PARAMS_PATHS[FORMATS[file_format]]
+  if params_path.exists():
+    raise FileExistsError(f"{params_path} exists: choose a new --output directory.")
+  params = restore_params(workdir, step, _abstract_params(config, dtype))
   out.mkdir(parents=True, exist_ok=True)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(out / "params", params)
   manifest = {
-      "format": FORMAT,
+      "format": FORMATS[file_format],
       "step": int(step),
       "num_params": train.count_params(params),
       "dtype": dtype,
@@ -108,27 +176,69 @@ def export(workdir: str, output: str, *, step: int | None = None,
       "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
       "config": json.loads(config_text),
   }
+  if file_format == "orbax":
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(params_path, params)
+  else:
+    _write_safetensors(params_path, params, {k: str(manifest[k]) for k in (
+        "format", "step", "dtype", "config_sha256")})
   if jax.process_index() == 0:
     (out / "config.json").write_text(config_text)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
   return manifest
 
 
-def load_exported(export_dir: str) -> tuple[ml_collections.ConfigDict, Any, dict[str, Any]]:
-  """(config, params, manifest) of an export, params sharded over this process's devices.
+def load_exported(export_dir: str, abstract_params: Any = None,
+                  ) -> tuple[ml_collections.ConfigDict, Any, dict[str, Any]]:
+  """(config, params, manifest) of an export in either format.
 
-  Checks that config.json still matches the manifest's sha256.
+  Params are replicated over this process's devices in the exported dtype, or, given
+  `abstract_params` (ShapeDtypeStructs with shardings, e.g. a Trainer's), cast and sharded
+  as those after checking that the shapes agree (`check_compatible`). Checks that
+  config.json still matches the manifest's sha256.
   """
   path = epath.Path(export_dir)
-  manifest = json.loads((path / "manifest.json").read_text())
-  if manifest.get("format") != FORMAT:
-    raise ValueError(f"{path / 'manifest.json'}: format {manifest.get('format')!r}, "
-                     f"expected {FORMAT!r}.")
+  manifest = json.loads((path / MANIFEST).read_text())
+  file_format = manifest.get("format")
+  if file_format not in PARAMS_PATHS:
+    raise ValueError(f"{path / MANIFEST}: format {file_format!r}, expected one of "
+                     f"{tuple(PARAMS_PATHS)}.")
   config_text = (path / "config.json").read_text()
   if hashlib.sha256(config_text.encode()).hexdigest() != manifest["config_sha256"]:
     raise ValueError(f"{path / 'config.json'} does not match the sha256 in manifest.json.")
   config = load_config(path / "config.json")
-  target = _abstract_params(config, manifest["dtype"])
-  with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(path / "params", target)
+  if abstract_params is None:
+    target = _abstract_params(config, manifest["dtype"])
+  else:
+    check_compatible(param_groups.abstract_params(config.model), abstract_params, str(path))
+    target = abstract_params
+  params_path = path / PARAMS_PATHS[file_format]
+  if file_format == SAFETENSORS_FORMAT:
+    params = _read_safetensors(params_path, target)
+  else:
+    with ocp.StandardCheckpointer() as checkpointer:
+      params = checkpointer.restore(params_path, target)
   return config, params, manifest
+
+
+def load_params(source: str, abstract_params: Any) -> tuple[Any, str]:
+  """(params, description) for config.train.init_from=`source`: an export directory (either
+  format) or a training workdir (its latest checkpoint's parameters only), cast and sharded as
+  `abstract_params`. Raises ValueError naming the first parameter whose shape differs."""
+  path = epath.Path(source)
+  if (path / MANIFEST).exists():
+    _, params, manifest = load_exported(source, abstract_params)
+    return params, f"export {source} (step {manifest['step']}, {manifest['dtype']})"
+  if not (path / "config.json").exists():
+    raise FileNotFoundError(f"config.train.init_from={source!r}: neither a perceivers-export "
+                            f"directory ({MANIFEST}) nor a training workdir (config.json).")
+  config = load_config(path / "config.json")
+  ckpt = checkpointing.Checkpointer(train.checkpoint_dir(source), config.checkpoint,
+                                    with_data_iter=False)
+  step = ckpt.latest_step()
+  ckpt.close()
+  if step is None:
+    raise FileNotFoundError(f"config.train.init_from={source!r}: no checkpoint under "
+                            f"{train.checkpoint_dir(source)}.")
+  check_compatible(param_groups.abstract_params(config.model), abstract_params, source)
+  return restore_params(source, step, abstract_params), f"workdir {source} (step {step})"

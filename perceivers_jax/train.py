@@ -1,8 +1,9 @@
 """Training and evaluation: sharded state, the jitted step, the loop, checkpoints, metrics.
 
 `train_and_evaluate(config, workdir)` trains (resuming from the latest checkpoint in
-`workdir`), evaluates periodically on the validation split's sequential windows and saves on
-an interval and on preemption. `evaluate(config, workdir)` is the one-off evaluation of the
+`workdir`, or fine-tuning from config.train.init_from while there is none), evaluates
+periodically on the validation split's sequential windows and saves on an interval and on
+preemption. `evaluate(config, workdir)` is the one-off evaluation of the
 latest checkpoint; `dry_run(config)` reports sizes and the compiled step's memory without
 training.
 
@@ -10,6 +11,13 @@ State layout (what the checkpoints hold): {"step": int32, "params": nested dict 
 model's nnx.Param values as a pure dict), "opt_state": optax state}. Parameters are created
 directly in their shardings (nnx.eval_shape -> partitioning.state_shardings -> jax.jit with
 out_shardings), never whole on one host.
+
+Fine-tuning: config.train.init_from (an export directory, either format, or a training
+workdir) supplies the parameters only (fresh optimizer state, step 0) of a run whose workdir
+has no checkpoint; once it has one, the run resumes from its workdir as any other.
+config.train.freeze names parameter groups (perceivers_jax/param_groups.py) that get zero
+updates and no optimizer state (optax.multi_transform with set_to_zero); their gradients are
+dropped before clipping and the grad_norm metric.
 
 Throughput: tokens/s counts predicted slots (global batch x N per step), as SPEC 6. MFU uses
 3 x the forward matmul FLOPs of one window (`train_flops_per_window`), with the peak FLOP/s of
@@ -42,6 +50,7 @@ from perceivers_jax import mesh as mesh_lib
 from perceivers_jax import metrics_writer
 from perceivers_jax import model as model_lib
 from perceivers_jax import optimizer as optimizer_lib
+from perceivers_jax import param_groups
 from perceivers_jax import partitioning
 
 State = dict[str, Any]
@@ -134,6 +143,7 @@ class Trainer:
   schedule: optax.Schedule
   init_fn: Callable[[], tuple[State, nnx.State]]
   init_rest: Callable[[], nnx.State]  # the non-parameter state (RNG streams) alone.
+  state_from_params: Callable[[Any], State]  # given params, fresh optimizer state, step 0.
   train_step: Callable[[State, nnx.State, Batch], tuple[State, dict[str, jax.Array]]]
   eval_step: Callable[[Any, nnx.State, Batch], dict[str, jax.Array]]
 
@@ -176,15 +186,33 @@ def _split_microbatches(batch: Batch, num_micro: int, mesh: Mesh) -> Batch:
   return {k: split(v) for k, v in batch.items()}
 
 
+def _with_frozen_groups(optimizer: optax.GradientTransformation,
+                        frozen: Any) -> optax.GradientTransformation:
+  """`optimizer` on the parameters where the bool tree `frozen` is False; zero updates and no
+  optimizer state where it is True (clipping and Adam see only the trained gradients)."""
+  labels = jax.tree.map(lambda f: "frozen" if f else "trained", frozen)
+  return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
+
+
+def _is_masked(x: Any) -> bool:
+  """A frozen parameter's empty slot in the optimizer state."""
+  return isinstance(x, optax.MaskedNode)
+
+
 def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
   """Abstract state, shardings and jitted init/train/eval functions for `config` on `mesh`."""
   rules = tuple(config.logical_axis_rules)
-  optimizer = optimizer_lib.make_optimizer(config.train)
   schedule = optimizer_lib.make_schedule(config.train)
   model_fn = _model_fn(config)
 
   abstract_model = nnx.eval_shape(model_fn)
   graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+  optimizer = optimizer_lib.make_optimizer(config.train)
+  # Configs saved before fine-tuning existed have no train.freeze.
+  freeze = tuple(config.train.get("freeze", ()))
+  frozen = param_groups.frozen_mask(nnx.to_pure_dict(abstract_params), freeze) if freeze else None
+  if frozen is not None:
+    optimizer = _with_frozen_groups(optimizer, frozen)
   param_shardings = nnx.to_pure_dict(partitioning.state_shardings(abstract_params, mesh, rules))
   replicated = NamedSharding(mesh, PartitionSpec())
   rest_shardings = jax.tree.map(lambda _: replicated, abstract_rest)
@@ -198,8 +226,8 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
 
   abstract_state, _ = jax.eval_shape(init_fn)
   opt_shardings = optax.tree_utils.tree_map_params(
-      optimizer, lambda _, s: s, abstract_state["opt_state"], param_shardings,
-      transform_non_params=lambda _: replicated)
+      optimizer, lambda leaf, s: leaf if _is_masked(leaf) else s, abstract_state["opt_state"],
+      param_shardings, transform_non_params=lambda _: replicated, is_leaf=_is_masked)
   state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
@@ -249,6 +277,8 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     # Exact mean over every target of the global batch, however it was split.
     count = jnp.maximum(sums["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
+    if frozen is not None:  # unused: without microbatches XLA then skips computing them.
+      grads = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_state = {"step": step + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state}
@@ -278,6 +308,10 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
   def init_rest():
     return nnx.split(model_fn(), nnx.Param, ...)[2]
 
+  def state_from_params(params):
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": optimizer.init(params)}
+
   in_mesh = functools.partial(_InMesh, mesh=mesh, rules=rules)
   return Trainer(
       config=config, mesh=mesh, abstract_state=abstract_state,
@@ -286,6 +320,8 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
       state_shardings=state_shardings, batch_sharding=batch_sharding, schedule=schedule,
       init_fn=in_mesh(jax.jit(init_fn, out_shardings=(state_shardings, rest_shardings))),
       init_rest=in_mesh(jax.jit(init_rest, out_shardings=rest_shardings)),
+      state_from_params=in_mesh(jax.jit(state_from_params, in_shardings=(param_shardings,),
+                                        out_shardings=state_shardings, donate_argnums=(0,))),
       train_step=in_mesh(jax.jit(
           train_step, in_shardings=(state_shardings, rest_shardings, batch_sharding),
           out_shardings=(state_shardings, replicated), donate_argnums=(0,))),
@@ -373,6 +409,16 @@ def build_trainer_for(config: ml_collections.ConfigDict) -> Trainer:
   return build_trainer(config, mesh)
 
 
+def pretrained_params(trainer: Trainer, source: str) -> Any:
+  """The parameters of `source` (config.train.init_from: an export or a training workdir) in
+  `trainer`'s shardings and dtypes; ValueError naming a parameter whose shape differs."""
+  # export builds its abstract params with this module's Trainer, so it imports train.
+  from perceivers_jax import export  # pylint: disable=g-import-not-at-top
+  params, description = export.load_params(source, trainer.abstract_state["params"])
+  logging.info("Fine-tuning from the parameters of %s (fresh optimizer, step 0).", description)
+  return params
+
+
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     path = epath.Path(workdir)
@@ -428,7 +474,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   ckpt = checkpointing.Checkpointer(checkpoint_dir(workdir), config.checkpoint)
   latest = ckpt.latest_step()
-  if latest is None:
+  if latest is None and config.train.get("init_from"):
+    state = trainer.state_from_params(pretrained_params(trainer, config.train.init_from))
+    rest = trainer.init_rest()
+  elif latest is None:
     state, rest = trainer.init_fn()
   else:
     state = ckpt.restore(latest, trainer.abstract_state, train_iter)

@@ -1,4 +1,5 @@
-"""Params-only export: written from a checkpoint trained on 8 devices, restored on 1."""
+"""Params-only export: written from a checkpoint trained on 8 devices, restored on 1;
+Orbax and safetensors formats."""
 
 import hashlib
 import json
@@ -7,14 +8,20 @@ import pathlib
 import subprocess
 import sys
 
+from flax import nnx
 import jax
 import numpy as np
 import pytest
+import safetensors
 
 from perceivers_jax import checkpointing
 from perceivers_jax import export
 from perceivers_jax import mesh as mesh_lib
+from perceivers_jax import model as model_lib
+from perceivers_jax import param_groups
+from perceivers_jax import sampling
 from perceivers_jax import train
+import tiny_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,6 +38,9 @@ c.model.embed_dim, c.model.num_heads, c.model.cross_attention_scales = 64, 2, (0
 c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
 trainer = train.build_trainer_for(c)
 state, _ = trainer.init_fn()
+head = state["params"]["head"]  # initialised to zero: random, so logits depend on every layer.
+head["kernel"] = jax.device_put(jax.random.normal(jax.random.key(1), head["kernel"].shape) * 0.2,
+                                head["kernel"].sharding)
 assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state["params"]))
 train._write_config(c, sys.argv[2])  # pylint: disable=protected-access
 ckpt = checkpointing.Checkpointer(train.checkpoint_dir(sys.argv[2]), c.checkpoint)
@@ -100,3 +110,85 @@ def test_bad_requests_are_explained(workdir, tmp_path):
   (tmp_path / "z" / "config.json").write_text("{}")
   with pytest.raises(ValueError, match="does not match the sha256"):
     export.load_exported(str(tmp_path / "z"))
+
+
+def _checkpoint_params(workdir: pathlib.Path):
+  """(config, params of checkpoint 2 restored on this process's devices)."""
+  config = export.load_config(workdir / "config.json")
+  local = export.for_local_devices(config)
+  trainer = train.build_trainer(local, mesh_lib.make_mesh(local.mesh))
+  return config, export.restore_params(str(workdir), 2, trainer.abstract_state["params"])
+
+
+def _fixed_batch():
+  """Two left-padded rows of L=256: a full window at position 40 and a short piece start."""
+  tokens = tiny_model.piece(400, seed=3)
+  return tiny_model.batch([tiny_model.window(tokens[40:296], 40, length=256),
+                           tiny_model.window(tokens[:90], 0, length=256)])
+
+
+def test_safetensors_export_gives_identical_logits(workdir, tmp_path):
+  config, reference_params = _checkpoint_params(workdir)
+  output = tmp_path / "st32"
+  manifest = export.export(str(workdir), str(output), file_format="safetensors")
+  assert manifest["format"] == export.SAFETENSORS_FORMAT
+  assert json.loads((output / "manifest.json").read_text()) == manifest
+  assert not (output / "params").exists()
+
+  # Flat string names, scanned latent layers with their leading `layers` axis (S=1).
+  with safetensors.safe_open(str(output / "params.safetensors"), framework="np") as f:
+    names = set(f.keys())
+    shapes = {name: tuple(f.get_slice(name).get_shape()) for name in names}
+    metadata = f.metadata()
+  assert names == set(param_groups.flatten(reference_params))
+  assert all(isinstance(n, str) and n.replace(".", "").replace("_", "").isalnum() for n in names)
+  assert shapes["cross_layers.1.attention.query_kernel"] == (64, 2, 32)
+  assert shapes["latent_layers.attention.query_kernel"] == (1, 64, 2, 32)
+  assert shapes["embed.embedding"] == (391, 64)
+  assert metadata["format"] == export.SAFETENSORS_FORMAT and metadata["step"] == "2"
+
+  loaded_config, params, loaded_manifest = export.load_exported(str(output))
+  assert loaded_manifest == manifest and loaded_config.to_dict() == config.to_dict()
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
+               jax.device_get(reference_params))
+
+  # The sampler's loader takes it unchanged; logits equal the checkpoint's bit for bit.
+  reference = model_lib.PerceiverS(config.model, rngs=nnx.Rngs(0))
+  param_state = nnx.state(reference, nnx.Param)
+  nnx.replace_by_pure_dict(param_state, jax.device_get(reference_params))
+  nnx.update(reference, param_state)
+  forward, reference_state = tiny_model.jit_forward(reference)
+  model, _, step = sampling.load_model(str(output))
+  assert step == 2
+  inputs_BL, positions_BL = _fixed_batch()
+  logits_BNV = np.asarray(forward(reference_state, inputs_BL, positions_BL))
+  assert logits_BNV.std() > 0.1 and np.abs(logits_BNV[0] - logits_BNV[1]).max() > 0.1
+  np.testing.assert_array_equal(np.asarray(forward(nnx.split(model)[1], inputs_BL, positions_BL)),
+                                logits_BNV)
+
+
+def test_cli_bfloat16_safetensors_matches_orbax(workdir, tmp_path):
+  output = tmp_path / "st16"
+  result = subprocess.run(
+      [sys.executable, "-m", "perceivers_jax.cli.export", f"--workdir={workdir}",
+       f"--output={output}", "--dtype=bfloat16", "--format=safetensors"],
+      capture_output=True, text=True, timeout=300, check=True)
+  summary = json.loads(result.stdout.strip().splitlines()[-1])
+  assert summary["format"] == export.SAFETENSORS_FORMAT and summary["dtype"] == "bfloat16"
+  with safetensors.safe_open(str(output / "params.safetensors"), framework="np") as f:
+    assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
+  export.export(str(workdir), str(tmp_path / "orbax16"), dtype="bfloat16")
+
+  _, params, _ = export.load_exported(str(output))
+  _, orbax_params, _ = export.load_exported(str(tmp_path / "orbax16"))
+  assert all(leaf.dtype == np.dtype("bfloat16") for leaf in jax.tree.leaves(params))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
+               jax.device_get(orbax_params))
+  model, _, _ = sampling.load_model(str(output))
+  orbax_model, _, _ = sampling.load_model(str(tmp_path / "orbax16"))
+  forward, orbax_state = tiny_model.jit_forward(orbax_model)
+  inputs_BL, positions_BL = _fixed_batch()
+  logits_BNV = np.asarray(forward(orbax_state, inputs_BL, positions_BL))
+  assert logits_BNV.std() > 0.1
+  np.testing.assert_array_equal(np.asarray(forward(nnx.split(model)[1], inputs_BL, positions_BL)),
+                                logits_BNV)
