@@ -196,3 +196,16 @@ def test_bad_sets_raise_clear_errors(tmp_path):
   result = subprocess.run(_evaluate_cli(f"--reference={tmp_path}", f"--output_dir={tmp_path}",
                                         "--generated=no_colon"), capture_output=True, text=True)
   assert result.returncode != 0 and "expected NAME:FOLDER" in result.stderr
+
+
+def test_folder_counts_a_sample_written_as_mid_and_npy_once(tmp_path, maestro_paths):
+  """perceivers-sample writes x.mid and x.npy for one piece: the set holds it once."""
+  folder = tmp_path / "samples"
+  folder.mkdir()
+  tokens = tokens_lib.midi_file_to_tokens(maestro_paths[0])[:400]
+  for name in ("sample_0000", "sample_0001"):
+    np.save(folder / f"{name}.npy", tokens)
+    tokens_lib.tokens_to_midi_file(tokens, folder / f"{name}.mid")
+  (folder / "other.mid").symlink_to(maestro_paths[2])
+  piece_set = report.load_set("generated", folder)
+  assert piece_set.piece_names == ["other.mid", "sample_0000.npy", "sample_0001.npy"]

@@ -33,6 +33,8 @@ TFDS_PREFIX = "tfds:"
 # sequence of paths, token arrays or NoteSequences.
 SetSource = str | os.PathLike | Sequence
 
+# Below this baseline OA a percentage change is meaningless (tiny denominators): n/a.
+MIN_BASELINE_OA = 0.01
 _PLOT_FILES = ("distance_kde.png", "repetition_density.png", "token_autocorrelation.png")
 
 
@@ -69,8 +71,15 @@ def _tfds_items(source: str, data_dir: str | None, max_pieces: int | None):
 
 
 def _folder_items(folder: pathlib.Path, max_pieces: int | None):
+  """One item per piece: `x.npy` (the exact tokens) stands for an `x.mid` beside it, as
+  `perceivers-sample` writes both."""
   suffixes = features_lib.MIDI_SUFFIXES + features_lib.TOKEN_SUFFIXES
-  paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+  by_piece = {}
+  for p in sorted(folder.rglob("*")):
+    if p.is_file() and p.suffix.lower() in suffixes:
+      if p.suffix.lower() in features_lib.TOKEN_SUFFIXES or p.with_suffix("") not in by_piece:
+        by_piece[p.with_suffix("")] = p
+  paths = sorted(by_piece.values())
   if not paths:
     raise ValueError(f"{folder}: no {'/'.join(suffixes)} files in this folder; point the "
                      "set at a folder of MIDI files or token arrays")
@@ -212,7 +221,8 @@ def _write_markdown(metrics: dict, path: pathlib.Path) -> None:
       f"Reference: `{metrics['reference']['source']}` "
       f"({metrics['reference']['num_pieces']} pieces). KLD = KL(reference intra-set || "
       f"inter-set), `{metrics['config']['kld']}` mode; OA = overlap area of the two "
-      "distance densities. Lower KLD and higher OA mean closer to the reference.", "",
+      "distance densities. Lower KLD and higher OA mean closer to the reference. The OA "
+      f"change is n/a where {first}'s OA is below {MIN_BASELINE_OA}.", "",
       "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for feature in features_lib.FEATURE_NAMES:
     row = [feature]
@@ -374,7 +384,7 @@ def evaluate_sets(reference: SetSource, generated: Mapping[str, SetSource],
   baseline = metrics["sets"][next(iter(generated))]["features"]
   for entry in metrics["sets"].values():
     change = {name: (100.0 * (f["oa"] - baseline[name]["oa"]) / baseline[name]["oa"]
-                     if baseline[name]["oa"] > 0 else math.nan)
+                     if baseline[name]["oa"] >= MIN_BASELINE_OA else math.nan)
               for name, f in entry["features"].items()}
     entry["oa_change_percent"] = change
     entry["oa_change_percent_mean"] = np.nanmean(list(change.values())) if any(
