@@ -11,12 +11,12 @@ same command on every host (TPU pods, SLURM and Open MPI are detected; otherwise
 --coordinator_address, --num_processes and --process_id, or the JAX_* environment variables).
 """
 
-import logging as std_logging
-
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from perceivers_jax.cli import logs
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:variant]).", lock_config=True)
@@ -34,20 +34,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
-class _LibraryInfoFilter(std_logging.Filter):
-  """Drops INFO chatter of orbax/grain/jax (every checkpoint logs dozens of lines), so the
-  progress lines stay readable; their warnings and errors still show."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or not any(
-        part in record.pathname for part in _NOISY_LIBRARIES)
-
-
-_NOISY_LIBRARIES = ("/orbax/", "/grain/", "/jax/", "/etils/")
-
-
 def main(argv: list[str]) -> None:
-  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  logs.quiet_library_info()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
