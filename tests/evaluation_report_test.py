@@ -191,7 +191,7 @@ def test_bad_sets_raise_clear_errors(tmp_path):
     report.load_set("generated", tmp_path / "missing")
   with pytest.raises(ValueError, match=r"generated\[1\]: token ids must lie in"):
     report.load_set("generated", [[tokens_lib.SOS_ID, tokens_lib.EOS_ID], [2, 999, 1]])
-  with pytest.raises(TypeError, match=r"generated\[0\]: expected a path"):
+  with pytest.raises(ValueError, match=r"generated\[0\]: expected a 1-D integer token array"):
     report.load_set("generated", [np.zeros((2, 2), np.int32)])
   result = subprocess.run(_evaluate_cli(f"--reference={tmp_path}", f"--output_dir={tmp_path}",
                                         "--generated=no_colon"), capture_output=True, text=True)

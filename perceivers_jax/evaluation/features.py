@@ -102,6 +102,18 @@ def notes_from_sequence(ns: note_seq.NoteSequence) -> Notes:
   return notes_from_arrays(starts, ends, pitches)
 
 
+def notes_from_tokens(token_ids: np.ndarray, name: str) -> tuple[Notes, np.ndarray]:
+  """(Notes, tokens) of a 1-D integer token array; errors name the piece `name`."""
+  if token_ids.ndim != 1 or not np.issubdtype(token_ids.dtype, np.integer):
+    raise ValueError(f"{name}: expected a 1-D integer token array, got "
+                    f"{token_ids.dtype} {token_ids.shape}")
+  try:
+    ns = tokens_lib.tokens_to_note_sequence(token_ids)
+  except ValueError as e:
+    raise ValueError(f"{name}: {e}") from e
+  return notes_from_sequence(ns), token_ids
+
+
 def load_piece(path: str | os.PathLike) -> tuple[Notes, np.ndarray]:
   """Reads a .mid/.midi file (sustain folded in, as the tokeniser does) or a .npy token array.
 
@@ -115,15 +127,7 @@ def load_piece(path: str | os.PathLike) -> tuple[Notes, np.ndarray]:
     ns = tokens_lib.load_note_sequence(path)
     return notes_from_sequence(ns), tokens_lib.note_sequence_to_tokens(ns)
   if suffix in TOKEN_SUFFIXES:
-    token_ids = np.load(path)
-    if token_ids.ndim != 1 or not np.issubdtype(token_ids.dtype, np.integer):
-      raise ValueError(f"{path}: expected a 1-D integer token array, got "
-                       f"{token_ids.dtype} {token_ids.shape}")
-    try:
-      ns = tokens_lib.tokens_to_note_sequence(token_ids)
-    except ValueError as e:
-      raise ValueError(f"{path}: {e}") from e
-    return notes_from_sequence(ns), token_ids
+    return notes_from_tokens(np.load(path), str(path))
   raise ValueError(f"{path}: unsupported file type {suffix!r}; expected one of "
                    f"{MIDI_SUFFIXES + TOKEN_SUFFIXES}")
 

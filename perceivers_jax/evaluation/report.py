@@ -91,15 +91,8 @@ def _load_item(piece_name: str, item) -> tuple[features_lib.Notes, np.ndarray]:
     return features_lib.load_piece(item)  # its errors name the file
   if isinstance(item, note_seq.NoteSequence):
     return features_lib.notes_from_sequence(item), tokens_lib.note_sequence_to_tokens(item)
-  token_ids = np.asarray(item)  # numpy or jax arrays, lists of ids
-  if token_ids.ndim != 1 or not np.issubdtype(token_ids.dtype, np.integer):
-    raise TypeError(f"{piece_name}: expected a path, a NoteSequence or a 1-D integer token "
-                    f"array, got {type(item).__name__} {token_ids.dtype} {token_ids.shape}")
-  try:
-    ns = tokens_lib.tokens_to_note_sequence(token_ids)
-  except ValueError as e:
-    raise ValueError(f"{piece_name}: {e}") from e
-  return features_lib.notes_from_sequence(ns), token_ids
+  # Otherwise numpy or jax arrays, or lists of ids.
+  return features_lib.notes_from_tokens(np.asarray(item), piece_name)
 
 
 def load_set(name: str, source: SetSource, *, data_dir: str | None = None,
