@@ -1,11 +1,10 @@
 r"""PerceiverS at CPU size: the same code paths as configs/perceivers.py, for tests and demos.
 
 L=1,024 inputs, N=128 latents, width 128, 2 latent layers, 4 heads of 32, scales [full, 64],
-float32, 0.9M parameters. The default 1,000 steps train in about ten minutes on two CPU cores
-(measured: 400 steps of
-batch 8 plus two evaluations in 8.5 min on 2 shared cores, 1.4-2.4k predicted tokens/s; trained
-on 8 of the real MAESTRO pieces, validation NLL 4.02 nats on the other 2 against a training
-unigram entropy of 4.87):
+float32, 0.9M parameters. The default 1,000 steps train in about ten minutes on two CPU
+cores (measured: 400 steps of batch 8 plus two evaluations in 8.5 min on 2 shared cores,
+1.4-2.4k predicted tokens/s; trained on 8 of the real MAESTRO pieces, validation NLL 4.02
+nats on the other 2 against a training unigram entropy of 4.87):
 
   perceivers-train --config=configs/tiny.py --workdir=/tmp/perceivers_tiny \
       --config.data.data_dir=$HOME/tensorflow_datasets
