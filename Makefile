@@ -28,7 +28,7 @@ test: fetch-data
 # fluidsynth + a General MIDI soundfont render the demo's MIDI to WAV.
 audio-tools:
 	-@command -v fluidsynth >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
-	  && apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq fluidsynth fluid-soundfont-gm >/dev/null 2>&1 \
+	  && apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends fluidsynth fluid-soundfont-gm >/dev/null 2>&1 \
 	  && echo "installed fluidsynth"; } || echo "fluidsynth unavailable: the demo will skip WAV renderings"
 
 demo: fetch-data audio-tools
