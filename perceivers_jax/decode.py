@@ -40,10 +40,15 @@ from perceivers_jax import tokens
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  """temperature 0 = greedy; top_k 0 and top_p 1.0 = no filter."""
+  """temperature 0 = greedy; top_k 0, top_p 1.0 and min_p 0.0 = no filter.
+
+  min_p keeps the tokens whose probability (after temperature) is at least min_p times the
+  most likely token's.
+  """
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  min_p: float = 0.0
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -52,10 +57,13 @@ class SamplingConfig:
       raise ValueError(f"sampling top_k={self.top_k} must be >= 0 (0 = off).")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"sampling top_p={self.top_p} must be in (0, 1] (1 = off).")
+    if not 0.0 <= self.min_p <= 1.0:
+      raise ValueError(f"sampling min_p={self.min_p} must be in [0, 1] (0 = off).")
 
 
 def filter_logits(logits_BV: jax.Array, sampling: SamplingConfig) -> jax.Array:
-  """Temperature, then top-k and top-p (nucleus) filtering; PAD and SOS are never sampled."""
+  """Temperature, then top-k, top-p (nucleus) and min-p filtering; PAD and SOS are never
+  sampled."""
   logits_BV = logits_BV.astype(jnp.float32)
   logits_BV = logits_BV.at[:, tokens.PAD_ID].set(-jnp.inf).at[:, tokens.SOS_ID].set(-jnp.inf)
   if sampling.temperature > 0:
@@ -71,6 +79,10 @@ def filter_logits(logits_BV: jax.Array, sampling: SamplingConfig) -> jax.Array:
                            axis=-1)
     threshold_B1 = jnp.take_along_axis(sorted_BV, keep_count_B[:, None] - 1, axis=-1)
     logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
+  if sampling.min_p > 0.0:
+    # p >= min_p * p_max  <=>  logit >= max logit + log(min_p): no softmax needed.
+    floor_B1 = jnp.max(logits_BV, axis=-1, keepdims=True) + jnp.log(sampling.min_p)
+    logits_BV = jnp.where(logits_BV < floor_B1, -jnp.inf, logits_BV)
   return logits_BV
 
 

@@ -77,6 +77,22 @@ def test_sampling_filters():
     decode.SamplingConfig(top_p=0.0)
 
 
+@pytest.mark.parametrize("min_p,temperature", [(0.3, 1.0), (0.05, 1.0), (0.3, 0.5), (1.0, 1.0)])
+def test_min_p_keeps_exactly_tokens_at_least_min_p_times_the_best(min_p, temperature):
+  logits = jax.random.normal(jax.random.key(3), (4, 391)) * 3.0
+  kept = decode.filter_logits(logits, decode.SamplingConfig(temperature=temperature,
+                                                            min_p=min_p))
+  reference = np.asarray(logits, np.float64) / temperature
+  reference[:, [0, 2]] = -np.inf  # PAD and SOS are never sampled
+  probs = np.exp(reference - reference.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  expected = probs >= min_p * probs.max(-1, keepdims=True) * (1 - 1e-6)
+  np.testing.assert_array_equal(np.isfinite(kept), expected)
+  assert expected.sum() >= 4  # at least the best token per row
+  with pytest.raises(ValueError, match="min_p"):
+    decode.SamplingConfig(min_p=1.5)
+
+
 def test_per_sequence_eos_stop():
   model = tiny_model.make_model(tiny_model.tiny_model_config())
   bias = model.head.bias
