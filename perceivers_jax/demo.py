@@ -16,6 +16,7 @@ resumes from its last checkpoint).
     reference/             excerpts of the held-out pieces, as long as the samples
     evaluation/            metrics.json, report.md and plots of the evaluation
     report.md              the summary: validation NLL and the metric table
+    summary.json           the same numbers for scripts
 """
 
 import csv
@@ -233,6 +234,9 @@ Total time: {seconds / 60:.1f} min.
 """
   path = out / "report.md"
   path.write_text(text, encoding="utf-8")
+  summary = {"steps": config_steps, "validation": {"trained": trained, "untrained": untrained},
+             "oa_wins_of_trained": wins, "features": total, "seconds": seconds}
+  (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
   return path
 
 
