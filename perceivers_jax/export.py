@@ -135,6 +135,23 @@ def _read_safetensors(path: epath.Path, abstract_params: Any) -> Any:
   return param_groups.map_with_names(load, abstract_params)
 
 
+def saved_step(workdir: str, config: ml_collections.ConfigDict, step: int | None = None) -> int:
+  """`step` (default: the latest) after checking that `workdir` holds that checkpoint."""
+  directory = train.checkpoint_dir(workdir)
+  if not epath.Path(directory).exists():
+    raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; train first.")
+  ckpt = checkpointing.Checkpointer(directory, config.checkpoint, with_data_iter=False)
+  steps = ckpt.all_steps()
+  ckpt.close()
+  if not steps:
+    raise FileNotFoundError(f"No checkpoint under {directory}: train first.")
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(
+        f"--step={step} not among the saved steps {sorted(steps)} in {directory}.")
+  return step
+
+
 def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "float32",
            file_format: str = "orbax") -> dict[str, Any]:
   """Writes the params of checkpoint `step` (default: latest) of `workdir` to `output`.
@@ -151,15 +168,7 @@ def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "
     raise FileNotFoundError(f"{config_path} not found: --workdir must be a training workdir.")
   config_text = config_path.read_text()
   config = load_config(config_path)
-  ckpt = checkpointing.Checkpointer(train.checkpoint_dir(workdir), config.checkpoint,
-                                    with_data_iter=False)
-  steps = ckpt.all_steps()
-  ckpt.close()
-  if not steps:
-    raise FileNotFoundError(f"No checkpoint under {train.checkpoint_dir(workdir)}.")
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise ValueError(f"--step={step} not among the saved steps {sorted(steps)}.")
+  step = saved_step(workdir, config, step)
 
   out = epath.Path(output)
   params_path = out / PARAMS_PATHS[FORMATS[file_format]]

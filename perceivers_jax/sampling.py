@@ -33,7 +33,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
 
-from perceivers_jax import checkpointing
 from perceivers_jax import decode
 from perceivers_jax import export
 from perceivers_jax import mesh as mesh_lib
@@ -193,7 +192,7 @@ def load_model(path: str | os.PathLike, step: int | None = None, *,
   workdir, step = resolve_path(os.fspath(path), step)
   config = read_config(workdir)
   is_export = os.path.isfile(os.path.join(workdir, EXPORT_MANIFEST))
-  step = _exported_step(workdir, step) if is_export else _checkpoint_step(workdir, config, step)
+  step = _exported_step(workdir, step) if is_export else export.saved_step(workdir, config, step)
   trainer = _sampling_trainer(config, mesh or sampling_mesh())
   abstract_params = trainer.abstract_state["params"]
   if is_export:
@@ -201,23 +200,6 @@ def load_model(path: str | os.PathLike, step: int | None = None, *,
   else:
     params = export.restore_params(workdir, step, abstract_params)
   return _model_from(config, params, trainer.init_rest()), config, step
-
-
-def _checkpoint_step(workdir: str, config: ml_collections.ConfigDict, step: int | None) -> int:
-  """`step` (default: the latest) after checking that the workdir holds it."""
-  directory = train.checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"--workdir {workdir}: no checkpoints/ folder; train first.")
-  ckpt = checkpointing.Checkpointer(directory, config.checkpoint, with_data_iter=False)
-  steps = ckpt.all_steps()
-  ckpt.close()
-  if not steps:
-    raise FileNotFoundError(f"--workdir {workdir}: no checkpoint under {directory}.")
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise FileNotFoundError(f"--step={step}: no such checkpoint in {directory} "
-                            f"(available: {sorted(steps)}).")
-  return step
 
 
 def _exported_step(path: str, step: int | None) -> int:

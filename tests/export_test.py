@@ -102,7 +102,7 @@ def test_cli_bfloat16_export(workdir, tmp_path):
 
 
 def test_bad_requests_are_explained(workdir, tmp_path):
-  with pytest.raises(ValueError, match="--step=7 not among the saved steps"):
+  with pytest.raises(FileNotFoundError, match="--step=7 not among the saved steps"):
     export.export(str(workdir), str(tmp_path / "x"), step=7)
   with pytest.raises(FileNotFoundError, match="config.json not found"):
     export.export(str(tmp_path), str(tmp_path / "y"))
