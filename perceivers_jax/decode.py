@@ -43,12 +43,18 @@ class SamplingConfig:
   """temperature 0 = greedy; top_k 0, top_p 1.0 and min_p 0.0 = no filter.
 
   min_p keeps the tokens whose probability (after temperature) is at least min_p times the
-  most likely token's.
+  most likely token's. Music time (the sum of TIME_SHIFTs, prompt included) steers the end:
+  max_seconds > 0 turns a shift that would pass it into EOS, so no piece lasts longer;
+  end_seconds > 0 adds `end_eos_nats_per_second` x (seconds past end_seconds) to the EOS
+  logit, so the piece is pushed, smoothly, to finish.
   """
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
   min_p: float = 0.0
+  max_seconds: float = 0.0
+  end_seconds: float = 0.0
+  end_eos_nats_per_second: float = 2.0
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -59,6 +65,9 @@ class SamplingConfig:
       raise ValueError(f"sampling top_p={self.top_p} must be in (0, 1] (1 = off).")
     if not 0.0 <= self.min_p <= 1.0:
       raise ValueError(f"sampling min_p={self.min_p} must be in [0, 1] (0 = off).")
+    if self.max_seconds < 0 or self.end_seconds < 0 or self.end_eos_nats_per_second < 0:
+      raise ValueError("sampling max_seconds, end_seconds and end_eos_nats_per_second must be "
+                       ">= 0 (0 = off).")
 
 
 def filter_logits(logits_BV: jax.Array, sampling: SamplingConfig) -> jax.Array:
@@ -92,6 +101,26 @@ def sample(logits_BV: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> ja
   if sampling.temperature == 0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def shift_steps(tokens_B: jax.Array) -> jax.Array:
+  """Time steps (10 ms) each token advances the music: its shift for TIME_SHIFT, else 0."""
+  is_shift = (tokens_B >= tokens.TIME_SHIFT_START) & (tokens_B < tokens.VELOCITY_START)
+  return jnp.where(is_shift, tokens_B - tokens.TIME_SHIFT_START + 1, 0).astype(jnp.int32)
+
+
+def sample_step(logits_BV: jax.Array, keys_B: jax.Array, elapsed_B: jax.Array,
+                sampling: SamplingConfig) -> jax.Array:
+  """Next token per row, each row with its own key, steered by music time `elapsed_B`
+  (steps of 10 ms so far) as `sampling.max_seconds` / `end_seconds` say."""
+  if sampling.end_seconds > 0:
+    late_s_B = jnp.maximum(elapsed_B / tokens.STEPS_PER_SECOND - sampling.end_seconds, 0.0)
+    logits_BV = logits_BV.at[:, tokens.EOS_ID].add(late_s_B * sampling.end_eos_nats_per_second)
+  token_B = jax.vmap(lambda l_V, key: sample(l_V[None], key, sampling)[0])(logits_BV, keys_B)
+  if sampling.max_seconds > 0:
+    limit = round(sampling.max_seconds * tokens.STEPS_PER_SECOND)
+    token_B = jnp.where(elapsed_B + shift_steps(token_B) > limit, tokens.EOS_ID, token_B)
+  return token_B
 
 
 @flax.struct.dataclass
@@ -258,8 +287,8 @@ def decode_step(model: model_lib.PerceiverS, cache: Cache, tokens_B: jax.Array,
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "sampling",
                                              "num_reset_latents", "min_prompt_length",
                                              "record_logits"))
-def _generate(graphdef, state, prompt_BP, prompt_lengths_B, rng, *, num_steps, sampling,
-              num_reset_latents, min_prompt_length, record_logits):
+def _generate(graphdef, state, prompt_BP, prompt_lengths_B, keys_B, elapsed_B, *, num_steps,
+              sampling, num_reset_latents, min_prompt_length, record_logits):
   model = nnx.merge(graphdef, state)
   batch = prompt_BP.shape[0]
   logits_BV, cache = prefill(model, prompt_BP, prompt_lengths_B, num_reset_latents,
@@ -277,35 +306,41 @@ def _generate(graphdef, state, prompt_BP, prompt_lengths_B, rng, *, num_steps, s
     return (step < num_steps) & ~done_B.all()
 
   def body(carry):
-    step, logits_BV, cache, rng, done_B, out = carry
-    rng, key = jax.random.split(rng)
-    token_B = jnp.where(done_B, tokens.PAD_ID, sample(logits_BV, key, sampling))
+    step, logits_BV, cache, elapsed_B, done_B, out = carry
+    step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
+    token_B = sample_step(logits_BV, step_keys_B, elapsed_B, sampling)
+    token_B = jnp.where(done_B, tokens.PAD_ID, token_B)
     out = dict(out, tokens=out["tokens"].at[:, step].set(token_B),
                latent_start=out["latent_start"].at[:, step].set(cache.latent_start_B),
                horizon=out["horizon"].at[:, step].set(cache.horizon_B))
     if record_logits:
       out["logits"] = out["logits"].at[:, step].set(logits_BV)
     done_B = done_B | (token_B == tokens.EOS_ID)
+    elapsed_B = elapsed_B + shift_steps(token_B)
     logits_BV, cache = decode_step(model, cache, token_B, num_reset_latents)
-    return step + 1, logits_BV, cache, rng, done_B, out
+    return step + 1, logits_BV, cache, elapsed_B, done_B, out
 
-  carry = (jnp.int32(0), logits_BV, cache, rng, done_B, out)
+  carry = (jnp.int32(0), logits_BV, cache, elapsed_B, done_B, out)
   steps, _, _, _, _, out = jax.lax.while_loop(cond, body, carry)
   out["num_steps"] = steps
   return out
 
 
 def generate(model: model_lib.PerceiverS, prompt_BP: jax.Array, *, num_steps: int,
-             rng: jax.Array, sampling: SamplingConfig = SamplingConfig(),
-             num_reset_latents: int | None = None, record_logits: bool = False) -> dict:
+             keys_B: jax.Array, sampling: SamplingConfig = SamplingConfig(),
+             num_reset_latents: int | None = None, record_logits: bool = False,
+             mesh: jax.sharding.Mesh | None = None, batch_axis: str = "data") -> dict:
   """Samples `num_steps` tokens after each prompt row (e.g. [[SOS]] for unconditional).
+
+  Row b draws step t with `fold_in(keys_B[b], t)`: a row's tokens depend on its key alone,
+  not on the batch it runs in.
 
   `prompt_BP`: int tokens, rows of different lengths left-padded with PAD (positions count from
   each row's first token). Returns tokens [B, num_steps] (PAD after a row's EOS; the loop stops
   early once every row has ended), num_steps (steps run), and per row and step the
   latent_start and horizon used (the uncached reference: see module docstring); with
   `record_logits`, the logits [B, S, V] each token was sampled from. `num_reset_latents` is F
-  (default N // 2).
+  (default N // 2). With `mesh`, rows are split over its `batch_axis` (B must divide).
   """
   n = model.num_latents
   num_reset_latents = n // 2 if num_reset_latents is None else num_reset_latents
@@ -321,8 +356,15 @@ def generate(model: model_lib.PerceiverS, prompt_BP: jax.Array, *, num_steps: in
   left_padded_BP = np.arange(prompt_BP.shape[1]) >= prompt_BP.shape[1] - lengths_B[:, None]
   if (valid_BP != left_padded_BP).any():
     raise ValueError("prompt rows must be left-padded with PAD (0) and hold no PAD inside.")
+  if keys_B.shape[:1] != prompt_BP.shape[:1]:
+    raise ValueError(f"keys_B holds {keys_B.shape[0]} keys for {prompt_BP.shape[0]} rows.")
+  elapsed_B = np.asarray([round(tokens.tokens_duration_seconds(row[row != tokens.PAD_ID])
+                                * tokens.STEPS_PER_SECOND) for row in prompt_BP], np.int32)
+  rows = (prompt_BP, lengths_B.astype(np.int32), keys_B, elapsed_B)
+  if mesh is not None:
+    rows = tuple(jax.device_put(x, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(batch_axis, *(None,) * (x.ndim - 1)))) for x in rows)
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, jnp.asarray(prompt_BP), jnp.asarray(lengths_B, jnp.int32),
-                   rng, num_steps=num_steps, sampling=sampling,
+  return _generate(graphdef, state, *rows, num_steps=num_steps, sampling=sampling,
                    num_reset_latents=num_reset_latents, min_prompt_length=int(lengths_B.min()),
                    record_logits=record_logits)

@@ -20,7 +20,6 @@ the device count).
 """
 
 import dataclasses
-import functools
 import json
 import os
 import pathlib
@@ -58,7 +57,9 @@ class SampleSettings:
   """What to sample. Field names are the `perceivers-sample` flags.
 
   primer: a MIDI file to continue (None: unconditional, the prompt is [SOS]);
-  primer_seconds: keep the primer's first seconds (None: all of it).
+  primer_seconds: keep the primer's first seconds (None: all of it);
+  max_seconds / end_seconds: stop by, or steer towards finishing at, a music duration
+  (primer included; 0 = off; see `decode.SamplingConfig`).
   """
   num_samples: int = 1
   batch_size: int = 1
@@ -67,13 +68,16 @@ class SampleSettings:
   top_k: int = 0
   top_p: float = 1.0
   min_p: float = 0.0
+  max_seconds: float = 0.0
+  end_seconds: float = 0.0
   seed: int = 0
   primer: str | None = None
   primer_seconds: float | None = None
 
   def sampling_config(self) -> decode.SamplingConfig:
     return decode.SamplingConfig(temperature=self.temperature, top_k=self.top_k,
-                                 top_p=self.top_p, min_p=self.min_p)
+                                 top_p=self.top_p, min_p=self.min_p,
+                                 max_seconds=self.max_seconds, end_seconds=self.end_seconds)
 
 
 def check_settings(settings: SampleSettings, model_config: ml_collections.ConfigDict,
@@ -91,6 +95,9 @@ def check_settings(settings: SampleSettings, model_config: ml_collections.Config
     _fail("top_p", s.top_p, "must be in (0, 1] (1 = off).")
   if not 0.0 <= s.min_p <= 1.0:
     _fail("min_p", s.min_p, "must be in [0, 1] (0 = off).")
+  for field in ("max_seconds", "end_seconds"):
+    if getattr(s, field) < 0:
+      _fail(field, getattr(s, field), "must be >= 0 (0 = off).")
   for index in sample_indices or ():
     if not 0 <= index < s.num_samples:
       _fail("sample_index", index, f"must be in [0, --num_samples={s.num_samples}).")
@@ -109,6 +116,10 @@ def check_settings(settings: SampleSettings, model_config: ml_collections.Config
     _fail("primer_seconds", s.primer_seconds,
           f"the primer {s.primer} gives {len(prompt_P)} tokens (SOS included), more than the "
           f"model's context L={length}; use fewer --primer_seconds.")
+  if s.max_seconds and tokens.tokens_duration_seconds(prompt_P) >= s.max_seconds:
+    _fail("max_seconds", s.max_seconds, f"the primer already lasts "
+          f"{tokens.tokens_duration_seconds(prompt_P):.2f} s; allow more or use fewer "
+          "--primer_seconds.")
   return prompt_P
 
 
@@ -221,35 +232,6 @@ def untrained_model(config: ml_collections.ConfigDict, *,
 # -- generation ----------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "sampling"))
-def _generate(graphdef, state, prompt_BP, keys_B, *, num_steps, sampling):
-  """decode's loop with one key per row: row b's step t draws with fold_in(keys_B[b], t)."""
-  model = nnx.merge(graphdef, state)
-  num_reset_latents = model.num_latents // 2  # decode's reference F = N / 2 (SPEC 4).
-  batch, prompt_length = prompt_BP.shape
-  logits_BV, cache = decode.prefill(model, prompt_BP, jnp.full((batch,), prompt_length),
-                                    num_reset_latents, prompt_length)
-  sample_rows = jax.vmap(lambda logits_V, key: decode.sample(logits_V[None], key, sampling)[0])
-
-  def cond(carry):
-    step, _, _, done_B, _ = carry
-    return (step < num_steps) & ~done_B.all()
-
-  def body(carry):
-    step, logits_BV, cache, done_B, tokens_BT = carry
-    step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
-    token_B = jnp.where(done_B, tokens.PAD_ID, sample_rows(logits_BV, step_keys_B))
-    tokens_BT = tokens_BT.at[:, step].set(token_B)
-    done_B = done_B | (token_B == tokens.EOS_ID)
-    logits_BV, cache = decode.decode_step(model, cache, token_B, num_reset_latents)
-    return step + 1, logits_BV, cache, done_B, tokens_BT
-
-  carry = (jnp.int32(0), logits_BV, cache, jnp.zeros((batch,), bool),
-           jnp.zeros((batch, num_steps), jnp.int32))
-  steps, _, _, _, tokens_BT = jax.lax.while_loop(cond, body, carry)
-  return tokens_BT, steps
-
-
 def _model_mesh(state: nnx.State) -> Mesh | None:
   sharding = getattr(jax.tree.leaves(state)[0], "sharding", None)
   if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
@@ -264,19 +246,16 @@ def generate(model: model_lib.PerceiverS, prompt_P: np.ndarray, keys_B: jax.Arra
   A row is PAD after its EOS; the loop stops early once every row has ended. On a
   multi-device model the rows are split over the mesh's data axis.
   """
-  graphdef, state = nnx.split(model)
   batch = keys_B.shape[0]
   prompt_BP = np.broadcast_to(np.asarray(prompt_P, np.int32), (batch, len(prompt_P)))
-  mesh = _model_mesh(state)
+  mesh = _model_mesh(nnx.state(model))
   if mesh is not None:
     pad = -batch % mesh.shape[DATA_AXIS]  # rows copied so that every device gets as many.
     prompt_BP = np.concatenate([prompt_BP, prompt_BP[-1:].repeat(pad, 0)])
     keys_B = jnp.concatenate([keys_B, jnp.repeat(keys_B[-1:], pad, 0)])
-    prompt_BP = jax.device_put(prompt_BP, NamedSharding(mesh, PartitionSpec(DATA_AXIS, None)))
-    keys_B = jax.device_put(keys_B, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
-  tokens_BT, steps = _generate(graphdef, state, jnp.asarray(prompt_BP), keys_B,
-                               num_steps=num_tokens, sampling=sampling)
-  return np.asarray(tokens_BT)[:batch], int(steps)
+  out = decode.generate(model, prompt_BP, num_steps=num_tokens, keys_B=keys_B,
+                        sampling=sampling, mesh=mesh, batch_axis=DATA_AXIS)
+  return np.asarray(out["tokens"])[:batch], int(out["num_steps"])
 
 
 def batch_plan(sample_indices: Sequence[int], batch_size: int) -> list[list[int]]:

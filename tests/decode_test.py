@@ -8,10 +8,15 @@ from flax import nnx
 
 import tiny_model
 from perceivers_jax import decode
+from perceivers_jax import tokens
 from tiny_model import L, N
 
 PROMPT_LENGTHS = (5, 3)  # left-padded to 5: rows sit at different positions
 STEPS = 100  # 105 tokens > L = 64: the window slides; resets every N - F + 1 = 9 steps.
+
+
+def _keys(seed: int, rows: int) -> jax.Array:
+  return jax.random.split(jax.random.key(seed), rows)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -26,7 +31,7 @@ def test_cached_logits_equal_uncached_forward_between_resets(overrides):
   prompts = [tiny_model.piece(n, seed) for seed, n in enumerate(PROMPT_LENGTHS)]
   width = max(PROMPT_LENGTHS)
   prompt = np.stack([np.pad(p, (width - len(p), 0)) for p in prompts])
-  out = decode.generate(model, prompt, num_steps=STEPS, rng=jax.random.key(0),
+  out = decode.generate(model, prompt, num_steps=STEPS, keys_B=_keys(0, len(prompt)),
                         sampling=decode.SamplingConfig(temperature=1.0),
                         record_logits=True)
   out = jax.tree.map(np.asarray, out)
@@ -99,7 +104,7 @@ def test_per_sequence_eos_stop():
   bias.set_value(bias.get_value().at[1].set(4.0))  # EOS likely: rows end at different steps
   prompt = np.stack([tiny_model.piece(5, s) for s in range(4)])
   out = jax.tree.map(np.asarray, decode.generate(model, prompt, num_steps=STEPS,
-                                                 rng=jax.random.key(3)))
+                                                 keys_B=_keys(3, len(prompt))))
   ends = [int(np.argmax(row == 1)) for row in out["tokens"]]
   assert all((row == 1).any() for row in out["tokens"])
   assert len(set(ends)) > 1
@@ -107,7 +112,60 @@ def test_per_sequence_eos_stop():
     assert (row[end + 1:] == 0).all() and (row[:end] > 2).all()
   assert out["num_steps"] == max(ends) + 1  # the loop stops once every row has ended
   with pytest.raises(ValueError, match="left-padded"):
-    decode.generate(model, np.asarray([[2, 5, 0]]), num_steps=2, rng=jax.random.key(0))
+    decode.generate(model, np.asarray([[2, 5, 0]]), num_steps=2, keys_B=_keys(0, 1))
   with pytest.raises(ValueError, match="final_block"):
     decode.generate(tiny_model.make_model(tiny_model.tiny_model_config(
-        scale_mask="final_block")), prompt, num_steps=2, rng=jax.random.key(0))
+        scale_mask="final_block")), prompt, num_steps=2, keys_B=_keys(0, len(prompt)))
+
+
+def _music_model():
+  """A tiny model whose head prefers 0.5 s time shifts, notes and velocities, never EOS."""
+  model = tiny_model.make_model(tiny_model.tiny_model_config())
+  bias = np.full(model.head.bias.get_value().shape, -20.0, np.float32)
+  bias[tokens.TIME_SHIFT_START + 49] = 0.0  # 50 steps = 0.5 s
+  bias[tokens.NOTE_ON_START + 60] = 0.0
+  bias[tokens.VELOCITY_START + 20] = 0.0
+  model.head.bias.set_value(jnp.asarray(bias))
+  return model
+
+
+def test_max_seconds_bounds_the_music_time_prompt_included():
+  model = _music_model()
+  prompt = np.asarray([[tokens.SOS_ID, tokens.TIME_SHIFT_START + 99]])  # 1 s already
+  sampling = decode.SamplingConfig(max_seconds=3.0)
+  out = jax.tree.map(np.asarray, decode.generate(model, prompt, num_steps=60, keys_B=_keys(0, 1),
+                                                 sampling=sampling))
+  row = out["tokens"][0][:out["num_steps"]]
+  assert row[-1] == tokens.EOS_ID  # stopped by the limit, not by the model
+  piece = np.concatenate([prompt[0], row])
+  assert tokens.tokens_duration_seconds(piece) == pytest.approx(3.0)
+  free = jax.tree.map(np.asarray, decode.generate(model, prompt, num_steps=60,
+                                                  keys_B=_keys(0, 1)))
+  assert tokens.tokens_duration_seconds(np.concatenate([prompt[0], free["tokens"][0]])) > 5.0
+
+
+def test_end_seconds_raises_eos_smoothly_after_that_time():
+  model = _music_model()
+  prompt = np.full((16, 1), tokens.SOS_ID)
+  sampling = decode.SamplingConfig(end_seconds=2.0, end_eos_nats_per_second=4.0)
+  out = jax.tree.map(np.asarray, decode.generate(model, prompt, num_steps=200,
+                                                 keys_B=_keys(1, 16), sampling=sampling))
+  durations = []
+  for row in out["tokens"]:
+    assert (row == tokens.EOS_ID).any()  # every piece was steered to finish
+    end = int(np.argmax(row == tokens.EOS_ID))
+    durations.append(tokens.tokens_duration_seconds(row[:end]))
+  assert min(durations) >= 2.0  # no EOS push before end_seconds
+  assert len(set(durations)) > 1  # a ramp, not a hard cut
+  # EOS (logit -20) draws level with the three favoured tokens 20/4 = 5 s after end_seconds.
+  assert max(durations) < 2.0 + 5.0 + 2.5
+
+
+def test_a_rows_tokens_depend_on_its_key_only():
+  model = tiny_model.make_model(tiny_model.tiny_model_config())
+  keys = _keys(5, 3)
+  prompt = np.full((3, 1), tokens.SOS_ID)
+  together = np.asarray(decode.generate(model, prompt, num_steps=20, keys_B=keys)["tokens"])
+  alone = np.asarray(decode.generate(model, prompt[:1], num_steps=20, keys_B=keys[2:])["tokens"])
+  np.testing.assert_array_equal(together[2], alone[0])
+  assert not np.array_equal(together[0], together[1])

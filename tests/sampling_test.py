@@ -12,6 +12,7 @@ from absl import app
 from absl import flags
 from flax import nnx
 import jax
+import note_seq
 import numpy as np
 import pytest
 
@@ -124,6 +125,8 @@ def test_cli_writes_samples_and_regenerates_one_alone(workdir, tmp_path):
     (("--sample_index=3",), "--sample_index"),
     (("--primer_seconds=5",), "--primer_seconds"),  # without --primer
     (("--primer={primer}", "--primer_seconds=60"), "--primer_seconds"),  # > L tokens
+    (("--max_seconds=-1",), "--max_seconds"),
+    (("--primer={primer}", "--primer_seconds=1.5", "--max_seconds=1"), "--max_seconds"),
     (("--primer={workdir}/none.mid",), "--primer"),
     (("--step=5",), "--step"),
     (("--workdir={workdir}/missing",), "--workdir"),
@@ -134,7 +137,7 @@ def test_invalid_requests_fail_before_loading(argv, flag, workdir, maestro_paths
   def never(*args, **kwargs):
     raise AssertionError("restored or compiled before validating the request")
   monkeypatch.setattr(sampling, "_sampling_trainer", never)
-  monkeypatch.setattr(sampling, "_generate", never)
+  monkeypatch.setattr(sampling.decode, "generate", never)
   argv = [a.format(workdir=workdir, primer=maestro_paths[0]) for a in argv]
   if not any(a.startswith("--workdir") for a in argv):
     argv.append(f"--workdir={workdir}")
@@ -258,3 +261,15 @@ def test_batch_split_over_devices_gives_the_same_samples(workdir):
   assert out["one"]["devices"] == 1 and out["two"]["devices"] == 2
   assert np.array(out["two"]["tokens"]).shape == (3, 20)
   assert out["one"]["tokens"] == out["two"]["tokens"]
+
+
+def test_max_seconds_bounds_every_written_piece(workdir, tmp_path):
+  _cli(f"--workdir={workdir}", f"--output_dir={tmp_path}", "--num_samples=2", "--batch_size=2",
+       "--num_tokens=200", "--max_seconds=0.5", "--end_seconds=0.2")
+  for i in range(2):
+    sequence = np.load(tmp_path / f"sample_{i:04d}.npy")
+    sidecar = json.loads((tmp_path / f"sample_{i:04d}.json").read_text())
+    assert tokens.tokens_duration_seconds(sequence) <= 0.5
+    assert sidecar["settings"]["max_seconds"] == 0.5 and "--max_seconds=0.5" in sidecar["regenerate"]
+    midi = note_seq.midi_file_to_note_sequence(str(tmp_path / f"sample_{i:04d}.mid"))
+    assert midi.total_time <= 0.5 + 1e-6

@@ -30,6 +30,11 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 = 
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1] (1 = off).")
 _MIN_P = flags.DEFINE_float("min_p", 0.0, "Keep tokens with p >= min_p * p_max (0 = off).")
+_MAX_SECONDS = flags.DEFINE_float(
+    "max_seconds", 0.0, "Stop each piece by this much music (primer included; 0 = off).")
+_END_SECONDS = flags.DEFINE_float(
+    "end_seconds", 0.0, "After this much music, raise the EOS probability smoothly so the "
+    "piece finishes (0 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Run seed; sample i uses fold_in(key(seed), i).")
 _PRIMER = flags.DEFINE_string("primer", None, "MIDI file to continue (default: unconditional).")
 _PRIMER_SECONDS = flags.DEFINE_float("primer_seconds", None,
@@ -53,7 +58,8 @@ def main(argv: list[str]) -> None:
   settings = sampling.SampleSettings(
       num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value, num_tokens=_NUM_TOKENS.value,
       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value,
-      seed=_SEED.value, primer=_PRIMER.value, primer_seconds=_PRIMER_SECONDS.value)
+      max_seconds=_MAX_SECONDS.value, end_seconds=_END_SECONDS.value, seed=_SEED.value,
+      primer=_PRIMER.value, primer_seconds=_PRIMER_SECONDS.value)
   indices = _SAMPLE_INDEX.value or None
   try:
     workdir, step = sampling.resolve_path(path, _STEP.value)
