@@ -19,7 +19,7 @@ REQUIRED = [
     "matplotlib",
     "tqdm",
     "tensorboardX",
-    "safetensors",
+    "safetensors>=0.8",  # bfloat16 round trips exactly
 ]
 
 setuptools.setup(
@@ -30,7 +30,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["perceivers_jax*", "data_prep*"]),
     install_requires=REQUIRED,
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis"],
+        "test": ["pytest", "hypothesis", "pretty_midi"],
         # Optional tf.data path; nothing else needs TensorFlow.
         "tf": ["tensorflow-cpu"],
         "gpu": ["jax[cuda12]"],
