@@ -4,6 +4,10 @@ Caches:
   * cross-attention keys/values of every input, per cross-attention layer, in a ring buffer
     of L slots (slot = position % L; a slot's position says what it holds, so nothing rolls);
   * per latent layer, the keys/values of up to N latents.
+Caches are head-major ([B, H, L, K]), the layout of the attention's batched matmuls, in the
+model dtype; a step writes only its new slots. The shared attention code takes [B, L, H, K]:
+it gets transposed views, which XLA folds into its matmuls (storing [B, L, H, K] made every
+step copy and transpose every cross-attention cache).
 Rows may hold prompts of different lengths (left-padded) and so sit at different positions;
 their latent counts move together, so resets happen at the same step for all rows.
 Each new token appends its cross keys/values and one latent, which attends to the cached
@@ -129,9 +133,9 @@ class Cache:
   last_position_B: jax.Array  # int32[B]: position of each row's newest input
   input_tokens_BL: jax.Array  # ring buffer of tokens, slot = position % L
   input_positions_BL: jax.Array  # position held by each slot, -1 if empty
-  cross_keys: tuple[jax.Array, ...]  # per cross layer [B, L, H, K]
+  cross_keys: tuple[jax.Array, ...]  # per cross layer [B, H, L, K]
   cross_values: tuple[jax.Array, ...]
-  latent_keys: jax.Array  # [layers, B, N, H, K]
+  latent_keys: jax.Array  # [layers, B, H, N, K]
   latent_values: jax.Array
   latent_positions_BN: jax.Array  # -1 for empty latent slots
   num_latents: jax.Array  # int32[]: latent slots in use (same for every row)
@@ -150,10 +154,10 @@ def init_cache(model: model_lib.PerceiverS, batch_size: int) -> Cache:
       last_position_B=zeros_B - 1,
       input_tokens_BL=jnp.zeros((batch_size, length), jnp.int32),
       input_positions_BL=jnp.full((batch_size, length), -1, jnp.int32),
-      cross_keys=tuple(kv(batch_size, length, heads, head_dim) for _ in model.scales),
-      cross_values=tuple(kv(batch_size, length, heads, head_dim) for _ in model.scales),
-      latent_keys=kv(layers, batch_size, n, heads, head_dim),
-      latent_values=kv(layers, batch_size, n, heads, head_dim),
+      cross_keys=tuple(kv(batch_size, heads, length, head_dim) for _ in model.scales),
+      cross_values=tuple(kv(batch_size, heads, length, head_dim) for _ in model.scales),
+      latent_keys=kv(layers, batch_size, heads, n, head_dim),
+      latent_values=kv(layers, batch_size, heads, n, head_dim),
       latent_positions_BN=jnp.full((batch_size, n), -1, jnp.int32),
       num_latents=jnp.int32(0), horizon_B=zeros_B, latent_start_B=zeros_B)
 
@@ -177,13 +181,24 @@ def append_inputs(model: model_lib.PerceiverS, cache: Cache, tokens_BT: jax.Arra
   keys, values = [], []
   for layer, k_cache, v_cache in zip(model.cross_layers, cache.cross_keys, cache.cross_values):
     k_BTHK, v_BTHK = layer.key_value(embedded_BTD, positions_BT)
-    keys.append(k_cache.at[rows_B1, slots_BT].set(k_BTHK.astype(k_cache.dtype)))
-    values.append(v_cache.at[rows_B1, slots_BT].set(v_BTHK.astype(v_cache.dtype)))
+    # Index arrays around a slice: the update's dims are [B, T, H, K].
+    keys.append(k_cache.at[rows_B1, :, slots_BT].set(k_BTHK.astype(k_cache.dtype)))
+    values.append(v_cache.at[rows_B1, :, slots_BT].set(v_BTHK.astype(v_cache.dtype)))
   stored_BT = jnp.where(tokens_BT != tokens.PAD_ID, positions_BT, -1)
   return cache.replace(
       input_tokens_BL=cache.input_tokens_BL.at[rows_B1, slots_BT].set(tokens_BT),
       input_positions_BL=cache.input_positions_BL.at[rows_B1, slots_BT].set(stored_BT),
       cross_keys=tuple(keys), cross_values=tuple(values))
+
+
+def _heads_major(x_BTHK: jax.Array, dtype) -> jax.Array:
+  """New keys/values [B, T, H, K] in the caches' layout [B, H, T, K] and dtype."""
+  return jnp.swapaxes(x_BTHK, 1, 2).astype(dtype)
+
+
+def _length_major(x_BHTK: jax.Array) -> jax.Array:
+  """The [B, T, H, K] view the attention takes (a transpose XLA folds into its matmuls)."""
+  return jnp.swapaxes(x_BHTK, 1, 2)
 
 
 def _latent_layers_step(model, cache: Cache, x_BTD, positions_BT):
@@ -196,30 +211,31 @@ def _latent_layers_step(model, cache: Cache, x_BTD, positions_BT):
                               latent_positions_BN.shape)
   mask = masks.causal_mask(positions_BT, latent_positions_BN, valid_BN)
 
-  def layer_step(layer, x, k_cache, v_cache):
+  def layer_step(layer, index, x, keys, values):
+    # The stacked caches are carried whole and written at one layer's new slots, in place
+    # (scanning over them as xs/ys would rebuild both stacks every step).
     q, k, v = layer.project(x, positions_BT)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
-    return layer.finish(x, q, k_cache, v_cache, mask, deterministic=True), k_cache, v_cache
+    keys = jax.lax.dynamic_update_slice(keys, _heads_major(k, keys.dtype)[None],
+                                        (index, 0, 0, start, 0))
+    values = jax.lax.dynamic_update_slice(values, _heads_major(v, values.dtype)[None],
+                                          (index, 0, 0, start, 0))
+    x = layer.finish(x, q, _length_major(keys[index]), _length_major(values[index]), mask,
+                     deterministic=True)
+    return x, keys, values
 
+  carry = (x_BTD, cache.latent_keys, cache.latent_values)
   if model.scan_layers:
     graphdef, layer_state = nnx.split(model.latent_layers)
 
-    def body(x, layer_xs):
-      state, k_cache, v_cache = layer_xs
-      x, k_cache, v_cache = layer_step(nnx.merge(graphdef, state), x, k_cache, v_cache)
-      return x, (k_cache, v_cache)
+    def body(carry, layer_xs):
+      state, index = layer_xs
+      return layer_step(nnx.merge(graphdef, state), index, *carry), None
 
-    x_BTD, (keys, values) = jax.lax.scan(
-        body, x_BTD, (layer_state, cache.latent_keys, cache.latent_values))
+    carry, _ = jax.lax.scan(body, carry, (layer_state, jnp.arange(model.num_latent_layers)))
   else:
-    keys, values = [], []
     for index, layer in enumerate(model.latent_layers):
-      x_BTD, k, v = layer_step(layer, x_BTD, cache.latent_keys[index],
-                               cache.latent_values[index])
-      keys.append(k)
-      values.append(v)
-    keys, values = jnp.stack(keys), jnp.stack(values)
+      carry = layer_step(layer, index, *carry)
+  x_BTD, keys, values = carry
   cache = cache.replace(latent_keys=keys, latent_values=values,
                         latent_positions_BN=latent_positions_BN,
                         num_latents=start + positions_BT.shape[1])
@@ -244,7 +260,8 @@ def add_latents(model: model_lib.PerceiverS, cache: Cache, count: int, *,
   x_BTD = model.initial_latents(model.embed_inputs(tokens_BT))
   kv_positions_BL = cache.input_positions_BL
   x_BTD = model.cross_attend(x_BTD, positions_BT, kv_positions_BL, kv_positions_BL >= 0,
-                             keys_values=tuple(zip(cache.cross_keys, cache.cross_values)),
+                             keys_values=tuple((_length_major(k), _length_major(v)) for k, v
+                                               in zip(cache.cross_keys, cache.cross_values)),
                              min_key_position_B=cache.horizon_B - model.max_length,
                              deterministic=True, remat=False)
   x_BTD, cache = _latent_layers_step(model, cache, x_BTD, positions_BT)
