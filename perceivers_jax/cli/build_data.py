@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 
 from data_prep import maestro_performance
+from perceivers_jax.cli import logs
 
 _MANUAL_DIR = flags.DEFINE_string(
     "manual_dir", None, "MAESTRO v3.0.0 folder (holding maestro-v3.0.0.csv) or, with "
@@ -61,6 +62,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+  logs.show_flags_in_help(__name__)
   app.run(main)
 
 

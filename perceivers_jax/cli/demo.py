@@ -47,6 +47,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (`perceivers-demo`)."""
+  logs.show_flags_in_help(__name__)
   app.run(main)
 
 

@@ -13,6 +13,8 @@ reads MIDI) and .npy token arrays. Writes metrics.json, report.md and PNG plots.
 from absl import app
 from absl import flags
 
+from perceivers_jax.cli import logs
+
 from perceivers_jax.evaluation import distances
 from perceivers_jax.evaluation import features
 from perceivers_jax.evaluation import report
@@ -57,6 +59,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+  logs.show_flags_in_help(__name__)
   app.run(main)
 
 

@@ -15,6 +15,8 @@ import json
 from absl import app
 from absl import flags
 
+from perceivers_jax.cli import logs
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).",
                                required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "New directory for the export.", required=True)
@@ -36,6 +38,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (`perceivers-export`)."""
+  logs.show_flags_in_help(__name__)
   app.run(main)
 
 

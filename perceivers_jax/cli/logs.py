@@ -1,7 +1,9 @@
-"""Readable console output for the command-line tools."""
+"""Readable console output for the command-line tools: quiet library logs, full --help."""
 
 import logging as std_logging
+import sys
 
+from absl import flags
 from absl import logging
 
 _NOISY_LIBRARIES = ("/orbax/", "/grain/", "/jax/", "/etils/", "/tensorflow_datasets/")
@@ -19,3 +21,13 @@ class _LibraryInfoFilter(std_logging.Filter):
 def quiet_library_info() -> None:
   """Call first thing in an absl `main`."""
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+
+
+def show_flags_in_help(module_name: str) -> None:
+  """Lists `module_name`'s flags under --help when it runs as a console script.
+
+  absl's --help shows the key flags of the module named by sys.argv[0]: a console script's
+  wrapper, not the module that defines the flags.
+  """
+  for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)

@@ -16,6 +16,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from perceivers_jax.cli import logs
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Instead of --workdir: a workdir's checkpoints/STEP folder or a "
@@ -80,6 +82,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (`perceivers-sample`)."""
+  logs.show_flags_in_help(__name__)
   app.run(main)
 
 
