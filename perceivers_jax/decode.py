@@ -61,17 +61,17 @@ class SamplingConfig:
   end_eos_nats_per_second: float = 2.0
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"sampling temperature={self.temperature} must be >= 0 (0 = greedy).")
-    if self.top_k < 0:
-      raise ValueError(f"sampling top_k={self.top_k} must be >= 0 (0 = off).")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"sampling top_p={self.top_p} must be in (0, 1] (1 = off).")
-    if not 0.0 <= self.min_p <= 1.0:
-      raise ValueError(f"sampling min_p={self.min_p} must be in [0, 1] (0 = off).")
-    if self.max_seconds < 0 or self.end_seconds < 0 or self.end_eos_nats_per_second < 0:
-      raise ValueError("sampling max_seconds, end_seconds and end_eos_nats_per_second must be "
-                       ">= 0 (0 = off).")
+    """Messages start with `field=value` (the perceivers-sample flags share these names)."""
+    checks = (("temperature", self.temperature >= 0, ">= 0 (0 = greedy)"),
+              ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
+              ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1] (1 = off)"),
+              ("min_p", 0.0 <= self.min_p <= 1.0, "in [0, 1] (0 = off)"),
+              ("max_seconds", self.max_seconds >= 0, ">= 0 (0 = off)"),
+              ("end_seconds", self.end_seconds >= 0, ">= 0 (0 = off)"),
+              ("end_eos_nats_per_second", self.end_eos_nats_per_second >= 0, ">= 0"))
+    for field, ok, allowed in checks:
+      if not ok:
+        raise ValueError(f"{field}={getattr(self, field)}: must be {allowed}.")
 
 
 def filter_logits(logits_BV: jax.Array, sampling: SamplingConfig) -> jax.Array:

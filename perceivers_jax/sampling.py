@@ -87,17 +87,12 @@ def check_settings(settings: SampleSettings, model_config: ml_collections.Config
   for field in ("num_samples", "batch_size", "num_tokens"):
     if getattr(s, field) < 1:
       _fail(field, getattr(s, field), "must be >= 1.")
-  if s.temperature < 0:
-    _fail("temperature", s.temperature, "must be >= 0 (0 = greedy).")
-  if not 0 <= s.top_k <= model_config.vocab_size:
+  try:
+    s.sampling_config()  # the sampling ranges live there
+  except ValueError as e:
+    raise SamplingError(f"--{e}") from e
+  if s.top_k > model_config.vocab_size:
     _fail("top_k", s.top_k, f"must be in [0, {model_config.vocab_size}] (0 = off).")
-  if not 0.0 < s.top_p <= 1.0:
-    _fail("top_p", s.top_p, "must be in (0, 1] (1 = off).")
-  if not 0.0 <= s.min_p <= 1.0:
-    _fail("min_p", s.min_p, "must be in [0, 1] (0 = off).")
-  for field in ("max_seconds", "end_seconds"):
-    if getattr(s, field) < 0:
-      _fail(field, getattr(s, field), "must be >= 0 (0 = off).")
   for index in sample_indices or ():
     if not 0 <= index < s.num_samples:
       _fail("sample_index", index, f"must be in [0, --num_samples={s.num_samples}).")
