@@ -21,7 +21,7 @@ import time
 from data_prep import fetch_maestro_samples
 from data_prep import maestro_performance
 from perceivers_jax import config_base
-from perceivers_jax import input_pipeline
+from perceivers_jax.data import input_pipeline
 
 OUT = pathlib.Path(__file__).with_suffix(".json")
 

@@ -24,11 +24,11 @@ from absl import flags
 import numpy as np
 
 from data_prep import fetch_maestro_samples
-from perceivers_jax import tokens as tokens_lib
+from perceivers_jax.data import tokens as tokens_lib
 from perceivers_jax.evaluation import distances
 from perceivers_jax.evaluation import features
-from perceivers_jax.evaluation import report
 from perceivers_jax.evaluation import repetition
+from perceivers_jax.evaluation import report
 
 _NUM_PIECES = flags.DEFINE_integer("num_pieces", 100, "Pieces per set.")
 _JSON_OUT = flags.DEFINE_string("json_out", str(pathlib.Path(__file__).with_suffix(".json")),

@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perceivers_jax import decode
-from perceivers_jax import model as model_lib
-from perceivers_jax import partitioning
-from perceivers_jax import sampling
-from perceivers_jax import tokens
+from perceivers_jax.data import tokens
+from perceivers_jax.model import perceivers as model_lib
+from perceivers_jax.parallel import partitioning
+from perceivers_jax.sampling import decode
+from perceivers_jax.sampling import sampling
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = pathlib.Path(__file__).with_suffix(".json")

@@ -3,8 +3,8 @@
 Builds the model sharded over all local devices (config.mesh), warms up (compilation), then
 times steps with device sync and reports medians. Tokens/s counts predicted slots (batch x N,
 as SPEC 6); TFLOP/s and MFU use 3 x forward matmul FLOPs per window
-(`perceivers_jax.train.train_flops_per_window`, every cross-attention layer included) and the
-device's peak (`train.PEAK_TFLOPS`, or --peak_tflops). Batches are windows of random tokens
+(`perceivers_jax.training.flops.train_flops_per_window`, every cross-attention layer included) and the
+device's peak (`flops.PEAK_TFLOPS`, or --peak_tflops). Batches are windows of random tokens
 with real window structure (left padding, positions), so masks and gathers are exercised.
 
   python benchmarks/train_step.py --config=configs/tiny.py                    # CPU
@@ -36,7 +36,8 @@ _OUTPUT = flags.DEFINE_string("output", str(pathlib.Path(__file__).with_suffix("
 
 
 def _batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
-  from perceivers_jax import tokens, windows  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.data import tokens  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.data import windows  # pylint: disable=g-import-not-at-top
   length, latents = config.model.max_length, config.model.num_latents
   rows = []
   for _ in range(config.train.batch_size // jax.process_count()):
@@ -54,7 +55,9 @@ def _peak_memory_bytes() -> int | None:
 
 def main(argv):
   del argv
-  from perceivers_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.training import flops  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.training import train  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   trainer = train.build_trainer_for(config)
   state, rest = trainer.init_fn()
@@ -69,9 +72,9 @@ def main(argv):
       times.append(time.perf_counter() - start)
 
   step_s = statistics.median(times)
-  flops = train.train_flops_per_window(config.model) * config.train.batch_size
-  peak = _PEAK.value * 1e12 or train.peak_flops_per_device(config)
-  tflops = flops / step_s / jax.device_count() / 1e12
+  step_flops = flops.train_flops_per_window(config.model) * config.train.batch_size
+  peak = _PEAK.value * 1e12 or flops.peak_flops_per_device(config)
+  tflops = step_flops / step_s / jax.device_count() / 1e12
   result = {
       "device": jax.devices()[0].device_kind,
       "num_devices": jax.device_count(),

@@ -6,6 +6,14 @@ as big_vision's configs start from `big_vision.configs.common`.
 
 import ml_collections
 
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field."""
+
+
+def fail(field: str, value, why: str) -> None:
+  raise ConfigError(f"config.{field}={value!r}: {why}")
+
 # 0 in `cross_attention_scales` means "full context" (ml_collections lists cannot hold None).
 FULL_CONTEXT = 0
 

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perceivers_jax import attention
-from perceivers_jax import masks
-from perceivers_jax import rotary
+from perceivers_jax.model import attention
+from perceivers_jax.model import masks
+from perceivers_jax.model import rotary
 
 
 def test_rotary_leaves_unrotated_channels_and_is_shift_invariant():

@@ -8,8 +8,8 @@ from note_seq import sequences_lib
 import numpy as np
 import pytest
 
-from perceivers_jax import augmentation
-from perceivers_jax import tokens
+from perceivers_jax.data import augmentation
+from perceivers_jax.data import tokens
 
 ON, OFF = tokens.NOTE_ON_START, tokens.NOTE_OFF_START
 SHIFT, VEL = tokens.TIME_SHIFT_START, tokens.VELOCITY_START

@@ -15,9 +15,9 @@ import tensorflow_datasets as tfds
 from data_prep import maestro_performance
 from data_prep.maestro_performance import maestro_performance_dataset_builder as mpdb
 from perceivers_jax import config_base
-from perceivers_jax import input_pipeline
-from perceivers_jax import tokens
-from perceivers_jax import windows
+from perceivers_jax.data import input_pipeline
+from perceivers_jax.data import tokens
+from perceivers_jax.data import windows
 
 # Three of the shorter real pieces, one per split.
 REAL = {"Maestro_3.mid": "train", "Maestro_1.mid": "validation", "Maestro_10.mid": "test"}

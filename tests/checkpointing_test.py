@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from perceivers_jax import checkpointing
+from perceivers_jax.state import checkpointing
 
 
 def _checkpoint_config(every_steps=2, keep=2, async_save=True):

@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 import tiny_model
-from perceivers_jax import decode
-from perceivers_jax import tokens
+from perceivers_jax.data import tokens
+from perceivers_jax.sampling import decode
 from tiny_model import L, N
 
 PROMPT_LENGTHS = (5, 3)  # left-padded to 5: rows sit at different positions

@@ -4,7 +4,7 @@ import numpy as np
 import pretty_midi
 import pytest
 
-from perceivers_jax import tokens as tokens_lib
+from perceivers_jax.data import tokens as tokens_lib
 from perceivers_jax.evaluation import features
 
 C_MAJOR = (60, 62, 64, 65, 67, 69, 71, 72)

@@ -8,10 +8,10 @@ import note_seq
 import numpy as np
 import pytest
 
-from perceivers_jax import tokens as tokens_lib
+from perceivers_jax.data import tokens as tokens_lib
 from perceivers_jax.evaluation import features
-from perceivers_jax.evaluation import report
 from perceivers_jax.evaluation import repetition
+from perceivers_jax.evaluation import report
 
 _PATTERN = (60, 64, 67, 72)
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

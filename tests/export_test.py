@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import safetensors
 
-from perceivers_jax import checkpointing
-from perceivers_jax import export
-from perceivers_jax import mesh as mesh_lib
-from perceivers_jax import model as model_lib
-from perceivers_jax import param_groups
-from perceivers_jax import sampling
-from perceivers_jax import train
+from perceivers_jax.model import param_groups
+from perceivers_jax.model import perceivers as model_lib
+from perceivers_jax.parallel import mesh as mesh_lib
+from perceivers_jax.sampling import sampling
+from perceivers_jax.state import checkpointing
+from perceivers_jax.state import export
+from perceivers_jax.training import train
 import tiny_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,7 +28,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 _SAVE_ON_8 = r"""
 import importlib.util, sys
 import grain, jax, numpy as np
-from perceivers_jax import checkpointing, train
+from perceivers_jax.state import checkpointing
+from perceivers_jax.training import train
 assert jax.device_count() == 8
 spec = importlib.util.spec_from_file_location("tiny", sys.argv[1])
 tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)

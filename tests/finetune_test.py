@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perceivers_jax import checkpointing
-from perceivers_jax import config_validation
-from perceivers_jax import export
-from perceivers_jax import tokens
-from perceivers_jax import train
+from perceivers_jax.data import tokens
+from perceivers_jax.state import checkpointing
+from perceivers_jax.state import export
+from perceivers_jax.training import config_validation
+from perceivers_jax.training import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FROZEN = ("embed", "cross_layers")

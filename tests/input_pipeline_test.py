@@ -9,11 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from perceivers_jax import augmentation
 from perceivers_jax import config_base
-from perceivers_jax import input_pipeline
-from perceivers_jax import tokens
-from perceivers_jax import windows
+from perceivers_jax.data import augmentation
+from perceivers_jax.data import input_pipeline
+from perceivers_jax.data import tokens
+from perceivers_jax.data import windows
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -85,7 +85,7 @@ def test_state_restores_in_fresh_process_via_orbax(real_source, tmp_path):
       import numpy as np
       import orbax.checkpoint as ocp
       sys.path.insert(0, {str(REPO)!r})
-      from perceivers_jax import input_pipeline
+      from perceivers_jax.data import input_pipeline
       from tests.input_pipeline_test import _config
       pieces = np.load({str(tmp_path / "pieces.npz")!r})
       source = [{{"tokens": pieces[k]}} for k in sorted(pieces.files, key=lambda s: int(s[4:]))]
@@ -203,7 +203,7 @@ def test_to_global_arrays_over_eight_devices():
       os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
       import jax
       import numpy as np
-      from perceivers_jax import input_pipeline
+      from perceivers_jax.data import input_pipeline
       mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
       sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
       batch = {"inputs": np.arange(8 * 16, dtype=np.int32).reshape(8, 16)}

@@ -16,12 +16,12 @@ import note_seq
 import numpy as np
 import pytest
 
-from perceivers_jax import decode
-from perceivers_jax import export
-from perceivers_jax import sampling
-from perceivers_jax import tokens
-from perceivers_jax import train
 from perceivers_jax.cli import sample as sample_cli
+from perceivers_jax.data import tokens
+from perceivers_jax.sampling import decode
+from perceivers_jax.sampling import sampling
+from perceivers_jax.state import export
+from perceivers_jax.training import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 L = 64
@@ -236,7 +236,8 @@ def test_batch_plan():
 _SHARDED = r"""
 import json, sys
 import jax, numpy as np
-from perceivers_jax import decode, sampling
+from perceivers_jax.sampling import decode
+from perceivers_jax.sampling import sampling
 prompt = np.array([2], np.int32)
 keys = jax.numpy.stack([sampling.sample_key(0, i) for i in range(3)])
 out = {}

@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from perceivers_jax import config_base
-from perceivers_jax import model as model_lib
+from perceivers_jax.model import perceivers as model_lib
 
 L, N = 64, 16
 

@@ -4,8 +4,8 @@ import numpy as np
 import pretty_midi
 import pytest
 
-from perceivers_jax import tokens
 from perceivers_jax.cli import tokens as tokens_cli
+from perceivers_jax.data import tokens
 
 
 @pytest.fixture(scope="module")

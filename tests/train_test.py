@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from perceivers_jax import tokens
+from perceivers_jax.data import tokens
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def _unigram_entropy(train_pieces) -> float:
 
 
 def test_tiny_learns_below_unigram_entropy(pieces, tmp_path):
-  from perceivers_jax import train  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.training import train  # pylint: disable=g-import-not-at-top
   arrays, _ = pieces
   config = _tiny_module().get_config()
   config.model.max_length = 512
@@ -77,7 +77,10 @@ def test_tiny_learns_below_unigram_entropy(pieces, tmp_path):
 _SHARDED_STEP = r"""
 import importlib.util, json, sys
 import jax, numpy as np
-from perceivers_jax import input_pipeline, mesh as mesh_lib, train, windows
+from perceivers_jax.data import input_pipeline
+from perceivers_jax.data import windows
+from perceivers_jax.parallel import mesh as mesh_lib
+from perceivers_jax.training import train
 spec = importlib.util.spec_from_file_location("tiny", sys.argv[1])
 tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)
 piece = np.load(sys.argv[2])["arr_0"]
@@ -147,7 +150,7 @@ def test_sharded_step_equals_single_device(pieces):
 _TRAIN_RUN = r"""
 import importlib.util, sys, time
 import numpy as np
-from perceivers_jax import train
+from perceivers_jax.training import train
 spec = importlib.util.spec_from_file_location("tiny", sys.argv[1])
 tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)
 arrays = list(np.load(sys.argv[2]).values())
@@ -210,7 +213,7 @@ def test_sigterm_then_rerun_resumes_exactly(pieces, tmp_path):
 
 
 def test_diverging_run_stops_with_a_clear_message(pieces, tmp_path):
-  from perceivers_jax import train  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.training import train  # pylint: disable=g-import-not-at-top
   arrays, _ = pieces
   config = _tiny_module().get_config()
   config.model.max_length, config.model.num_latents, config.model.num_latent_layers = 128, 16, 1

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from perceivers_jax import tokens
-from perceivers_jax import windows
+from perceivers_jax.data import tokens
+from perceivers_jax.data import windows
 
 
 def _piece(n):

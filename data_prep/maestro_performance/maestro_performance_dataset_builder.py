@@ -32,8 +32,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from perceivers_jax import tokens as tokens_lib
-from perceivers_jax import windows
+from perceivers_jax.data import tokens as tokens_lib
+from perceivers_jax.data import windows
 
 MAESTRO_CSV = "maestro-v3.0.0.csv"
 MAESTRO_COLUMNS = ("canonical_composer", "canonical_title", "split", "year",

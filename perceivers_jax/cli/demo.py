@@ -38,7 +38,7 @@ def main(argv: list[str]) -> None:
   if _STEPS.value < 0 or _NUM_SAMPLES.value < 2 or _SAMPLE_TOKENS.value < 16:
     raise app.UsageError("--steps must be >= 0, --num_samples >= 2 (a set needs two pieces "
                          "for intra-set distances) and --sample_tokens >= 16.")
-  from perceivers_jax import demo  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.experiments import demo  # pylint: disable=g-import-not-at-top
   demo.run_demo(demo.DemoOptions(
       output_dir=_OUTPUT_DIR.value, config=_CONFIG.value, data_dir=_DATA_DIR.value,
       steps=_STEPS.value, num_samples=_NUM_SAMPLES.value, sample_tokens=_SAMPLE_TOKENS.value,

@@ -6,7 +6,7 @@ r"""perceivers-export: a training checkpoint -> params-only export (+ config and
 `--format=orbax` (default) writes an Orbax checkpoint under params/; `--format=safetensors`
 one params.safetensors file with flat names (listed in perceivers_jax/export.py) for use
 outside this package. Either restores on any number of devices
-(`perceivers_jax.export.load_exported`), samples with `perceivers-sample --checkpoint=DIR`
+(`perceivers_jax.state.export.load_exported`), samples with `perceivers-sample --checkpoint=DIR`
 and starts fine-tuning with `--config.train.init_from=DIR`.
 """
 
@@ -29,7 +29,7 @@ _FORMAT = flags.DEFINE_enum("format", "orbax", ["orbax", "safetensors"],
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from perceivers_jax import export  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.state import export  # pylint: disable=g-import-not-at-top
   manifest = export.export(_WORKDIR.value, _OUTPUT.value, step=_STEP.value, dtype=_DTYPE.value,
                            file_format=_FORMAT.value)
   summary = {k: manifest[k] for k in ("format", "step", "num_params", "dtype", "config_sha256")}

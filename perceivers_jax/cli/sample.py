@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
   if not _OUTPUT_DIR.value:
     raise app.UsageError("--output_dir is required.")
   # Imported here so that flag errors come before jax starts.
-  from perceivers_jax import sampling  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.sampling import sampling  # pylint: disable=g-import-not-at-top
 
   path = _WORKDIR.value or _CHECKPOINT.value
   settings = sampling.SampleSettings(

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from perceivers_jax import tokens
+from perceivers_jax.data import tokens
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,13 +41,14 @@ def main(argv: list[str]) -> None:
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
   # Multi-host start-up must happen before anything touches a jax backend.
-  from perceivers_jax import mesh  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
   mesh.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from perceivers_jax import train  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.training import dry_run  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.training import train  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   if _DRY_RUN.value:
-    print(train.dry_run_json(config, compile_step=_DRY_RUN_COMPILE.value), flush=True)
+    print(dry_run.dry_run_json(config, compile_step=_DRY_RUN_COMPILE.value), flush=True)
     return
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required for training and evaluation.")

@@ -31,7 +31,7 @@ happens in a performance). Histograms count notes, not sounding time: mgeval wei
 by piano-roll duration, which once the pedal is folded in lets a few held bass notes
 dominate. Segments split [0, end of the last note) into S = 64 equal parts; a note
 belongs to the segment holding its onset. Lengths are sounding lengths after the sustain
-pedal is folded in (`perceivers_jax.tokens.load_note_sequence`, exactly as the tokeniser
+pedal is folded in (`perceivers_jax.data.tokens.load_note_sequence`, exactly as the tokeniser
 reads MIDI); a length equal to a class edge falls in the upper class. An empty piece
 gives all-zero features.
 """
@@ -49,7 +49,7 @@ with warnings.catch_warnings():
   warnings.simplefilter("ignore", RuntimeWarning)
   import note_seq
 
-from perceivers_jax import tokens as tokens_lib
+from perceivers_jax.data import tokens as tokens_lib
 
 NUM_SEGMENTS = 64
 NUM_PITCH_CLASSES = 12

@@ -17,7 +17,7 @@ a constant sequence (sum p_v^2 = 1) gives rho = 1 at every lag.
 
 import numpy as np
 
-from perceivers_jax import tokens as tokens_lib
+from perceivers_jax.data import tokens as tokens_lib
 from perceivers_jax.evaluation import features as features_lib
 
 NGRAM = 4

@@ -23,7 +23,7 @@ with warnings.catch_warnings():
   warnings.simplefilter("ignore", RuntimeWarning)
   import note_seq
 
-from perceivers_jax import tokens as tokens_lib
+from perceivers_jax.data import tokens as tokens_lib
 from perceivers_jax.evaluation import distances
 from perceivers_jax.evaluation import features as features_lib
 from perceivers_jax.evaluation import repetition

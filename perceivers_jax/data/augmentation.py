@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from perceivers_jax import tokens as tokens_lib
+from perceivers_jax.data import tokens as tokens_lib
 
 _NOTE_ON = tokens_lib.NOTE_ON_START
 _NOTE_OFF = tokens_lib.NOTE_OFF_START

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from perceivers_jax import attention as attention_lib
-from perceivers_jax import masks as masks_lib
-from perceivers_jax import partitioning
-from perceivers_jax import tokens
+from perceivers_jax.data import tokens
+from perceivers_jax.model import attention as attention_lib
+from perceivers_jax.model import masks as masks_lib
+from perceivers_jax.parallel import partitioning
 
 COMBINES = ("cascade", "sum")
 REMAT_POLICIES = ("none", "full", "nothing_saveable", "everything_saveable", "dots_saveable",
@@ -305,19 +305,3 @@ class PerceiverS(nnx.Module):
     x_BND = self.latent_stack(x_BND, latent_positions_BN, latent_valid_BN,
                               deterministic=deterministic)
     return self.logits(x_BND)
-
-
-def forward_matmul_flops(model_config: ml_collections.ConfigDict) -> int:
-  """Matmul FLOPs (2 per multiply-add) of one forward pass over one window of L inputs.
-
-  Attention is counted dense over all L keys for every scale, as the xla and cudnn kernels
-  compute it. A training step costs about 3x this per window (forward + backward).
-  """
-  cfg = model_config
-  d, hk, n, length = cfg.embed_dim, cfg.num_heads * cfg.head_dim, cfg.num_latents, cfg.max_length
-  mlp = 2 * 2 * n * d * d * cfg.mlp_ratio
-  cross = (2 * n * d * hk + 2 * 2 * length * d * hk  # q; k and v of every input
-           + 2 * 2 * n * length * hk + 2 * n * hk * d + mlp)  # scores, weighted sum; output
-  latent = 3 * 2 * n * d * hk + 2 * 2 * n * n * hk + 2 * n * hk * d + mlp
-  return (2 * n * d * d + len(cfg.cross_attention_scales) * cross
-          + cfg.num_latent_layers * latent + 2 * n * d * cfg.vocab_size)

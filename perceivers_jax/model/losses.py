@@ -8,8 +8,8 @@ means over microbatches, devices and hosts are exact (sum everything, divide onc
 import jax
 import jax.numpy as jnp
 
-from perceivers_jax import masks
-from perceivers_jax import tokens
+from perceivers_jax.data import tokens
+from perceivers_jax.model import masks
 
 
 def token_losses(logits_BNV: jax.Array, batch: dict[str, jax.Array], num_latents: int,

@@ -5,29 +5,25 @@ Every failure raises `ConfigError` naming the field, its value and what would fi
 """
 
 from collections.abc import Sequence
-import math
 
 import ml_collections
 
-from perceivers_jax import attention
-from perceivers_jax import masks
-from perceivers_jax import model as model_lib
-from perceivers_jax import param_groups
-from perceivers_jax import tokens
-from perceivers_jax import windows
+from perceivers_jax import config_base
+from perceivers_jax.data import tokens
+from perceivers_jax.data import windows
+from perceivers_jax.model import attention
+from perceivers_jax.model import masks
+from perceivers_jax.model import param_groups
+from perceivers_jax.model import perceivers as model_lib
+from perceivers_jax.parallel import mesh as mesh_lib
 
 OPTIMIZERS = ("adam",)
 SCHEDULES = ("rsqrt", "constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
-MESH_AXES = ("data", "fsdp", "tensor")
 
 
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the field."""
-
-
-def _fail(field: str, value, why: str) -> None:
-  raise ConfigError(f"config.{field}={value!r}: {why}")
+ConfigError = config_base.ConfigError
+_fail = config_base.fail
 
 
 def _check_choice(config: ml_collections.ConfigDict, field: str, choices: Sequence[str]) -> None:
@@ -50,28 +46,6 @@ def _get(config: ml_collections.ConfigDict, field: str):
                         "perceivers_jax.config_base.base_config().")
     node = node[part]
   return node
-
-
-def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
-  """(data, fsdp, tensor) sizes with the one -1 axis filled in; raises ConfigError if impossible."""
-  sizes = [mesh_config[axis] for axis in MESH_AXES]
-  for axis, size in zip(MESH_AXES, sizes):
-    if not isinstance(size, int) or (size <= 0 and size != -1):
-      _fail(f"mesh.{axis}", size,
-            "must be a positive integer or -1 (filled with the remaining devices).")
-  free = [i for i, size in enumerate(sizes) if size == -1]
-  if len(free) > 1:
-    _fail("mesh", dict(zip(MESH_AXES, sizes)), "at most one axis may be -1.")
-  fixed = math.prod(size for size in sizes if size != -1)
-  if free:
-    if num_devices % fixed:
-      _fail("mesh", dict(zip(MESH_AXES, sizes)),
-            f"the fixed axes multiply to {fixed}, which does not divide the {num_devices} devices.")
-    sizes[free[0]] = num_devices // fixed
-  elif fixed != num_devices:
-    _fail("mesh", dict(zip(MESH_AXES, sizes)),
-          f"the axes multiply to {fixed} but there are {num_devices} devices; set one axis to -1.")
-  return tuple(sizes)
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int,
@@ -128,7 +102,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
 
   _check_freeze(config)
 
-  mesh_shape = resolve_mesh_shape(config.mesh, num_devices)
+  mesh_shape = mesh_lib.resolve_mesh_shape(config.mesh, num_devices)
   batch_shards = mesh_shape[0] * mesh_shape[1]  # data x fsdp split the batch.
   if train.batch_size % train.microbatches:
     _fail("train.batch_size", train.batch_size,
@@ -150,8 +124,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   for rule in config.logical_axis_rules:
     targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
     for target in targets:
-      if target is not None and target not in MESH_AXES:
-        _fail("logical_axis_rules", rule, f"mesh axis {target!r} is not one of {MESH_AXES}.")
+      if target is not None and target not in mesh_lib.MESH_AXES:
+        _fail("logical_axis_rules", rule, f"mesh axis {target!r} is not one of {mesh_lib.MESH_AXES}.")
 
 
 def _check_freeze(config: ml_collections.ConfigDict) -> None:

@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from perceivers_jax import masks
-from perceivers_jax import model as model_lib
-from perceivers_jax import tokens
+from perceivers_jax.data import tokens
+from perceivers_jax.model import masks
+from perceivers_jax.model import perceivers as model_lib
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,8 +4,8 @@
 `workdir`, or fine-tuning from config.train.init_from while there is none), evaluates
 periodically on the validation split's sequential windows and saves on an interval and on
 preemption. `evaluate(config, workdir)` is the one-off evaluation of the
-latest checkpoint; `dry_run(config)` reports sizes and the compiled step's memory without
-training.
+latest checkpoint. The dry run (sizes and compiled memory) is `dry_run.py`; FLOPs and MFU
+are `flops.py`.
 
 State layout (what the checkpoints hold): {"step": int32, "params": nested dict of arrays (the
 model's nnx.Param values as a pure dict), "opt_state": optax state}. Parameters are created
@@ -15,13 +15,9 @@ out_shardings), never whole on one host.
 Fine-tuning: config.train.init_from (an export directory, either format, or a training
 workdir) supplies the parameters only (fresh optimizer state, step 0) of a run whose workdir
 has no checkpoint; once it has one, the run resumes from its workdir as any other.
-config.train.freeze names parameter groups (perceivers_jax/param_groups.py) that get zero
+config.train.freeze names parameter groups (perceivers_jax/model/param_groups.py) that get zero
 updates and no optimizer state (optax.multi_transform with set_to_zero); their gradients are
 dropped before clipping and the grad_norm metric.
-
-Throughput: tokens/s counts predicted slots (global batch x N per step), as SPEC 6. MFU uses
-3 x the forward matmul FLOPs of one window (`train_flops_per_window`), with the peak FLOP/s of
-the device (`PEAK_TFLOPS`, or config.train.peak_tflops when set).
 """
 
 import dataclasses
@@ -42,35 +38,23 @@ import ml_collections
 import numpy as np
 import optax
 
-from perceivers_jax import checkpointing
-from perceivers_jax import config_validation
-from perceivers_jax import input_pipeline
-from perceivers_jax import losses
-from perceivers_jax import mesh as mesh_lib
-from perceivers_jax import metrics_writer
-from perceivers_jax import model as model_lib
-from perceivers_jax import optimizer as optimizer_lib
-from perceivers_jax import param_groups
-from perceivers_jax import partitioning
+from perceivers_jax.data import input_pipeline
+from perceivers_jax.model import losses
+from perceivers_jax.model import param_groups
+from perceivers_jax.model import perceivers as model_lib
+from perceivers_jax.parallel import mesh as mesh_lib
+from perceivers_jax.parallel import partitioning
+from perceivers_jax.state import checkpointing
+from perceivers_jax.training import config_validation
+from perceivers_jax.training import flops
+from perceivers_jax.training import metrics_writer
+from perceivers_jax.training import optimizer as optimizer_lib
 
 State = dict[str, Any]
 Batch = dict[str, Any]
 
 BATCH_KEYS = ("inputs", "positions", "targets")
 BATCH_AXES = ("data", "fsdp")
-# Dense bf16 peak per chip, TFLOP/s. H200: the 790 measured in SPEC 6 (datasheet 989).
-PEAK_TFLOPS = {
-    "H200": 790.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,
-    "TPU v5e": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v5": 459.0,
-    "TPU v6 lite": 918.0,
-    "TPU v6e": 918.0,
-}
 # Target-position buckets of the evaluation NLL: [0, 512), [512, 1k), [1k, 2k), ... [16k, 32k),
 # [32k, inf).
 POSITION_BUCKETS = (0,) + tuple(512 * 2**i for i in range(7)) + (math.inf,)
@@ -78,49 +62,6 @@ POSITION_BUCKETS = (0,) + tuple(512 * 2**i for i in range(7)) + (math.inf,)
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
-
-
-# ----------------------------------------------------------------------------------------------
-# FLOPs.
-
-
-def forward_flops_per_window(model_config: ml_collections.ConfigDict) -> float:
-  """Matmul FLOPs (2 per multiply-add) of one forward pass over one window.
-
-  With L inputs, N latents, width D, attention width A = heads x head_dim, MLP width F,
-  vocabulary V, C cross-attention layers and S latent layers:
-    each cross-attention layer: q and output projections 2 x 2NDA, K/V projections of all L
-      inputs 2 x 2LDA, scores and weighted values 2 x 2NLA (every key counts: the masked,
-      dense kernels compute them, whatever the layer's scale), MLP 2 x 2NDF;
-    each latent layer: q/k/v/output projections 4 x 2NDA, scores and values 2 x 2NNA,
-      MLP 2 x 2NDF;
-    initial latent map 2NDD and output head 2NDV.
-  At paper size with one cross-attention layer this is 1.02 TFLOP (SPEC 6: 3.06 TFLOP x 1/3).
-  """
-  m = model_config
-  L, N, D = m.max_length, m.num_latents, m.embed_dim
-  A, F, V = m.num_heads * m.head_dim, m.mlp_ratio * m.embed_dim, m.vocab_size
-  cross = 2 * (2 * N * D * A + 2 * L * D * A + 2 * N * L * A + 2 * N * D * F)
-  latent = 2 * (4 * N * D * A + 2 * N * N * A + 2 * N * D * F)
-  return float(len(m.cross_attention_scales) * cross + m.num_latent_layers * latent
-               + 2 * N * D * D + 2 * N * D * V)
-
-
-def train_flops_per_window(model_config: ml_collections.ConfigDict) -> float:
-  """Training FLOPs per window: forward + backward = 3 x forward matmul FLOPs."""
-  return 3.0 * forward_flops_per_window(model_config)
-
-
-def peak_flops_per_device(config: ml_collections.ConfigDict) -> float | None:
-  """Peak FLOP/s of one device: config.train.peak_tflops if > 0, else the table; None if unknown."""
-  override = config.train.peak_tflops
-  if override:
-    return override * 1e12
-  kind = jax.devices()[0].device_kind
-  for name, tflops in PEAK_TFLOPS.items():
-    if name.lower() in kind.lower():
-      return tflops * 1e12
-  return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,7 +354,7 @@ def pretrained_params(trainer: Trainer, source: str) -> Any:
   """The parameters of `source` (config.train.init_from: an export or a training workdir) in
   `trainer`'s shardings and dtypes; ValueError naming a parameter whose shape differs."""
   # export builds its abstract params with this module's Trainer, so it imports train.
-  from perceivers_jax import export  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.state import export  # pylint: disable=g-import-not-at-top
   params, description = export.load_params(source, trainer.abstract_state["params"])
   logging.info("Fine-tuning from the parameters of %s (fresh optimizer, step 0).", description)
   return params
@@ -431,19 +372,6 @@ def checkpoint_dir(workdir: str) -> str:
   if "://" not in workdir:
     workdir = os.path.abspath(workdir)
   return str(epath.Path(workdir) / "checkpoints")
-
-
-def _throughput(step_time: float, config: ml_collections.ConfigDict,
-                peak: float | None) -> dict[str, float]:
-  """Step time, predicted tokens/s (global batch x N), TFLOP/s per device and MFU."""
-  flops_per_device = (train_flops_per_window(config.model) * config.train.batch_size / step_time
-                      / jax.device_count())
-  out = {"step_time_s": step_time,
-         "tokens_per_s": config.train.batch_size * config.model.num_latents / step_time,
-         "tflops_per_s_per_device": flops_per_device / 1e12}
-  if peak:
-    out["mfu"] = flops_per_device / peak
-  return out
 
 
 def _check_finite(step: int, loss: float) -> None:
@@ -488,10 +416,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = metrics_writer.MetricsWriter(workdir)
   watcher = checkpointing.PreemptionWatcher()
   num_steps = config.train.num_steps
-  peak = peak_flops_per_device(config)
+  peak = flops.peak_flops_per_device(config)
   if jax.process_index() == 0:
     logging.info("%d parameters; %.3g train FLOPs per step; peak %s per device.",
-                 trainer.num_params, train_flops_per_window(config.model) * config.train.batch_size,
+                 trainer.num_params, flops.train_flops_per_window(config.model) * config.train.batch_size,
                  f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no MFU)")
 
   eval_metrics: dict[str, float] = {}
@@ -516,7 +444,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         scalars = jax.device_get(metrics)
         _check_finite(step, float(scalars["loss"]))
         if interval_steps:  # Not on the very first step (its time is compilation).
-          scalars.update(_throughput((time.perf_counter() - interval_start) / interval_steps,
+          scalars.update(flops.throughput((time.perf_counter() - interval_start) / interval_steps,
                                      config, peak))
         writer.write_scalars(step, scalars, prefix="train/")
         writer.log_progress(step, num_steps, {k: scalars[k] for k in (
@@ -565,57 +493,3 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer.log_progress(step, config.train.num_steps, metrics)
   writer.close()
   return metrics
-
-
-# ----------------------------------------------------------------------------------------------
-# Dry run.
-
-
-def _bytes_per_device(abstract_tree: Any) -> int:
-  """Bytes one device holds of the arrays of `abstract_tree`, given their shardings."""
-  total = 0
-  for leaf in jax.tree.leaves(abstract_tree):
-    shard = leaf.sharding.shard_shape(leaf.shape)
-    total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
-  return total
-
-
-def dry_run(config: ml_collections.ConfigDict, *, compile_step: bool = True) -> dict[str, Any]:
-  """Sizes of `config` on this host's devices, from abstract shapes only (nothing trained).
-
-  Returns (and the CLI prints as one JSON line): parameter count, per-device bytes of
-  parameters and optimizer state, train FLOPs per step and, when `compile_step`, the compiled
-  train step's memory analysis (bytes per device: arguments, outputs, temporaries).
-  """
-  trainer = build_trainer_for(config)
-  params = trainer.abstract_state["params"]
-  report: dict[str, Any] = {
-      "num_params": trainer.num_params,
-      "mesh": dict(trainer.mesh.shape),
-      "devices": jax.device_count(),
-      "device_kind": jax.devices()[0].device_kind,
-      "param_bytes_per_device": _bytes_per_device(params),
-      "opt_state_bytes_per_device": _bytes_per_device(trainer.abstract_state["opt_state"]),
-      "train_flops_per_step": train_flops_per_window(config.model) * config.train.batch_size,
-  }
-  batch = abstract_batch(config, config.train.batch_size, trainer.batch_sharding)
-  start = time.perf_counter()
-  lowered = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_rest, batch)
-  report["lower_seconds"] = round(time.perf_counter() - start, 2)
-  if compile_step:
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    report["compile_seconds"] = round(time.perf_counter() - start, 2)
-    analysis = compiled.memory_analysis()
-    if analysis is not None:
-      memory = {name: int(getattr(analysis, f"{name}_size_in_bytes")) for name in (
-          "argument", "output", "temp", "alias", "generated_code")}
-      # Donated state aliases its output: live peak = arguments + outputs - aliased + temps.
-      memory["estimated_peak"] = (memory["argument"] + memory["output"] - memory["alias"]
-                                  + memory["temp"])
-      report["compiled_memory_bytes_per_device"] = memory
-  return report
-
-
-def dry_run_json(config: ml_collections.ConfigDict, **kwargs) -> str:
-  return json.dumps(dry_run(config, **kwargs), sort_keys=True)

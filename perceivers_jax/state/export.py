@@ -36,10 +36,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import safetensors.numpy
 
-from perceivers_jax import checkpointing
-from perceivers_jax import mesh as mesh_lib
-from perceivers_jax import param_groups
-from perceivers_jax import train
+from perceivers_jax.model import param_groups
+from perceivers_jax.parallel import mesh as mesh_lib
+from perceivers_jax.state import checkpointing
+from perceivers_jax.training import train
 
 FORMAT = "perceivers-jax-params-v1"  # the Orbax format; the name predates safetensors.
 SAFETENSORS_FORMAT = "perceivers-jax-safetensors-v1"

@@ -1,5 +1,6 @@
 """Multi-host start-up and the (data, fsdp, tensor) device mesh built from `config.mesh`."""
 
+import math
 import os
 
 from absl import logging
@@ -7,9 +8,9 @@ import jax
 from jax.sharding import AxisType, Mesh
 import ml_collections
 
-from perceivers_jax import config_validation
+from perceivers_jax import config_base
 
-MESH_AXES = config_validation.MESH_AXES
+MESH_AXES = ("data", "fsdp", "tensor")
 
 # Environment markers of a multi-host launch that `jax.distributed.initialize()` auto-detects.
 _AUTO_DETECT_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
@@ -61,7 +62,29 @@ def initialize_distributed(coordinator_address: str | None = None,
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
   """The (data, fsdp, tensor) mesh over `devices` (default: all); one axis size may be -1."""
   devices = jax.devices() if devices is None else list(devices)
-  shape = config_validation.resolve_mesh_shape(mesh_config, len(devices))
+  shape = resolve_mesh_shape(mesh_config, len(devices))
   # Auto axes: shardings come from the logical-axis rules and GSPMD propagation.
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
+
+
+def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """(data, fsdp, tensor) sizes with the one -1 axis filled in; raises ConfigError if impossible."""
+  sizes = [mesh_config[axis] for axis in MESH_AXES]
+  for axis, size in zip(MESH_AXES, sizes):
+    if not isinstance(size, int) or (size <= 0 and size != -1):
+      config_base.fail(f"mesh.{axis}", size,
+            "must be a positive integer or -1 (filled with the remaining devices).")
+  free = [i for i, size in enumerate(sizes) if size == -1]
+  if len(free) > 1:
+    config_base.fail("mesh", dict(zip(MESH_AXES, sizes)), "at most one axis may be -1.")
+  fixed = math.prod(size for size in sizes if size != -1)
+  if free:
+    if num_devices % fixed:
+      config_base.fail("mesh", dict(zip(MESH_AXES, sizes)),
+            f"the fixed axes multiply to {fixed}, which does not divide the {num_devices} devices.")
+    sizes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    config_base.fail("mesh", dict(zip(MESH_AXES, sizes)),
+          f"the axes multiply to {fixed} but there are {num_devices} devices; set one axis to -1.")
+  return tuple(sizes)

@@ -41,11 +41,11 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wron
 
 from data_prep import fetch_maestro_samples  # pylint: disable=g-import-not-at-top
 from data_prep.maestro_performance import maestro_performance_dataset_builder as builder_lib
-from perceivers_jax import input_pipeline
-from perceivers_jax import sampling
-from perceivers_jax import tokens as tokens_lib
-from perceivers_jax import train
+from perceivers_jax.data import input_pipeline
+from perceivers_jax.data import tokens as tokens_lib
 from perceivers_jax.evaluation import report as report_lib
+from perceivers_jax.sampling import sampling
+from perceivers_jax.training import train
 
 # Maestro_1..8 train, 9 validation, 10 test: the held-out pieces are the last two.
 SPLIT_OF_PIECE = {**{i: "train" for i in range(1, 9)}, 9: "validation", 10: "test"}

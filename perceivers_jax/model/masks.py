@@ -11,7 +11,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from perceivers_jax import tokens
+from perceivers_jax.data import tokens
 
 SCALE_MASKS = ("sliding", "final_block")
 # Lower bound meaning "no lower bound": real positions are >= 0.

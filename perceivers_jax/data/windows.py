@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-from perceivers_jax import tokens as tokens_lib
+from perceivers_jax.data import tokens as tokens_lib
 
 WindowKind = Literal["effective", "baseline"]
 PaddingSide = Literal["left", "right"]

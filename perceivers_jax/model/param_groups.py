@@ -25,7 +25,7 @@ from flax import nnx
 import jax
 import ml_collections
 
-from perceivers_jax import model as model_lib
+from perceivers_jax.model import perceivers as model_lib
 
 GROUPS = ("embed", "latent_init", "cross_layers", "latent_layers", "final_norm", "head")
 

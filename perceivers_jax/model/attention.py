@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from perceivers_jax import masks as masks_lib
-from perceivers_jax import partitioning
-from perceivers_jax import rotary
+from perceivers_jax.model import masks as masks_lib
+from perceivers_jax.model import rotary
+from perceivers_jax.parallel import partitioning
 
 ATTENTION_IMPLS = ("xla", "cudnn", "chunked")
 # Finite stand-in for -inf, so fully masked rows stay finite in float32.

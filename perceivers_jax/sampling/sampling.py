@@ -32,12 +32,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
 
-from perceivers_jax import decode
-from perceivers_jax import export
-from perceivers_jax import mesh as mesh_lib
-from perceivers_jax import model as model_lib
-from perceivers_jax import tokens
-from perceivers_jax import train
+from perceivers_jax.data import tokens
+from perceivers_jax.model import perceivers as model_lib
+from perceivers_jax.parallel import mesh as mesh_lib
+from perceivers_jax.sampling import decode
+from perceivers_jax.state import export
+from perceivers_jax.training import train
 
 CONFIG_FILE = "config.json"
 EXPORT_MANIFEST = export.MANIFEST  # marks a `perceivers-export` directory.

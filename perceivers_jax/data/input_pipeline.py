@@ -24,8 +24,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from perceivers_jax import augmentation
-from perceivers_jax import windows
+from perceivers_jax.data import augmentation
+from perceivers_jax.data import windows
 
 Batch = dict[str, np.ndarray]
 DataSource = Sequence[Mapping[str, Any]]

@@ -1,0 +1,1 @@
+"""Data: MIDI -> performance tokens (tokens), window arithmetic (windows), augmentation, the Grain input pipeline."""

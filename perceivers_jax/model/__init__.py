@@ -1,0 +1,1 @@
+"""The PerceiverS model: Perceiver AR core, Multi-Scale cascaded cross-attention, masks, rotary, losses."""

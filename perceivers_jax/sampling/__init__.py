@@ -1,0 +1,1 @@
+"""Sampling: the cached decoder (decode) and batch sampling to files (sampling)."""

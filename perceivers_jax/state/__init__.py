@@ -1,0 +1,1 @@
+"""Model state on disk: Orbax training checkpoints and params-only exports."""

@@ -1,0 +1,1 @@
+"""Training: the loop and step, optimizer, config validation, metrics."""

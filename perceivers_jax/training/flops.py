@@ -1,0 +1,75 @@
+"""FLOPs per window and model FLOPs utilisation (MFU), as SPEC 6 counts them.
+
+Throughput counts predicted slots (global batch x N per step). MFU uses 3 x the forward
+matmul FLOPs of one window (`train_flops_per_window`) against the peak FLOP/s of the device
+(`PEAK_TFLOPS`, or config.train.peak_tflops when set).
+"""
+
+import jax
+import ml_collections
+
+# Dense bf16 peak per chip, TFLOP/s. H200: the 790 measured in SPEC 6 (datasheet 989).
+PEAK_TFLOPS = {
+    "H200": 790.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,
+    "TPU v6 lite": 918.0,
+    "TPU v6e": 918.0,
+}
+
+
+def forward_flops_per_window(model_config: ml_collections.ConfigDict) -> float:
+  """Matmul FLOPs (2 per multiply-add) of one forward pass over one window.
+
+  With L inputs, N latents, width D, attention width A = heads x head_dim, MLP width F,
+  vocabulary V, C cross-attention layers and S latent layers:
+    each cross-attention layer: q and output projections 2 x 2NDA, K/V projections of all L
+      inputs 2 x 2LDA, scores and weighted values 2 x 2NLA (every key counts: the masked,
+      dense kernels compute them, whatever the layer's scale), MLP 2 x 2NDF;
+    each latent layer: q/k/v/output projections 4 x 2NDA, scores and values 2 x 2NNA,
+      MLP 2 x 2NDF;
+    initial latent map 2NDD and output head 2NDV.
+  At paper size with one cross-attention layer this is 1.02 TFLOP (SPEC 6: 3.06 TFLOP x 1/3).
+  """
+  m = model_config
+  L, N, D = m.max_length, m.num_latents, m.embed_dim
+  A, F, V = m.num_heads * m.head_dim, m.mlp_ratio * m.embed_dim, m.vocab_size
+  cross = 2 * (2 * N * D * A + 2 * L * D * A + 2 * N * L * A + 2 * N * D * F)
+  latent = 2 * (4 * N * D * A + 2 * N * N * A + 2 * N * D * F)
+  return float(len(m.cross_attention_scales) * cross + m.num_latent_layers * latent
+               + 2 * N * D * D + 2 * N * D * V)
+
+
+def train_flops_per_window(model_config: ml_collections.ConfigDict) -> float:
+  """Training FLOPs per window: forward + backward = 3 x forward matmul FLOPs."""
+  return 3.0 * forward_flops_per_window(model_config)
+
+
+def peak_flops_per_device(config: ml_collections.ConfigDict) -> float | None:
+  """Peak FLOP/s of one device: config.train.peak_tflops if > 0, else the table; None if unknown."""
+  override = config.train.peak_tflops
+  if override:
+    return override * 1e12
+  kind = jax.devices()[0].device_kind
+  for name, tflops in PEAK_TFLOPS.items():
+    if name.lower() in kind.lower():
+      return tflops * 1e12
+  return None
+
+
+def throughput(step_time: float, config: ml_collections.ConfigDict,
+                peak: float | None) -> dict[str, float]:
+  """Step time, predicted tokens/s (global batch x N), TFLOP/s per device and MFU."""
+  flops_per_device = (train_flops_per_window(config.model) * config.train.batch_size / step_time
+                      / jax.device_count())
+  out = {"step_time_s": step_time,
+         "tokens_per_s": config.train.batch_size * config.model.num_latents / step_time,
+         "tflops_per_s_per_device": flops_per_device / 1e12}
+  if peak:
+    out["mfu"] = flops_per_device / peak
+  return out
