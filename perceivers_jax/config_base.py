@@ -7,7 +7,12 @@ as big_vision's configs start from `big_vision.configs.common`.
 import ml_collections
 
 
-class ConfigError(ValueError):
+class InputError(Exception):
+  """Bad input the user can fix (a file, flag or config field): the message names it and the
+  fix. The command-line tools print it as one line, without a traceback (cli/logs.py)."""
+
+
+class ConfigError(InputError, ValueError):
   """A config value that cannot work; the message names the field."""
 
 

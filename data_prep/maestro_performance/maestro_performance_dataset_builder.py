@@ -1,10 +1,10 @@
 """TFDS builder `maestro_performance`: MAESTRO (or any MIDI folder) as performance tokens.
 
-Configs (the `folder_` ones read any folder of MIDI files instead of MAESTRO v3):
-  full / folder_full: one example per piece (tokens, piece_id, composer, title, year,
-    duration, filename, num_tokens).
-  windows_L<L>_N<N> / folder_windows_L<L>_N<N>: the effective sequential windows of every
-    piece (SPEC 2), fixed length L, left-padded, plus piece_id and end offset.
+Configs: `full` (MAESTRO v3 layout) and `folder_full` (any folder of MIDI files): one
+example per piece (tokens, piece_id, composer, title, year, duration, filename,
+num_tokens). Training and evaluation cut their windows on the fly from these
+(data/input_pipeline.py), so no pre-cut window config exists: it would store every token
+about L/N times over (32x at the paper's L=32,768, N=1,024).
 
 Built without TensorFlow or Beam (`perceivers-build-data` or `build()` below):
 
@@ -12,28 +12,26 @@ Built without TensorFlow or Beam (`perceivers-build-data` or `build()` below):
   builder.download_and_prepare(file_format="array_record",
       download_config=tfds.download.DownloadConfig(manual_dir=MAESTRO_DIR))
 
-Pieces are tokenised in parallel processes; unreadable, empty and drum-only files are
-skipped and listed in `build_report.json` beside the dataset files.
+Pieces are tokenised in worker processes (workers.py); unreadable, empty, drum-only and
+over-cap files, and files whose worker died, are skipped and listed in `build_report.json`
+beside the dataset files. The report also records a sha256 of every input file and the
+caps, so that `build()` notices a changed input folder.
 """
 
-from collections.abc import Iterator
-import concurrent.futures
 import csv
 import dataclasses
 import hashlib
 import json
-import multiprocessing
 import os
 import pathlib
-import re
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-import tqdm
 
+from data_prep.maestro_performance import workers
+from perceivers_jax import config_base
 from perceivers_jax.data import tokens as tokens_lib
-from perceivers_jax.data import windows
 
 MAESTRO_CSV = "maestro-v3.0.0.csv"
 MAESTRO_COLUMNS = ("canonical_composer", "canonical_title", "split", "year",
@@ -45,11 +43,15 @@ MIDI_SUFFIXES = (".mid", ".midi")
 FOLDER_SPLIT_PERCENT = (80, 10, 10)
 REPORT_NAME = "build_report.json"
 
-_WINDOWS_NAME = re.compile(r"^(folder_)?windows_L(\d+)_N(\d+)$")
+CONFIG_NAMES = ("full", "folder_full")
 
 
-class LayoutError(FileNotFoundError):
+class LayoutError(config_base.InputError, FileNotFoundError):
   """The manual folder is missing or not laid out as the builder config expects."""
+
+
+class InputsChangedError(config_base.InputError):
+  """The manual folder differs from the one an existing build was made from."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,35 +70,19 @@ class Piece:
 
 @dataclasses.dataclass
 class MaestroPerformanceConfig(tfds.core.BuilderConfig):
-  """layout: maestro_v3 | folder; max_length/num_latents > 0 for a windows config."""
+  """layout: maestro_v3 | folder."""
 
   layout: str = "maestro_v3"
-  max_length: int = 0
-  num_latents: int = 0
-
-  @property
-  def is_windows(self) -> bool:
-    return self.max_length > 0
 
 
 def make_config(name: str) -> MaestroPerformanceConfig:
-  """Config from its name: full, folder_full, [folder_]windows_L<L>_N<N>."""
-  if name in ("full", "folder_full"):
-    layout = "folder" if name.startswith("folder_") else "maestro_v3"
-    return MaestroPerformanceConfig(name=name, layout=layout,
-                                    description=f"One example per piece ({layout} layout).")
-  match = _WINDOWS_NAME.match(name)
-  if not match:
-    raise ValueError(f"unknown config {name!r}: expected full, folder_full or "
-                     "[folder_]windows_L<L>_N<N> (e.g. windows_L32768_N1024)")
-  max_length, num_latents = int(match.group(2)), int(match.group(3))
-  if not 0 < num_latents <= max_length:
-    raise ValueError(f"config {name!r}: need 0 < N <= L")
-  layout = "folder" if match.group(1) else "maestro_v3"
-  return MaestroPerformanceConfig(
-      name=name, layout=layout, max_length=max_length, num_latents=num_latents,
-      description=f"Effective sequential windows, L={max_length}, N={num_latents} "
-                  f"({layout} layout).")
+  """Config from its name: full or folder_full."""
+  if name not in CONFIG_NAMES:
+    raise ValueError(f"unknown config {name!r}: expected one of {CONFIG_NAMES} (windows are "
+                     "cut on the fly from full, so there are no windows_* configs)")
+  layout = "folder" if name.startswith("folder_") else "maestro_v3"
+  return MaestroPerformanceConfig(name=name, layout=layout,
+                                  description=f"One example per piece ({layout} layout).")
 
 
 def _maestro_pieces(manual_dir: pathlib.Path) -> list[Piece]:
@@ -165,34 +151,39 @@ def list_pieces(manual_dir: os.PathLike | str, layout: str) -> list[Piece]:
   raise ValueError(f"layout must be maestro_v3 or folder, got {layout!r}")
 
 
-def _tokenise(path: str) -> tuple[np.ndarray | None, str]:
-  """Worker: (tokens, "") or (None, reason)."""
-  if not os.path.isfile(path):
-    return None, "file listed but missing"
-  try:
-    return tokens_lib.midi_file_to_tokens(path), ""
-  except tokens_lib.MidiError as e:
-    return None, str(e)
-  except Exception as e:  # pylint: disable=broad-except
-    # One odd file must never abort a build of thousands.
-    return None, f"{path}: {type(e).__name__}: {e}"
+def _sha256(path: pathlib.Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
 
 
-def tokenise_pieces(pieces: list[Piece], num_workers: int
+def input_fingerprint(manual_dir: os.PathLike | str, layout: str,
+                      limits: workers.Limits) -> dict[str, Any]:
+  """What a build depends on: the sha256 of every input file (and of the CSV) and the caps."""
+  manual_dir = pathlib.Path(manual_dir)
+  files = {p.filename: _sha256(pathlib.Path(p.path)) for p in list_pieces(manual_dir, layout)}
+  if layout == "maestro_v3":
+    files[MAESTRO_CSV] = _sha256(manual_dir / MAESTRO_CSV)
+  return {"files": files, "limits": dataclasses.asdict(limits)}
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+  """"2 added (e.g. a.mid), 1 modified (e.g. b.mid)" between two fingerprints ("" if none)."""
+  old_files, new_files = old.get("files", {}), new["files"]
+  groups = {
+      "added": sorted(set(new_files) - set(old_files)),
+      "removed": sorted(set(old_files) - set(new_files)),
+      "modified": sorted(f for f in set(old_files) & set(new_files)
+                         if old_files[f] != new_files[f])}
+  parts = [f"{len(names)} {what} (e.g. {names[0]})" for what, names in groups.items() if names]
+  if old.get("limits") != new["limits"]:
+    parts.append(f"caps {old.get('limits')} -> {new['limits']}")
+  return ", ".join(parts)
+
+
+def tokenise_pieces(pieces: list[Piece], num_workers: int,
+                    limits: workers.Limits = workers.Limits()
                     ) -> tuple[dict[int, np.ndarray], list[dict[str, str]]]:
-  """Tokens by piece_id for the good pieces, and [{filename, reason}] for the bad ones.
-
-  num_workers > 1 uses that many spawned processes (the MIDI parse dominates).
-  """
-  paths = [p.path for p in pieces]
-  progress = dict(total=len(pieces), desc="tokenising", unit="piece")
-  if num_workers > 1:
-    # spawn, not fork: the caller may have started threads (JAX, Grain).
-    with concurrent.futures.ProcessPoolExecutor(
-        num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-      results = list(tqdm.tqdm(pool.map(_tokenise, paths, chunksize=4), **progress))
-  else:
-    results = [_tokenise(path) for path in tqdm.tqdm(paths, **progress)]
+  """Tokens by piece_id for the good pieces, and [{filename, reason}] for the bad ones."""
+  results = workers.tokenise_files([p.path for p in pieces], limits, num_workers)
   good, bad = {}, []
   for piece, (ids, reason) in zip(pieces, results):
     if ids is None:
@@ -203,44 +194,33 @@ def tokenise_pieces(pieces: list[Piece], num_workers: int
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
-  """MAESTRO performances as SPEC 1 token ids: whole pieces or sequential windows."""
+  """MAESTRO performances as SPEC 1 token ids, one example per piece."""
 
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Performance tokens (vocabulary 391), full and windows configs."}
-  BUILDER_CONFIGS = [make_config(name) for name in (
-      "full", "windows_L32768_N1024", "windows_L64_N16",
-      "folder_full", "folder_windows_L32768_N1024", "folder_windows_L64_N16")]
+  RELEASE_NOTES = {"1.0.0": "Performance tokens (vocabulary 391), one example per piece."}
+  BUILDER_CONFIGS = [make_config(name) for name in CONFIG_NAMES]
   DEFAULT_CONFIG_NAME = "full"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       f"Download maestro-v3.0.0-midi.zip from {MAESTRO_URL}, unzip it and pass the folder "
       f"holding {MAESTRO_CSV} as the manual dir (perceivers-build-data --manual_dir=...). "
-      "folder_* configs take any folder of MIDI files instead.")
+      "folder_full takes any folder of MIDI files instead.")
 
-  def __init__(self, *, num_workers: int | None = None, **kwargs):
-    # A config name outside BUILDER_CONFIGS (another L or N) is built from its name.
-    config = kwargs.get("config")
-    if isinstance(config, str) and config not in self.builder_configs:
-      kwargs["config"] = make_config(config)
-    self._num_workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
+  def __init__(self, *, num_workers: int | None = None,
+               limits: workers.Limits = workers.Limits(), **kwargs):
+    self._num_workers = num_workers or os.cpu_count() or 1
+    self._limits = limits
     self.report: dict[str, Any] | None = None
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    config = self.builder_config
-    if config.is_windows:
-      window = tfds.features.Tensor(shape=(config.max_length,), dtype=np.int32)
-      features = {"inputs": window, "positions": window, "targets": window,
-                  "piece_id": tfds.features.Scalar(np.int32),
-                  "end": tfds.features.Scalar(np.int32)}
-    else:
-      features = {"tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                  "num_tokens": tfds.features.Scalar(np.int32),
-                  "piece_id": tfds.features.Scalar(np.int32),
-                  "composer": tfds.features.Text(),
-                  "title": tfds.features.Text(),
-                  "year": tfds.features.Scalar(np.int32),
-                  "duration": tfds.features.Scalar(np.float32),
-                  "filename": tfds.features.Text()}
+    features = {"tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                "num_tokens": tfds.features.Scalar(np.int32),
+                "piece_id": tfds.features.Scalar(np.int32),
+                "composer": tfds.features.Text(),
+                "title": tfds.features.Text(),
+                "year": tfds.features.Scalar(np.int32),
+                "duration": tfds.features.Scalar(np.float32),
+                "filename": tfds.features.Text()}
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict(features),
         homepage=MAESTRO_URL,
@@ -249,7 +229,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     config = self.builder_config
     pieces = list_pieces(dl_manager.manual_dir, config.layout)
-    ids_by_piece, bad = tokenise_pieces(pieces, self._num_workers)
+    inputs = input_fingerprint(dl_manager.manual_dir, config.layout, self._limits)
+    ids_by_piece, bad = tokenise_pieces(pieces, self._num_workers, self._limits)
     counts = {split: sum(p.split == split and p.piece_id in ids_by_piece for p in pieces)
               for split in SPLITS}
     self.report = {
@@ -257,7 +238,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "pieces_found": len(pieces), "pieces_built": len(ids_by_piece),
         "pieces_per_split": counts,
         "tokens": int(sum(len(ids) for ids in ids_by_piece.values())),
-        "skipped": len(bad), "skipped_files": bad,
+        "skipped": len(bad), "skipped_files": bad, "inputs": inputs,
     }
     # self.data_dir is the temporary build folder here; TFDS moves it into place.
     (pathlib.Path(self.data_dir) / REPORT_NAME).write_text(json.dumps(self.report, indent=2))
@@ -267,38 +248,65 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, pieces: list[Piece], ids_by_piece: dict[int, np.ndarray]
                          ) -> Iterator[tuple[str, dict[str, Any]]]:
-    config = self.builder_config
     for piece in pieces:
       ids = ids_by_piece.get(piece.piece_id)
       if ids is None:
         continue
-      if not config.is_windows:
-        yield piece.filename, {
-            "tokens": ids, "num_tokens": len(ids), "piece_id": piece.piece_id,
-            "composer": piece.composer, "title": piece.title, "year": piece.year,
-            "duration": piece.duration or tokens_lib.tokens_duration_seconds(ids),
-            "filename": piece.filename}
-        continue
-      # Windows are cut lazily, one at a time; TFDS's writer spills to disk as it goes.
-      for end, first_target in windows.sequential_ends(len(ids), config.num_latents):
-        window = windows.make_window(ids, end, max_length=config.max_length,
-                                     num_latents=config.num_latents,
-                                     first_target=first_target)
-        yield f"{piece.filename}:{end}", {**window, "piece_id": piece.piece_id, "end": end}
+      yield piece.filename, {
+          "tokens": ids, "num_tokens": len(ids), "piece_id": piece.piece_id,
+          "composer": piece.composer, "title": piece.title, "year": piece.year,
+          "duration": piece.duration or tokens_lib.tokens_duration_seconds(ids),
+          "filename": piece.filename}
 
 
 def build(manual_dir: os.PathLike | str, data_dir: os.PathLike | str, config: str = "full",
-          *, num_workers: int | None = None) -> tuple[Builder, dict[str, Any]]:
+          *, num_workers: int | None = None, limits: workers.Limits = workers.Limits(),
+          rebuild: bool = False) -> tuple[Builder, dict[str, Any]]:
   """Builds `maestro_performance/<config>` as ArrayRecord; returns (builder, report).
 
-  An existing build of the same config and version is reused (its report re-read).
+  An existing build of the same config and version is reused (its report re-read, with
+  "reused": True) if its input files and caps are unchanged. Writes
+  input_pipeline.LENGTHS_FILE beside the records if missing. Otherwise InputsChangedError
+  says what changed, unless `rebuild`, which replaces the existing build.
   """
-  builder = Builder(config=config, data_dir=os.fspath(data_dir), num_workers=num_workers)
+  make_config(config)  # names the allowed configs
+  builder = Builder(config=config, data_dir=os.fspath(data_dir),
+                    num_workers=num_workers, limits=limits)
   # Fails early with the layout the config expects (TFDS's own message is generic).
   list_pieces(manual_dir, builder.builder_config.layout)
+  report_path = pathlib.Path(builder.data_dir) / REPORT_NAME
+  reused = builder.is_prepared() and not rebuild
+  if reused:
+    old = json.loads(report_path.read_text()) if report_path.exists() else {}
+    changes = "it records no inputs" if "inputs" not in old else describe_changes(
+        old["inputs"], input_fingerprint(manual_dir, builder.builder_config.layout, limits))
+    if changes:
+      raise InputsChangedError(
+          f"{builder.data_dir} was built from other inputs than {manual_dir} now holds "
+          f"({changes}): rerun with --rebuild to replace it")
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if rebuild
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   builder.download_and_prepare(
       file_format="array_record",
-      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
-  report_path = pathlib.Path(builder.data_dir) / REPORT_NAME
+      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir),
+                                                   download_mode=mode))
   report = json.loads(report_path.read_text()) if report_path.exists() else {}
-  return builder, report
+  _write_lengths(builder, report)
+  return builder, {**report, "reused": reused}
+
+
+def _write_lengths(builder: Builder, report: dict[str, Any]) -> None:
+  """Writes input_pipeline.LENGTHS_FILE (once): each split's num_tokens in record order, so
+  evaluation start-up reads no records. TFDS orders records by a hash of their keys, hence
+  one pass over the finished build."""
+  # Imported here: worker processes import this module and need no jax or grain.
+  from perceivers_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(builder.data_dir) / input_pipeline.LENGTHS_FILE
+  if path.exists():
+    return
+  lengths = {}
+  for split, count in report.get("pieces_per_split", {}).items():
+    if count:
+      source = builder.as_data_source(split=split)
+      lengths[split] = [int(source[i]["num_tokens"]) for i in range(len(source))]
+  path.write_text(json.dumps(lengths))

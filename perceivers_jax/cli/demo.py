@@ -32,7 +32,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
 def main(argv: list[str]) -> None:
-  logs.quiet_library_info()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _STEPS.value < 0 or _NUM_SAMPLES.value < 2 or _SAMPLE_TOKENS.value < 16:
@@ -47,8 +46,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (`perceivers-demo`)."""
-  logs.show_flags_in_help(__name__)
-  app.run(main)
+  logs.run(main, __name__)
 
 
 if __name__ == "__main__":

@@ -59,8 +59,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  logs.show_flags_in_help(__name__)
-  app.run(main)
+  logs.run(main, __name__)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (`perceivers-export`)."""
-  logs.show_flags_in_help(__name__)
-  app.run(main)
+  logs.run(main, __name__)
 
 
 if __name__ == "__main__":

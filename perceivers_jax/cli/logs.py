@@ -1,12 +1,31 @@
-"""Readable console output for the command-line tools: quiet library logs, full --help."""
+"""What every command-line tool shares: quiet library logs, full --help, and bad input as one
+line on stderr.
 
+Bad input (a missing or misnamed file, flag or config field) exits 1 with one line that
+names the thing and the fix, and no traceback; `--verbose` shows the traceback too. Any
+other exception is a bug and keeps its traceback.
+"""
+
+from collections.abc import Callable
 import logging as std_logging
+import re
 import sys
+from typing import Any
 
+from absl import app
 from absl import flags
 from absl import logging
 
+from perceivers_jax import config_base
+
 _NOISY_LIBRARIES = ("/orbax/", "/grain/", "/jax/", "/etils/", "/tensorflow_datasets/")
+# Path errors are the user's: a missing input, an output where a file already is.
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError)
+VERBOSE_FLAG = "verbose"
+
+flags.DEFINE_bool(VERBOSE_FLAG, False,
+                  "On bad input, also print the traceback (it is one line without).")
 
 
 class _LibraryInfoFilter(std_logging.Filter):
@@ -19,7 +38,7 @@ class _LibraryInfoFilter(std_logging.Filter):
 
 
 def quiet_library_info() -> None:
-  """Call first thing in an absl `main`."""
+  """Filters library INFO lines out of absl logging (`run` does this for absl mains)."""
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
 
 
@@ -31,3 +50,64 @@ def show_flags_in_help(module_name: str) -> None:
   """
   for flag in flags.FLAGS.get_key_flags_for_module(module_name):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
+def input_error_line(error: BaseException) -> str | None:
+  """"error: ..." on one line if `error` is bad input, else None (a bug)."""
+  if isinstance(error, (config_base.InputError, app.UsageError)):
+    message = str(error)
+  elif isinstance(error, _PATH_ERRORS) and error.filename:
+    message = f"{error.filename}: {error.strerror}"
+  elif isinstance(error, _PATH_ERRORS):
+    message = str(error)
+  else:
+    return None
+  return "error: " + " ".join(message.split())
+
+
+def call(fn: Callable[[], Any], *, verbose: bool) -> Any:
+  """fn(); bad input is printed as one line and exits 1 (re-raised if `verbose`)."""
+  try:
+    return fn()
+  except Exception as e:  # pylint: disable=broad-except
+    line = input_error_line(e)
+    if line is None or verbose:
+      raise
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def _flag_error_line(error: Exception, argv: list[str]) -> str:
+  """A flag parser's exception (a --config.* override that fails) as one line."""
+  quoted = re.findall(r"'([^'\s]+)'", str(error))
+  for arg in argv[1:]:
+    name = arg.lstrip("-").partition("=")[0]
+    parent, _, field = name.rpartition(".")
+    if parent and quoted and field == quoted[0]:
+      hint = re.search(r"[Dd]id you mean '[^']+'", str(error))
+      return (f"error: --{name}: {parent} has no field {field!r}; "
+              f"{hint.group(0) + '?' if hint else 'check the name against the config file'}")
+  return "error: bad flag: " + " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def run(main: Callable[[list[str]], Any], module_name: str) -> None:
+  """absl `app.run(main)` for a console script, with everything this module does."""
+  show_flags_in_help(module_name)
+  main_started = False
+
+  def guarded_main(argv: list[str]) -> Any:
+    nonlocal main_started
+    main_started = True
+    quiet_library_info()
+    return call(lambda: main(argv), verbose=flags.FLAGS[VERBOSE_FLAG].value)
+
+  argv = list(sys.argv)
+  try:
+    app.run(guarded_main)
+  except Exception as e:  # pylint: disable=broad-except
+    # Before main: raised while parsing flags (absl reports its own flag errors), i.e. a
+    # --config.* override that does not fit the config.
+    if main_started or f"--{VERBOSE_FLAG}" in argv:
+      raise
+    print(_flag_error_line(e, argv), file=sys.stderr, flush=True)
+    sys.exit(1)

@@ -82,8 +82,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (`perceivers-sample`)."""
-  logs.show_flags_in_help(__name__)
-  app.run(main)
+  logs.run(main, __name__)
 
 
 if __name__ == "__main__":

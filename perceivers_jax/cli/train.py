@@ -11,6 +11,8 @@ same command on every host (TPU pods, SLURM and Open MPI are detected; otherwise
 --coordinator_address, --num_processes and --process_id, or the JAX_* environment variables).
 """
 
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -35,11 +37,13 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv: list[str]) -> None:
-  logs.quiet_library_info()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
+  if _WORKDIR.value and os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+    raise app.UsageError(f"--workdir={_WORKDIR.value} is a file; pass a folder (new, or "
+                         "holding the run to resume)")
   # Multi-host start-up must happen before anything touches a jax backend.
   from perceivers_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
   mesh.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -61,8 +65,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (`perceivers-train`)."""
-  logs.show_flags_in_help(__name__)
-  app.run(main)
+  logs.run(main, __name__)
 
 
 if __name__ == "__main__":

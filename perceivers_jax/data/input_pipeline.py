@@ -8,7 +8,9 @@ from (seed, epoch, record index), so a seed fixes every batch and the iterator s
 
 Evaluation: the effective sequential windows of every piece of the split (each target
 predicted once), split into contiguous per-host blocks of equal size, padded with
-all-PAD rows so every host runs the same number of fixed-shape batches.
+all-PAD rows so every host runs the same number of fixed-shape batches. The plan needs only
+the pieces' lengths: a built split's are read from LENGTHS_FILE beside its records
+(`perceivers-build-data` writes it), so start-up reads no tokens.
 
 Batches are dicts of int32 numpy arrays [B_host, L]: inputs, positions, targets
 (`perceivers_jax/windows.py`). `to_global_arrays` makes global jax.Arrays of them.
@@ -16,9 +18,11 @@ Batches are dicts of int32 numpy arrays [B_host, L]: inputs, positions, targets
 
 from collections.abc import Sequence
 import dataclasses
+import json
 from typing import Any, Mapping
 
 from absl import flags
+from etils import epath
 import grain
 import jax
 import ml_collections
@@ -29,6 +33,8 @@ from perceivers_jax.data import windows
 
 Batch = dict[str, np.ndarray]
 DataSource = Sequence[Mapping[str, Any]]
+# {split: [num_tokens of each record, in record order]} in a TFDS build's folder.
+LENGTHS_FILE = "num_tokens.json"
 
 
 def _process_index_and_count(process_index: int | None,
@@ -162,20 +168,32 @@ class _SequentialWindow:
                                padding_side=self.padding_side)
 
 
+def record_lengths(data_source: DataSource) -> list[int]:
+  """Token count of each record: from LENGTHS_FILE for a built TFDS split (no record read),
+  else from the records' tokens (in-memory sources)."""
+  info, split = getattr(data_source, "dataset_info", None), getattr(data_source, "split", None)
+  if info is not None and split is not None:
+    path = epath.Path(info.data_dir) / LENGTHS_FILE
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    if len(stored.get(str(split), ())) == len(data_source):
+      return stored[str(split)]
+  return [len(data_source[i]["tokens"]) for i in range(len(data_source))]
+
+
 def make_eval_batches(config: ml_collections.ConfigDict, data_source: DataSource, *,
                       process_index: int | None = None, process_count: int | None = None,
                       lengths: Sequence[int] | None = None) -> grain.MapDataset:
   """This host's eval batches: a re-iterable MapDataset of dicts of int32 [B_host, L].
 
   All hosts get the same number of batches (`len()`); padding rows are all-PAD.
-  `lengths` (token counts of the records) saves a pass over the data when known.
+  `lengths`: token counts of the records (default `record_lengths`).
   `config.eval.max_batches` > 0 keeps only each host's first batches.
   """
   process_index, process_count = _process_index_and_count(process_index, process_count)
   batch_size = _host_batch_size(config.eval.batch_size, process_count, "eval.batch_size")
   _check_data_config(config)
   if lengths is None:
-    lengths = [len(data_source[i]["tokens"]) for i in range(len(data_source))]
+    lengths = record_lengths(data_source)
   rows_R3 = eval_plan(lengths, config.model.num_latents, batch_size=batch_size,
                       process_index=process_index, process_count=process_count)
   if config.eval.max_batches:

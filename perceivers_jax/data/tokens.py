@@ -29,6 +29,8 @@ with warnings.catch_warnings():
   from note_seq import performance_encoder_decoder
   from note_seq import performance_lib
 
+from perceivers_jax import config_base
+
 PAD_ID = 0
 EOS_ID = 1
 SOS_ID = 2
@@ -51,7 +53,7 @@ _ENCODING = performance_encoder_decoder.PerformanceOneHotEncoding(
 assert _ENCODING.num_classes + NUM_RESERVED_IDS == VOCAB_SIZE
 
 
-class MidiError(ValueError):
+class MidiError(config_base.InputError, ValueError):
   """A MIDI file that cannot be tokenised (unreadable, empty or drum-only)."""
 
 

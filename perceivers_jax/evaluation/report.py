@@ -23,6 +23,7 @@ with warnings.catch_warnings():
   warnings.simplefilter("ignore", RuntimeWarning)
   import note_seq
 
+from perceivers_jax import config_base
 from perceivers_jax.data import tokens as tokens_lib
 from perceivers_jax.evaluation import distances
 from perceivers_jax.evaluation import features as features_lib
@@ -38,34 +39,39 @@ MIN_BASELINE_OA = 0.01
 _PLOT_FILES = ("distance_kde.png", "repetition_density.png", "token_autocorrelation.png")
 
 
+class EvaluationError(config_base.InputError, ValueError):
+  """A set that cannot be evaluated (missing, empty, not built); the message names it."""
+
+
 @dataclasses.dataclass
 class PieceSet:
-  """A loaded set: one entry per piece."""
+  """A loaded set: one entry per piece, and [{filename, reason}] of the unreadable files."""
   name: str
   source: str
   piece_names: list[str]
   notes: list[features_lib.Notes]
   tokens: list[np.ndarray]
+  skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
 
 def _tfds_items(source: str, data_dir: str | None, max_pieces: int | None):
   spec = source[len(TFDS_PREFIX):]
   name, sep, split = spec.rpartition(":")
   if not sep or not name or not split:
-    raise ValueError(f"{source!r}: expected tfds:NAME:SPLIT, "
+    raise EvaluationError(f"{source!r}: expected tfds:NAME:SPLIT, "
                      "e.g. tfds:maestro_performance/full:validation")
   # Imported here: only tfds sources need TFDS and the builder (importing it registers it).
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from data_prep import maestro_performance  # pylint: disable=g-import-not-at-top,unused-import
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():  # evaluation reads a built dataset, it never builds one
-    raise ValueError(
+    raise EvaluationError(
         f"{source!r}: not built under {builder.data_dir}; build it with `perceivers-build-data "
         "--manual_dir=MAESTRO_DIR --data_dir=DATA_DIR` and pass --data_dir=DATA_DIR")
   try:
     data_source = builder.as_data_source(split=split)
   except (KeyError, ValueError) as e:
-    raise ValueError(f"{source!r}: cannot open split {split!r} ({e})") from e
+    raise EvaluationError(f"{source!r}: cannot open split {split!r} ({e})") from e
   count = len(data_source) if max_pieces is None else min(max_pieces, len(data_source))
   return [(f"{split}[{i}]", np.asarray(data_source[i]["tokens"])) for i in range(count)]
 
@@ -81,7 +87,7 @@ def _folder_items(folder: pathlib.Path, max_pieces: int | None):
         by_piece[p.with_suffix("")] = p
   paths = sorted(by_piece.values())
   if not paths:
-    raise ValueError(f"{folder}: no {'/'.join(suffixes)} files in this folder; point the "
+    raise EvaluationError(f"{folder}: no {'/'.join(suffixes)} files in this folder; point the "
                      "set at a folder of MIDI files or token arrays")
   return [(str(p.relative_to(folder)), p) for p in paths[:max_pieces]]
 
@@ -113,22 +119,33 @@ def load_set(name: str, source: SetSource, *, data_dir: str | None = None,
   elif isinstance(source, (str, os.PathLike)):
     folder = pathlib.Path(source)
     if not folder.is_dir():
-      raise ValueError(f"{folder} ({name} set): not a folder")
+      raise EvaluationError(f"{folder} ({name} set): not a folder")
     items, label = _folder_items(folder, max_pieces), str(folder)
   else:
     items = [(str(item) if isinstance(item, (str, os.PathLike)) else f"{name}[{i}]", item)
              for i, item in enumerate(list(source)[:max_pieces])]
     label = f"{len(items)} pieces given in memory"
   if not items:
-    raise ValueError(f"the {name} set ({label}) is empty")
+    raise EvaluationError(f"the {name} set ({label}) is empty")
   piece_set = PieceSet(name, label, [], [], [])
   for piece_name, item in tqdm.tqdm(items, desc=f"{name}: loading", unit="piece"):
-    notes, token_ids = _load_item(piece_name, item)
+    try:
+      notes, token_ids = _load_item(piece_name, item)
+    except (ValueError, OSError, EOFError) as e:
+      if not isinstance(item, (str, os.PathLike)):
+        raise  # pieces given in memory are the caller's to fix
+      # One unreadable file is skipped and reported, as the dataset builder does.
+      logging.warning("%s set: skipping %s: %s", name, piece_name, e)
+      piece_set.skipped.append({"filename": piece_name, "reason": " ".join(str(e).split())})
+      continue
     if not len(notes):
       logging.warning("%s set: %s has no notes; its features are all zero", name, piece_name)
     piece_set.piece_names.append(piece_name)
     piece_set.notes.append(notes)
     piece_set.tokens.append(token_ids)
+  if not piece_set.notes:
+    raise EvaluationError(f"the {name} set ({label}): none of its {len(items)} files is "
+                          f"readable, e.g. {piece_set.skipped[0]['reason']}")
   return piece_set
 
 
@@ -242,6 +259,13 @@ def _write_markdown(metrics: dict, path: pathlib.Path) -> None:
     lines.append(f"| {name} | {entry['num_pieces']} | {_fmt(rep['repetitive_share_mean'])} | "
                  f"{_fmt(rep['repetitive_per_second_mean'])} | "
                  f"{_fmt(rep['autocorrelation_mean'])} | {_fmt(rep['autocorrelation_max'])} |")
+  skipped = [(name, bad) for name, entry in
+             [("reference", metrics["reference"])] + list(metrics["sets"].items())
+             for bad in entry["skipped_files"]]
+  if skipped:
+    lines += ["", "## Skipped files (unreadable; not evaluated)", "",
+              "| Set | file | reason |", "|---|---|---|"]
+    lines += [f"| {name} | {bad['filename']} | {bad['reason']} |" for name, bad in skipped]
   lines += ["", "Plots: " + ", ".join(f"[{f}]({f})" for f in _PLOT_FILES), ""]
   path.write_text("\n".join(lines))
 
@@ -336,7 +360,7 @@ def evaluate_sets(reference: SetSource, generated: Mapping[str, SetSource],
   load = dict(data_dir=data_dir, max_pieces=max_pieces)
   reference_set = load_set("reference", reference, **load)
   if len(reference_set.notes) < 2:
-    raise ValueError(f"the reference set ({reference_set.source}) needs at least 2 pieces "
+    raise EvaluationError(f"the reference set ({reference_set.source}) needs at least 2 pieces "
                      f"for intra-set distances, found {len(reference_set.notes)}")
   reference_features = _set_features(reference_set, num_segments)
   reference_intra = {name: distances.intra_set_distances(values)
@@ -348,7 +372,7 @@ def evaluate_sets(reference: SetSource, generated: Mapping[str, SetSource],
                  "repetition_window_s": repetition.WINDOW_S},
       "reference": {
           "source": reference_set.source, "num_pieces": len(reference_set.notes),
-          "pieces": reference_set.piece_names,
+          "pieces": reference_set.piece_names, "skipped_files": reference_set.skipped,
           "features": {name: _value_spread(reference_features[name])
                        for name in features_lib.SCALAR_FEATURES},
           "repetition": _repetition(reference_set, max_lag)},
@@ -367,7 +391,7 @@ def evaluate_sets(reference: SetSource, generated: Mapping[str, SetSource],
       comparison[name].update(_value_spread(set_features[name]))
     metrics["sets"][set_name] = {
         "source": piece_set.source, "num_pieces": len(piece_set.notes),
-        "pieces": piece_set.piece_names,
+        "pieces": piece_set.piece_names, "skipped_files": piece_set.skipped,
         "features": {name: {k: v for k, v in entry.items() if k != "distances"}
                      for name, entry in comparison.items()},
         "kld_mean": np.mean([entry["kld"] for entry in comparison.values()]),
