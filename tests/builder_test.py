@@ -14,10 +14,10 @@ import tensorflow_datasets as tfds
 
 from data_prep import maestro_performance
 from data_prep.maestro_performance import maestro_performance_dataset_builder as mpdb
+from data_prep.maestro_performance import workers
 from perceivers_jax import config_base
 from perceivers_jax.data import input_pipeline
 from perceivers_jax.data import tokens
-from perceivers_jax.data import windows
 
 # Three of the shorter real pieces, one per split.
 REAL = {"Maestro_3.mid": "train", "Maestro_1.mid": "validation", "Maestro_10.mid": "test"}
@@ -59,7 +59,7 @@ def _populate(root: pathlib.Path, maestro_dir: pathlib.Path, year_folders: bool)
 
 @pytest.fixture(scope="module")
 def maestro_build(maestro_paths, tmp_path_factory):
-  """One MAESTRO-v3-shaped manual dir built as `full` (2 processes) and windows_L64_N16."""
+  """One MAESTRO-v3-shaped manual dir built as `full` (2 processes)."""
   root = tmp_path_factory.mktemp("maestro-v3.0.0")
   rows = _populate(root, maestro_paths[0].parent, year_folders=True)
   with (root / mpdb.MAESTRO_CSV).open("w", newline="") as f:
@@ -68,17 +68,14 @@ def maestro_build(maestro_paths, tmp_path_factory):
     writer.writerows(rows)
   data_dir = tmp_path_factory.mktemp("tfds")
   builder, report = maestro_performance.build(root, data_dir, "full", num_workers=2)
-  windows_builder, _ = maestro_performance.build(root, data_dir, "windows_L64_N16",
-                                                 num_workers=1)
-  return dict(root=root, rows=rows, data_dir=data_dir, builder=builder, report=report,
-              windows_builder=windows_builder)
+  return dict(root=root, rows=rows, data_dir=data_dir, builder=builder, report=report)
 
 
 def test_report_lists_the_bad_files_with_reasons(maestro_build):
   report = maestro_build["report"]
   path = pathlib.Path(maestro_build["builder"].data_dir) / "build_report.json"
   assert path == maestro_build["data_dir"] / "maestro_performance/full/1.0.0/build_report.json"
-  assert json.loads(path.read_text()) == report
+  assert {**json.loads(path.read_text()), "reused": False} == report
   assert report["pieces_found"] == 6 and report["pieces_built"] == 3
   assert report["pieces_per_split"] == {"train": 1, "validation": 1, "test": 1}
   assert report["skipped"] == 3
@@ -108,28 +105,6 @@ def test_full_config_splits_follow_the_csv(maestro_build):
     assert record["piece_id"] == maestro_build["rows"].index(row)
 
 
-def test_windows_config_holds_every_target_once(maestro_build):
-  full = tfds.data_source("maestro_performance/full", split="validation",
-                          data_dir=maestro_build["data_dir"])
-  piece = full[0]["tokens"]
-  source = tfds.data_source("maestro_performance/windows_L64_N16", split="validation",
-                            data_dir=maestro_build["data_dir"])
-  assert len(source) == windows.num_sequential_windows([len(piece)], 16)
-  counts = np.zeros(len(piece), int)
-  ends = set()
-  for i in range(len(source)):
-    example = source[i]
-    assert example["inputs"].shape == (64,) and example["piece_id"] == full[0]["piece_id"]
-    valid = example["positions"] >= 0
-    np.testing.assert_array_equal(example["inputs"][valid], piece[example["positions"][valid]])
-    assert example["positions"][valid][-1] == example["end"] - 2
-    predicted = example["targets"] != tokens.PAD_ID
-    np.add.at(counts, example["positions"][predicted] + 1, 1)
-    ends.add(int(example["end"]))
-  assert counts[0] == 0 and np.all(counts[1:] == 1)
-  assert ends == {end for end, _ in windows.sequential_ends(len(piece), 16)}
-
-
 def test_open_data_source_feeds_the_pipeline(maestro_build):
   config = config_base.base_config()
   config.data.data_dir = str(maestro_build["data_dir"])
@@ -144,9 +119,23 @@ def test_open_data_source_feeds_the_pipeline(maestro_build):
       config, input_pipeline.open_data_source(config, "test"), process_index=0,
       process_count=1))
   assert len(eval_batches) == 3 and (eval_batches[0]["targets"] != 0).sum() == 2 * 32
-  config.data.dataset = "maestro_performance/windows_L8_N4"
+  config.data.dataset = "maestro_performance/folder_full"
   with pytest.raises(FileNotFoundError, match="perceivers-build-data"):
     input_pipeline.open_data_source(config, "train")
+
+
+def test_eval_lengths_come_from_the_stored_file(maestro_build, monkeypatch):
+  stored = json.loads((pathlib.Path(maestro_build["builder"].data_dir)
+                       / input_pipeline.LENGTHS_FILE).read_text())
+  sources = {split: maestro_build["builder"].as_data_source(split=split)
+             for split in mpdb.SPLITS}
+  for split, source in sources.items():
+    assert stored[split] == [len(source[i]["tokens"]) for i in range(len(source))]
+  # Start-up reads no record: the sources' records are out of reach.
+  monkeypatch.setattr(type(sources["train"]), "__getitem__",
+                      lambda *_: pytest.fail("read a record"))
+  for split, source in sources.items():
+    assert input_pipeline.record_lengths(source) == stored[split]
 
 
 def test_folder_layout_builds_through_the_cli(maestro_paths, tmp_path):
@@ -198,9 +187,59 @@ def test_wrong_layouts_say_what_was_expected(tmp_path):
 
 
 def test_config_names():
-  config = maestro_performance.make_config("folder_windows_L2048_N256")
-  assert (config.layout, config.max_length, config.num_latents) == ("folder", 2048, 256)
+  assert maestro_performance.make_config("folder_full").layout == "folder"
   assert maestro_performance.make_config("full").layout == "maestro_v3"
-  for bad in ("windows_L16_N32", "windows", "other"):
-    with pytest.raises(ValueError, match="config"):
+  for bad in ("windows_L64_N16", "folder_windows_L32768_N1024", "other"):
+    with pytest.raises(ValueError, match="no windows_\\* configs"):
       maestro_performance.make_config(bad)
+
+
+def _folder_of(maestro_paths, root: pathlib.Path, names) -> pathlib.Path:
+  root.mkdir()
+  for name in names:
+    shutil.copy(maestro_paths[0].parent / name, root / name)
+  return root
+
+
+def test_caps_and_a_dying_worker_cost_only_their_files(maestro_paths, tmp_path, monkeypatch):
+  # Maestro_10 holds 5,323 notes, Maestro_2 12,418; Maestro_1 (348 s) and Maestro_3 pass.
+  root = _folder_of(maestro_paths, tmp_path / "midis",
+                    ["Maestro_1.mid", "Maestro_2.mid", "Maestro_3.mid", "Maestro_10.mid"])
+  monkeypatch.setenv(workers.DIE_ON_ENV, "Maestro_3.mid")  # its worker SIGKILLs itself
+  _, report = maestro_performance.build(root, tmp_path / "tfds", "folder_full", num_workers=2,
+                                        limits=workers.Limits(max_notes=6000))
+  reasons = {b["filename"]: b["reason"] for b in report["skipped_files"]}
+  assert set(reasons) == {"Maestro_2.mid", "Maestro_3.mid"}
+  assert "12,418 notes, over the cap of 6,000 (--max_notes)" in reasons["Maestro_2.mid"]
+  assert "killed by SIGKILL" in reasons["Maestro_3.mid"]
+  assert report["pieces_built"] == 2 and report["tokens"] == sum(
+      len(tokens.midi_file_to_tokens(root / n)) for n in ("Maestro_1.mid", "Maestro_10.mid"))
+  alone = workers.tokenise_alone(str(root / "Maestro_1.mid"), workers.Limits(max_seconds=300))
+  assert alone[0] is None and "348 s long, over the cap of 300 s (--max_seconds)" in alone[1]
+
+
+def test_default_caps_pass_every_real_piece(maestro_paths):
+  for path in maestro_paths:
+    ns = tokens.load_note_sequence(path)
+    assert workers.Limits().excess(len(ns.notes), ns.total_time) == ""
+
+
+def test_a_changed_folder_is_named_and_rebuilt_on_request(maestro_paths, tmp_path):
+  root = _folder_of(maestro_paths, tmp_path / "midis", ["Maestro_1.mid", "Maestro_3.mid"])
+  data_dir = tmp_path / "tfds"
+  _, report = maestro_performance.build(root, data_dir, "folder_full", num_workers=1)
+  assert not report["reused"] and report["pieces_built"] == 2
+  assert maestro_performance.build(root, data_dir, "folder_full")[1]["reused"]
+  shutil.copy(maestro_paths[0].parent / "Maestro_10.mid", root / "Maestro_10.mid")
+  (root / "Maestro_1.mid").unlink()
+  with pytest.raises(maestro_performance.InputsChangedError,
+                     match=r"1 added \(e.g. Maestro_10.mid\), 1 removed \(e.g. Maestro_1.mid\)"
+                           ".*--rebuild"):
+    maestro_performance.build(root, data_dir, "folder_full")
+  with pytest.raises(maestro_performance.InputsChangedError, match="caps"):
+    maestro_performance.build(root, data_dir, "folder_full",
+                              limits=workers.Limits(max_notes=10))
+  _, report = maestro_performance.build(root, data_dir, "folder_full", num_workers=1,
+                                        rebuild=True)
+  assert not report["reused"] and report["pieces_built"] == 2
+  assert {"Maestro_3.mid", "Maestro_10.mid"} == set(report["inputs"]["files"])

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 from typing import Any, Iterator
 
 import numpy as np
@@ -265,13 +266,17 @@ def build(manual_dir: os.PathLike | str, data_dir: os.PathLike | str, config: st
   """Builds `maestro_performance/<config>` as ArrayRecord; returns (builder, report).
 
   An existing build of the same config and version is reused (its report re-read, with
-  "reused": True) if its input files and caps are unchanged. Writes
-  input_pipeline.LENGTHS_FILE beside the records if missing. Otherwise InputsChangedError
-  says what changed, unless `rebuild`, which replaces the existing build.
+  "reused": True) if its input files and caps are unchanged; if they changed,
+  InputsChangedError says how, unless `rebuild`, which replaces the build. Writes
+  input_pipeline.LENGTHS_FILE beside the records if missing.
   """
   make_config(config)  # names the allowed configs
-  builder = Builder(config=config, data_dir=os.fspath(data_dir),
-                    num_workers=num_workers, limits=limits)
+
+  def make_builder() -> Builder:
+    return Builder(config=config, data_dir=os.fspath(data_dir), num_workers=num_workers,
+                   limits=limits)
+
+  builder = make_builder()
   # Fails early with the layout the config expects (TFDS's own message is generic).
   list_pieces(manual_dir, builder.builder_config.layout)
   report_path = pathlib.Path(builder.data_dir) / REPORT_NAME
@@ -284,12 +289,12 @@ def build(manual_dir: os.PathLike | str, data_dir: os.PathLike | str, config: st
       raise InputsChangedError(
           f"{builder.data_dir} was built from other inputs than {manual_dir} now holds "
           f"({changes}): rerun with --rebuild to replace it")
-  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if rebuild
-          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  elif builder.is_prepared():  # rebuild: a builder holding the old DatasetInfo cannot
+    shutil.rmtree(builder.data_dir)
+    builder = make_builder()
   builder.download_and_prepare(
       file_format="array_record",
-      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir),
-                                                   download_mode=mode))
+      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
   report = json.loads(report_path.read_text()) if report_path.exists() else {}
   _write_lengths(builder, report)
   return builder, {**report, "reused": reused}

@@ -19,11 +19,12 @@ import tqdm
 
 from perceivers_jax.data import tokens as tokens_lib
 
-# MAESTRO v3.0.0 holds 1,276 performances, 198.7 h and about 7.0M notes (5,500 notes and
-# 9.3 min per piece on average); its longest performances last under an hour and hold a few
-# tens of thousands of notes (the 10 test pieces: 9-24 notes/s). The defaults leave every
-# real piece at least 3x below them, while a corrupt or generated file that would take
-# gigabytes of memory (millions of notes, or hours of events) is skipped.
+# MAESTRO v3.0.0 holds 1,276 performances, 198.7 h and about 7.0M notes (on average 9.3 min
+# and 5,500 notes a piece). The 10 real pieces of the tests play 7-14 notes/s; the longest,
+# Maestro_6, lasts 2,342 s, and Maestro_7 holds the most notes, 20,450. MAESTRO's longest
+# performances last well under an hour, so even at 25 notes/s a piece stays below 90,000
+# notes: the caps below leave every real piece more than 2x under them, while a corrupt or
+# generated file that would take gigabytes (millions of notes, days of events) is skipped.
 DEFAULT_MAX_NOTES = 200_000
 DEFAULT_MAX_SECONDS = 3 * 3600.0
 # Test-only: a worker tokenising a file of this base name SIGKILLs itself, as the kernel's
