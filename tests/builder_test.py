@@ -122,6 +122,10 @@ def test_open_data_source_feeds_the_pipeline(maestro_build):
   config.data.dataset = "maestro_performance/folder_full"
   with pytest.raises(FileNotFoundError, match="perceivers-build-data"):
     input_pipeline.open_data_source(config, "train")
+  config.data.dataset = "maestro_performance/windows_L8_N4"  # pre-cut windows are gone
+  with pytest.raises(config_base.ConfigError,
+                     match="config.data.dataset=.*maestro_performance/full or"):
+    input_pipeline.open_data_source(config, "train")
 
 
 def test_eval_lengths_come_from_the_stored_file(maestro_build, monkeypatch):

@@ -188,6 +188,24 @@ def test_eval_two_hosts_cover_every_target_once_with_equal_batches():
                                               process_count=2)) == 2
 
 
+class _StoredSplit(list):
+  """A list of records posing as a TFDS split source (dataset_info.data_dir, split)."""
+
+  def __init__(self, records, data_dir, split):
+    super().__init__(records)
+    self.dataset_info = type("Info", (), {"data_dir": str(data_dir)})()
+    self.split = split
+
+
+def test_record_lengths_prefer_the_stored_file_when_it_fits(tmp_path):
+  source = _StoredSplit(_tagged_pieces([5, 9]), tmp_path, "validation")
+  assert input_pipeline.record_lengths(source) == [5, 9]  # no file: from the tokens
+  (tmp_path / input_pipeline.LENGTHS_FILE).write_text('{"validation": [50, 90]}')
+  assert input_pipeline.record_lengths(source) == [50, 90]  # the file, no record read
+  source.append(source[0])
+  assert input_pipeline.record_lengths(source) == [5, 9, 5]  # stale file: from the tokens
+
+
 def test_to_global_arrays():
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))

@@ -65,16 +65,17 @@ def input_error_line(error: BaseException) -> str | None:
   return "error: " + " ".join(message.split())
 
 
-def call(fn: Callable[[], Any], *, verbose: bool) -> Any:
-  """fn(); bad input is printed as one line and exits 1 (re-raised if `verbose`)."""
+def call(fn: Callable[[], Any], *, verbose: bool) -> int:
+  """Runs fn(): 0, or 1 once bad input is printed as one line (re-raised if `verbose`)."""
   try:
-    return fn()
+    fn()
   except Exception as e:  # pylint: disable=broad-except
     line = input_error_line(e)
     if line is None or verbose:
       raise
     print(line, file=sys.stderr, flush=True)
-    sys.exit(1)
+    return 1
+  return 0
 
 
 def _flag_error_line(error: Exception, argv: list[str]) -> str:
@@ -95,7 +96,7 @@ def run(main: Callable[[list[str]], Any], module_name: str) -> None:
   show_flags_in_help(module_name)
   main_started = False
 
-  def guarded_main(argv: list[str]) -> Any:
+  def guarded_main(argv: list[str]) -> int:
     nonlocal main_started
     main_started = True
     quiet_library_info()

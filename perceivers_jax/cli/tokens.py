@@ -87,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
   decode.add_argument("--rows", action="store_true",
                       help="a 2-D array: one MIDI per row, MIDI_OUT's stem + _000, _001, ...")
   args = parser.parse_args(argv)
-  logs.call(lambda: (_encode if args.command == "encode" else _decode)(args),
-            verbose=args.verbose)
-  return 0
+  return logs.call(lambda: (_encode if args.command == "encode" else _decode)(args),
+                   verbose=args.verbose)
 
 
 def run() -> None:

@@ -28,6 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from perceivers_jax import config_base
 from perceivers_jax.data import augmentation
 from perceivers_jax.data import windows
 
@@ -219,7 +220,12 @@ def open_data_source(config: ml_collections.ConfigDict, split: str):
   from data_prep import maestro_performance  # pylint: disable=g-import-not-at-top,unused-import
 
   data_dir = config.data.data_dir or None
-  builder = tfds.builder(config.data.dataset, data_dir=data_dir)
+  try:
+    builder = tfds.builder(config.data.dataset, data_dir=data_dir)
+  except ValueError as e:  # an unknown dataset or config; TFDS lists hundreds of others
+    config_base.fail("data.dataset", config.data.dataset, "no such TFDS dataset or config; "
+                     "use maestro_performance/full or maestro_performance/folder_full "
+                     f"({str(e).splitlines()[0][:200]})")
   if not builder.is_prepared():
     raise FileNotFoundError(
         f"dataset {config.data.dataset!r} is not built under {builder.data_dir}: build it with "
