@@ -13,7 +13,7 @@ the pieces' lengths: a built split's are read from LENGTHS_FILE beside its recor
 (`perceivers-build-data` writes it), so start-up reads no tokens.
 
 Batches are dicts of int32 numpy arrays [B_host, L]: inputs, positions, targets
-(`perceivers_jax/windows.py`). `to_global_arrays` makes global jax.Arrays of them.
+(`perceivers_jax/data/windows.py`). `to_global_arrays` makes global jax.Arrays of them.
 """
 
 from collections.abc import Sequence
@@ -227,8 +227,9 @@ def open_data_source(config: ml_collections.ConfigDict, split: str):
                      "use maestro_performance/full or maestro_performance/folder_full "
                      f"({str(e).splitlines()[0][:200]})")
   if not builder.is_prepared():
+    layout = " --layout=folder" if config.data.dataset.endswith("/folder_full") else ""
     raise FileNotFoundError(
         f"dataset {config.data.dataset!r} is not built under {builder.data_dir}: build it with "
-        f"`perceivers-build-data --manual_dir=MAESTRO_DIR --data_dir=DATA_DIR "
-        f"--config={config.data.dataset.split('/')[-1]}` and set config.data.data_dir")
+        f"`perceivers-build-data --manual_dir=MIDI_DIR --data_dir=DATA_DIR{layout}` and set "
+        "config.data.data_dir")
   return builder.as_data_source(split=split)
