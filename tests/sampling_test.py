@@ -1,10 +1,13 @@
 """perceivers-sample on a tiny model trained for two steps: files, per-sample seeds, greedy
-limits, primer continuation past L, MIDI round trip, fast failures, batch over devices."""
+limits, primer continuation past L, MIDI round trip, fast failures, batch over devices, flags
+derived from the settings, reruns that complete a killed run."""
 
+import dataclasses
 import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -19,6 +22,7 @@ import pytest
 from perceivers_jax.cli import sample as sample_cli
 from perceivers_jax.data import tokens
 from perceivers_jax.sampling import decode
+from perceivers_jax.sampling import job
 from perceivers_jax.sampling import sampling
 from perceivers_jax.state import export
 from perceivers_jax.training import train
@@ -75,7 +79,8 @@ def test_cli_writes_samples_and_regenerates_one_alone(workdir, tmp_path):
   common = ("--num_samples=3", "--batch_size=2", "--num_tokens=40", "--seed=7")
   _cli(f"--workdir={workdir}", f"--output_dir={tmp_path / 'all'}", *common)
   names = sorted(os.listdir(tmp_path / "all"))
-  assert names == [f"sample_{i:04d}.{ext}" for i in range(3) for ext in ("json", "mid", "npy")]
+  assert names == sorted([f"sample_{i:04d}.{ext}" for i in range(3)
+                          for ext in ("json", "mid", "npy")] + [job.RUN_FILE, job.MANIFEST])
   runs = []
   for i in range(3):
     stem = tmp_path / "all" / f"sample_{i:04d}"
@@ -101,8 +106,9 @@ def test_cli_writes_samples_and_regenerates_one_alone(workdir, tmp_path):
   # a checkpoint path this time.
   _cli(f"--checkpoint={workdir}/checkpoints/2", f"--output_dir={tmp_path / 'again'}",
        "--sample_index=2", "--sample_index=1", *common)
-  assert sorted(os.listdir(tmp_path / "again")) == [
-      f"sample_{i:04d}.{ext}" for i in (1, 2) for ext in ("json", "mid", "npy")]
+  assert sorted(os.listdir(tmp_path / "again")) == sorted([
+      f"sample_{i:04d}.{ext}" for i in (1, 2) for ext in ("json", "mid", "npy")] + [
+          job.RUN_FILE, job.MANIFEST])
   for i in (1, 2):
     np.testing.assert_array_equal(np.load(tmp_path / "again" / f"sample_{i:04d}.npy"), runs[i])
 
@@ -274,3 +280,67 @@ def test_max_seconds_bounds_every_written_piece(workdir, tmp_path):
     assert sidecar["settings"]["max_seconds"] == 0.5 and "--max_seconds=0.5" in sidecar["regenerate"]
     midi = note_seq.midi_file_to_note_sequence(str(tmp_path / f"sample_{i:04d}.mid"))
     assert midi.total_time <= 0.5 + 1e-6
+
+
+def test_flags_are_the_settings_fields():
+  """Each field of SampleSettings and of decode.SamplingConfig is a flag, with its default and
+  help; flag values round-trip."""
+  fields = sampling.SampleSettings.flag_fields()
+  assert {"num_samples", "seed", "primer", "top_p", "end_eos_nats_per_second"} <= {
+      f.name for f in fields}
+  for field in fields:
+    flag = flags.FLAGS[field.name]
+    assert flag.default == field.default and flag.help == field.metadata["help"]
+  settings = sampling.SampleSettings.from_flag_values(dict(
+      num_samples=3, top_k=5, end_seconds=2.0, primer="x.mid", primer_seconds=1.5))
+  assert settings.sampling == decode.SamplingConfig(top_k=5, end_seconds=2.0)
+  assert sampling.SampleSettings.from_flag_values(settings.flag_values()) == settings
+  with pytest.raises(sampling.SamplingError, match=r"^--min_p=2: must be in \[0, 1\]"):
+    sampling.SampleSettings.from_flag_values(dict(min_p=2))
+
+
+def test_rerun_writes_only_the_missing_samples(loaded, tmp_path, capsys):
+  model, config, step = loaded
+  settings = sampling.SampleSettings(num_samples=5, batch_size=2, num_tokens=30, seed=4)
+
+  def run(settings=settings):
+    return sampling.sample_to_dir(model, config, settings, tmp_path, checkpoint_step=step,
+                                  checkpoint_path="workdir")
+
+  assert [s["sample_index"] for s in run()] == [0, 1, 2, 3, 4]
+  names = {p.name for p in tmp_path.iterdir()}
+  # 5 samples in batches of 2: the padded slot of the last batch is not written.
+  assert names == {f"sample_{i:04d}{suffix}" for i in range(5) for suffix in job.SUFFIXES} | {
+      job.RUN_FILE, job.MANIFEST}
+  before = {i: np.load(job.stem(tmp_path, i).with_suffix(".npy")) for i in range(5)}
+  # What a killed run leaves: sample 3's sidecar half-written (a temporary file), sample 4
+  # not started, no manifest.
+  job.stem(tmp_path, 3).with_suffix(".json").rename(tmp_path / "sample_0003.json.0.tmp")
+  for suffix in job.SUFFIXES:
+    job.stem(tmp_path, 4).with_suffix(suffix).unlink()
+  (tmp_path / job.MANIFEST).unlink()
+  kept = {i: job.stem(tmp_path, i).with_suffix(".json").stat().st_mtime_ns for i in range(3)}
+  capsys.readouterr()
+
+  assert [s["sample_index"] for s in run()] == [3, 4]
+  assert re.search(r"^Sampled 2 samples \(\d+ tokens\) in .* samples/s, \d+ tokens/s; 5 samples",
+                   capsys.readouterr().out, re.M)
+  assert {p.name for p in tmp_path.iterdir()} == names  # the temporary file is gone.
+  for i in range(5):
+    np.testing.assert_array_equal(np.load(job.stem(tmp_path, i).with_suffix(".npy")), before[i])
+  for i, mtime in kept.items():
+    assert job.stem(tmp_path, i).with_suffix(".json").stat().st_mtime_ns == mtime
+  manifest = [json.loads(line) for line in (tmp_path / job.MANIFEST).read_text().splitlines()]
+  assert [m["index"] for m in manifest] == list(range(5))
+  for m in manifest:
+    assert m["num_tokens"] == len(before[m["index"]]) and m["seed"] == 4
+    assert m["files"] == [job.stem(tmp_path, m["index"]).with_suffix(s).name
+                          for s in job.SUFFIXES]
+    assert m["duration_seconds"] == pytest.approx(
+        tokens.tokens_duration_seconds(before[m["index"]]))
+  assert not run()  # complete: nothing left to do.
+  # Another batch size completes the same job (tokens do not depend on it); other settings
+  # would mix two jobs in one directory.
+  assert not run(dataclasses.replace(settings, batch_size=4))
+  with pytest.raises(sampling.SamplingError, match=r"^--seed=9: .* --seed=4 \(run.json\)"):
+    run(dataclasses.replace(settings, seed=9))

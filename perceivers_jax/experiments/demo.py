@@ -267,10 +267,10 @@ def run_demo(options: DemoOptions) -> pathlib.Path:
   _stage("3/6 sampling")
   samples = out / "samples"
   model, _, step = sampling.load_model(str(workdir))
-  settings = sampling.SampleSettings(
+  settings = sampling.SampleSettings.from_flag_values(dict(
       num_samples=options.num_samples, batch_size=options.num_samples,
       num_tokens=options.sample_tokens, temperature=options.temperature, top_p=options.top_p,
-      seed=options.seed)
+      seed=options.seed))
   sampling.sample_to_dir(model, config, settings, samples / "trained", checkpoint_step=step,
                          checkpoint_path=str(workdir))
   validation_piece = out / "maestro_v3" / "2018" / "Maestro_9.mid"

@@ -52,13 +52,24 @@ class SamplingConfig:
   end_seconds > 0 adds `end_eos_nats_per_second` x (seconds past end_seconds) to the EOS
   logit, so the piece is pushed, smoothly, to finish.
   """
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  min_p: float = 0.0
-  max_seconds: float = 0.0
-  end_seconds: float = 0.0
-  end_eos_nats_per_second: float = 2.0
+  # Each field's `help` is its perceivers-sample flag's help (the flags are derived from here).
+  temperature: float = dataclasses.field(
+      default=1.0, metadata=dict(help="Softmax temperature; 0 = greedy."))
+  top_k: int = dataclasses.field(
+      default=0, metadata=dict(help="Keep the k most likely tokens (0 = off)."))
+  top_p: float = dataclasses.field(
+      default=1.0, metadata=dict(help="Nucleus sampling mass in (0, 1] (1 = off)."))
+  min_p: float = dataclasses.field(
+      default=0.0, metadata=dict(help="Keep tokens with p >= min_p * p_max (0 = off)."))
+  max_seconds: float = dataclasses.field(
+      default=0.0, metadata=dict(help="Stop each piece by this much music (primer included; "
+                                      "0 = off)."))
+  end_seconds: float = dataclasses.field(
+      default=0.0, metadata=dict(help="After this much music, raise the EOS probability "
+                                      "smoothly so the piece finishes (0 = off)."))
+  end_eos_nats_per_second: float = dataclasses.field(
+      default=2.0, metadata=dict(help="With --end_seconds: nats added to the EOS logit per "
+                                      "second past it."))
 
   def __post_init__(self):
     """Messages start with `field=value` (the perceivers-sample flags share these names)."""

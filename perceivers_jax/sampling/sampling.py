@@ -4,13 +4,19 @@
 checkpoint or of a `perceivers-export` directory, with the model config saved beside them
 (config.json), for eval-mode decoding; `sample_to_dir(...)` generates `num_samples` pieces in
 batches of `batch_size` rows and writes, per sample i, `sample_{i:04d}.mid`, `.npy` (raw tokens,
-SOS .. EOS or the last token) and a `.json` sidecar.
+SOS .. EOS or the last token) and a `.json` sidecar, skipping the samples already written
+(`job`: the output directory, its resumption, manifest and progress).
+
+Multi-host: every process calls `sample_to_dir` alike (after `jax.distributed.initialize`);
+each batch is the global batch, its rows split over every device of every host, and each
+host writes the samples of the rows its own devices hold.
 
 Reproducibility: sample i draws from its own key `fold_in(key(seed), i)` (one fold per step),
-so its tokens do not depend on which other samples share its batch. A run always fills whole
-batches (the last one padded with copies), and sample i sits in slot i % batch_size, so
-regenerating only sample i (`sample_indices=(i,)`, same batch_size) runs the same program on
-the same row and reproduces its tokens exactly; the sidecar records everything needed.
+so its tokens do not depend on which other samples share its batch, nor on how many hosts
+and devices share the batch. A run always fills whole batches (the last one padded with
+copies, never written), and sample i sits in slot i % batch_size, so regenerating only sample
+i (`sample_indices=(i,)`, same batch_size) runs the same program on the same row and
+reproduces its tokens exactly; the sidecar records everything needed.
 
 Decoding itself (caches, sliding window, latent resets) is `decode`'s: this module's loop
 adds only the per-row keys (`decode.generate` draws one key per step for the whole batch)
@@ -36,6 +42,8 @@ from perceivers_jax.data import tokens
 from perceivers_jax.model import perceivers as model_lib
 from perceivers_jax.parallel import mesh as mesh_lib
 from perceivers_jax.sampling import decode
+from perceivers_jax.sampling import job
+from perceivers_jax.sampling.job import SamplingError
 from perceivers_jax.state import export
 from perceivers_jax.training import train
 
@@ -44,40 +52,51 @@ EXPORT_MANIFEST = export.MANIFEST  # marks a `perceivers-export` directory.
 DATA_AXIS = "data"
 
 
-class SamplingError(ValueError):
-  """An invalid sampling request; the message names the setting (= its CLI flag)."""
-
-
 def _fail(field: str, value: Any, why: str) -> None:
   raise SamplingError(f"--{field}={value}: {why}")
 
 
+def _setting(default: Any, help_text: str) -> Any:
+  return dataclasses.field(default=default, metadata=dict(help=help_text))
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleSettings:
-  """What to sample. Field names are the `perceivers-sample` flags.
-
-  primer: a MIDI file to continue (None: unconditional, the prompt is [SOS]);
-  primer_seconds: keep the primer's first seconds (None: all of it);
-  max_seconds / end_seconds: stop by, or steer towards finishing at, a music duration
-  (primer included; 0 = off; see `decode.SamplingConfig`).
+  """What to sample. The `perceivers-sample` flags are these fields and those of `sampling`
+  (`decode.SamplingConfig`, the one definition of the sampling controls and their ranges),
+  flattened; each field's `help` is its flag's. A new control is a new field, nothing else.
   """
-  num_samples: int = 1
-  batch_size: int = 1
-  num_tokens: int = 1024
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  min_p: float = 0.0
-  max_seconds: float = 0.0
-  end_seconds: float = 0.0
-  seed: int = 0
-  primer: str | None = None
-  primer_seconds: float | None = None
+  num_samples: int = _setting(1, "Number of samples K.")
+  batch_size: int = _setting(1, "Samples generated together: the global batch, its rows "
+                                "split over every device of every host.")
+  num_tokens: int = _setting(1024, "Tokens to generate after the prompt (may exceed L).")
+  seed: int = _setting(0, "Run seed; sample i uses fold_in(key(seed), i).")
+  primer: str | None = _setting(None, "MIDI file to continue (default: unconditional, the "
+                                      "prompt is [SOS]).")
+  primer_seconds: float | None = _setting(None, "Keep the primer's first seconds (default: "
+                                                "all of it).")
+  sampling: decode.SamplingConfig = dataclasses.field(default_factory=decode.SamplingConfig)
 
-  def sampling_config(self) -> decode.SamplingConfig:
-    return decode.SamplingConfig(temperature=self.temperature, top_k=self.top_k,
-                                 top_p=self.top_p, min_p=self.min_p,
-                                 max_seconds=self.max_seconds, end_seconds=self.end_seconds)
+  @staticmethod
+  def flag_fields() -> list[dataclasses.Field]:
+    """One field per flag: the settings' own, then `decode.SamplingConfig`'s."""
+    own = [f for f in dataclasses.fields(SampleSettings) if f.name != "sampling"]
+    return own + list(dataclasses.fields(decode.SamplingConfig))
+
+  def flag_values(self) -> dict[str, Any]:
+    """{flag name: value}, flattened as `flag_fields`."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name != "sampling"} | dataclasses.asdict(self.sampling)
+
+  @classmethod
+  def from_flag_values(cls, values: dict[str, Any]) -> "SampleSettings":
+    """Settings from {flag name: value} (missing ones default); a bad range is a SamplingError."""
+    names = {f.name for f in dataclasses.fields(decode.SamplingConfig)}
+    try:
+      sampling = decode.SamplingConfig(**{k: v for k, v in values.items() if k in names})
+    except ValueError as e:
+      raise SamplingError(f"--{e}") from e  # messages start with `field=value`.
+    return cls(sampling=sampling, **{k: v for k, v in values.items() if k not in names})
 
 
 def check_settings(settings: SampleSettings, model_config: ml_collections.ConfigDict,
@@ -87,12 +106,8 @@ def check_settings(settings: SampleSettings, model_config: ml_collections.Config
   for field in ("num_samples", "batch_size", "num_tokens"):
     if getattr(s, field) < 1:
       _fail(field, getattr(s, field), "must be >= 1.")
-  try:
-    s.sampling_config()  # the sampling ranges live there
-  except ValueError as e:
-    raise SamplingError(f"--{e}") from e
-  if s.top_k > model_config.vocab_size:
-    _fail("top_k", s.top_k, f"must be in [0, {model_config.vocab_size}] (0 = off).")
+  if s.sampling.top_k > model_config.vocab_size:
+    _fail("top_k", s.sampling.top_k, f"must be in [0, {model_config.vocab_size}] (0 = off).")
   for index in sample_indices or ():
     if not 0 <= index < s.num_samples:
       _fail("sample_index", index, f"must be in [0, --num_samples={s.num_samples}).")
@@ -111,8 +126,9 @@ def check_settings(settings: SampleSettings, model_config: ml_collections.Config
     _fail("primer_seconds", s.primer_seconds,
           f"the primer {s.primer} gives {len(prompt_P)} tokens (SOS included), more than the "
           f"model's context L={length}; use fewer --primer_seconds.")
-  if s.max_seconds and tokens.tokens_duration_seconds(prompt_P) >= s.max_seconds:
-    _fail("max_seconds", s.max_seconds, f"the primer already lasts "
+  max_seconds = s.sampling.max_seconds
+  if max_seconds and tokens.tokens_duration_seconds(prompt_P) >= max_seconds:
+    _fail("max_seconds", max_seconds, f"the primer already lasts "
           f"{tokens.tokens_duration_seconds(prompt_P):.2f} s; allow more or use fewer "
           "--primer_seconds.")
   return prompt_P
@@ -136,6 +152,11 @@ def primer_prompt(path: str | os.PathLike, seconds: float | None = None) -> np.n
 def sample_key(seed: int, sample_index: int) -> jax.Array:
   """Sample `sample_index`'s own key (recorded in its sidecar as this formula)."""
   return jax.random.fold_in(jax.random.key(seed), sample_index)
+
+
+def sample_keys(seed: int, sample_indices: Sequence[int]) -> jax.Array:
+  """`sample_key` of each index, in one vectorised op (a global batch may hold thousands)."""
+  return jax.vmap(sample_key, in_axes=(None, 0))(seed, jnp.asarray(sample_indices, jnp.int32))
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -234,12 +255,25 @@ def _model_mesh(state: nnx.State) -> Mesh | None:
   return None
 
 
-def generate(model: model_lib.PerceiverS, prompt_P: np.ndarray, keys_B: jax.Array, *,
-             num_tokens: int, sampling: decode.SamplingConfig) -> tuple[np.ndarray, int]:
-  """Continues `prompt_P` once per key: (tokens int32[B, num_tokens], steps run).
+def _rows_here(tokens_BT: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+  """(row indices R, int32[R, T]): the rows of a [B, T] array this process's devices hold."""
+  rows = {}
+  for shard in tokens_BT.addressable_shards:
+    start = shard.index[0].start or 0
+    for offset, row_T in enumerate(np.asarray(shard.data)):
+      rows.setdefault(start + offset, row_T)  # a replicated row counts once.
+  order = sorted(rows)
+  return np.array(order, np.int64), np.stack([rows[row] for row in order])
 
-  A row is PAD after its EOS; the loop stops early once every row has ended. On a
-  multi-device model the rows are split over the mesh's data axis.
+
+def generate_rows(model: model_lib.PerceiverS, prompt_P: np.ndarray, keys_B: jax.Array, *,
+                  num_tokens: int, sampling: decode.SamplingConfig
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+  """Continues `prompt_P` once per key, over every device of every process of the model's mesh.
+
+  Returns the rows this process holds, (row indices R, tokens int32[R, num_tokens]), and the
+  steps run. A row is PAD after its EOS; the loop stops early once every row has ended. The
+  rows are padded (copies) to a multiple of the mesh's data axis; padding is not returned.
   """
   batch = keys_B.shape[0]
   prompt_BP = np.broadcast_to(np.asarray(prompt_P, np.int32), (batch, len(prompt_P)))
@@ -248,9 +282,27 @@ def generate(model: model_lib.PerceiverS, prompt_P: np.ndarray, keys_B: jax.Arra
     pad = -batch % mesh.shape[DATA_AXIS]  # rows copied so that every device gets as many.
     prompt_BP = np.concatenate([prompt_BP, prompt_BP[-1:].repeat(pad, 0)])
     keys_B = jnp.concatenate([keys_B, jnp.repeat(keys_B[-1:], pad, 0)])
+    # Typed keys are placed on other hosts' devices through their raw data (the same on
+    # every host), viewed as keys again: `decode.generate` then finds them in place.
+    keys_B = jax.random.wrap_key_data(
+        jax.device_put(np.asarray(jax.random.key_data(keys_B)),
+                       NamedSharding(mesh, PartitionSpec(DATA_AXIS))),
+        impl=jax.random.key_impl(keys_B))
   out = decode.generate(model, prompt_BP, num_steps=num_tokens, keys_B=keys_B,
                         sampling=sampling, mesh=mesh, batch_axis=DATA_AXIS)
-  return np.asarray(out["tokens"])[:batch], int(out["num_steps"])
+  rows_R, tokens_RT = _rows_here(out["tokens"])
+  real_R = rows_R < batch
+  return rows_R[real_R], tokens_RT[real_R], int(out["num_steps"])
+
+
+def generate(model: model_lib.PerceiverS, prompt_P: np.ndarray, keys_B: jax.Array, *,
+             num_tokens: int, sampling: decode.SamplingConfig) -> tuple[np.ndarray, int]:
+  """`generate_rows` in one process, which holds every row: (tokens int32[B, T], steps run)."""
+  rows_R, tokens_RT, steps = generate_rows(model, prompt_P, keys_B, num_tokens=num_tokens,
+                                           sampling=sampling)
+  if len(rows_R) != keys_B.shape[0]:
+    raise ValueError("generate: the rows are spread over processes; use generate_rows.")
+  return tokens_RT, steps
 
 
 def batch_plan(sample_indices: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -280,41 +332,63 @@ def sample_to_dir(model: model_lib.PerceiverS, config: ml_collections.ConfigDict
                   settings: SampleSettings, output_dir: str | os.PathLike, *,
                   checkpoint_step: int, checkpoint_path: str,
                   sample_indices: Sequence[int] | None = None) -> list[dict[str, Any]]:
-  """Generates samples (all, or only `sample_indices`) into `output_dir`; returns the sidecars."""
+  """Generates the samples (all, or only `sample_indices`) not yet in `output_dir`.
+
+  Every process of a multi-host job calls this alike; each writes the samples of the rows
+  its devices hold and returns their sidecars. Samples already written completely are
+  skipped, so rerunning a killed job completes it (`--batch_size` may change: tokens do not
+  depend on it; every other setting must repeat the first run's). Process 0 shows the
+  progress, then rebuilds samples.jsonl and prints the job's samples/s and tokens/s.
+  """
   prompt_P = check_settings(settings, config.model, sample_indices)
-  indices = range(settings.num_samples) if sample_indices is None else sample_indices
-  out = pathlib.Path(output_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  sampling = settings.sampling_config()
+  run = dict(settings.flag_values(), checkpoint_path=checkpoint_path,
+             checkpoint_step=checkpoint_step)
+  del run["batch_size"]
+  out = job.open_output_dir(output_dir, run)
+  wanted = set(range(settings.num_samples) if sample_indices is None else sample_indices)
+  missing = job.missing_samples(out, wanted)
+  progress = job.Progress(total=len(wanted), done=len(wanted) - len(missing))
   sidecars = []
-  for slots in batch_plan(indices, settings.batch_size):
-    keys_B = jnp.stack([sample_key(settings.seed, index) for index in slots])
-    generated_BT, _ = generate(model, prompt_P, keys_B, num_tokens=settings.num_tokens,
-                               sampling=sampling)
-    for slot, index in enumerate(slots):
+  for slots in batch_plan(missing, settings.batch_size):
+    rows_R, generated_RT, _ = generate_rows(model, prompt_P, sample_keys(settings.seed, slots),
+                                            num_tokens=settings.num_tokens,
+                                            sampling=settings.sampling)
+    for slot, generated_T in zip(rows_R, generated_RT):
+      index = slots[slot]
       if index % settings.batch_size == slot:  # other slots hold padding copies.
-        sidecars.append(_write_sample(out, index, slot, prompt_P, generated_BT[slot], settings,
+        sidecars.append(_write_sample(out, index, int(slot), prompt_P, generated_T, settings,
                                       checkpoint_step, checkpoint_path))
+    progress.advance(len(set(slots)))
+  end_line = job.finish(out, missing, progress.close())
+  if end_line:
+    print(end_line, flush=True)
   return sidecars
+
+
+def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
+  with open(path, "wb") as f:  # a file object: np.save would append .npy to the name.
+    np.save(f, array)
 
 
 def _write_sample(out: pathlib.Path, index: int, slot: int, prompt_P: np.ndarray,
                   generated_T: np.ndarray, settings: SampleSettings, checkpoint_step: int,
                   checkpoint_path: str) -> dict[str, Any]:
+  """Writes sample `index`'s .npy, .mid, then (completing it) .json, each atomically."""
   sequence, eos_reached = _trim(prompt_P, generated_T)
-  stem = out / f"sample_{index:04d}"
-  np.save(stem.with_suffix(".npy"), sequence)
+  stem = job.stem(out, index)
+  job.atomic_write(stem.with_suffix(".npy"), lambda path: _save_npy(path, sequence))
   # The MIDI holds the notes as the tokeniser reads them: re-encoding first resolves
   # same-pitch overlaps (common in samples), whose NOTE_OFFs a MIDI reader would pair otherwise.
   notes = tokens.tokens_to_note_sequence(sequence)
-  tokens.tokens_to_midi_file(tokens.note_sequence_to_tokens(notes), stem.with_suffix(".mid"))
+  job.atomic_write(stem.with_suffix(".mid"), lambda path: tokens.tokens_to_midi_file(
+      tokens.note_sequence_to_tokens(notes), path))
   sidecar = {
       "sample_index": index,
       "seed": settings.seed,
       "key": f"jax.random.fold_in(jax.random.key({settings.seed}), {index})",
       "batch_size": settings.batch_size,
       "batch_slot": slot,
-      "settings": dataclasses.asdict(settings),
+      "settings": settings.flag_values(),
       "num_tokens": int(len(sequence)),
       "num_generated": int(len(sequence) - len(prompt_P)),
       "prompt_tokens": int(len(prompt_P)),
@@ -326,8 +400,8 @@ def _write_sample(out: pathlib.Path, index: int, slot: int, prompt_P: np.ndarray
       "primer_seconds": settings.primer_seconds,
       "regenerate": regenerate_command(settings, index, checkpoint_path, checkpoint_step),
   }
-  stem.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, sort_keys=True),
-                                       encoding="utf-8")
+  job.atomic_write(stem.with_suffix(".json"), lambda path: path.write_text(
+      json.dumps(sidecar, indent=2, sort_keys=True), encoding="utf-8"))
   return sidecar
 
 
@@ -335,7 +409,7 @@ def regenerate_command(settings: SampleSettings, index: int, checkpoint_path: st
                        checkpoint_step: int) -> str:
   """The perceivers-sample command that writes sample `index` alone, token for token."""
   flags = [f"--checkpoint={checkpoint_path}", f"--step={checkpoint_step}"]
-  flags += [f"--{name}={value}" for name, value in dataclasses.asdict(settings).items()
+  flags += [f"--{name}={value}" for name, value in settings.flag_values().items()
             if value is not None]
   return " ".join(["perceivers-sample", *flags, f"--sample_index={index}",
                    "--output_dir=OUTPUT_DIR"])
