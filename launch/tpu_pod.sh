@@ -20,7 +20,7 @@
 # (2) copy the tracked files of this checkout to ~/perceivers-jax on every worker;
 # (3) `pip install -e '.[tpu]'` there; (4) run the same command on all workers
 # (`--worker=all`); jax.distributed.initialize() auto-detects the TPU topology, so no
-# coordinator flags are needed. Each worker writes its log to ~/perceivers-logs/<host>.log,
+# coordinator flags are needed. Each worker writes its log to ~/perceivers-logs/<host>-<job>.log,
 # copied back afterwards into --log_dir (default ./tpu_logs/NAME).
 #
 # Environment: gcloud authenticated with TPU rights; PROJECT taken from gcloud config unless
