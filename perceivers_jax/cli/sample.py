@@ -53,7 +53,6 @@ _SETTINGS = [_define_setting_flag(f) for f in sampling.SampleSettings.flag_field
 
 
 def main(argv: list[str]) -> None:
-  logs.quiet_library_info()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
