@@ -43,8 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
       dropout_rate=0.1,
       rotary_fraction=0.5,
       max_wavelength=0,  # 0 -> max_length, as Perceiver AR.
-      attention_impl="xla",  # xla | cudnn | chunked
+      # auto | xla | cudnn | chunked: a runtime choice (model/attention.py: resolve_impl); auto
+      # is cuDNN on GPU (bf16), chunked on CPU/TPU above one chunk of keys, xla below.
+      attention_impl="auto",
       attention_chunk_size=4096,
+      # Sliding scales key only the N + W - 1 inputs they can see (False: all L, masked).
+      windowed_scales=True,
       dtype="bfloat16",  # activations
       param_dtype="float32",
       remat_policy="nothing_saveable",

@@ -119,13 +119,26 @@ def test_xla_and_chunked_agree_and_padding_queries_are_zero():
     np.testing.assert_allclose(g_c, g_x, atol=1e-5)
 
 
-def test_cudnn_off_gpu_is_a_clear_config_error():
-  if jax.default_backend() == "gpu":
-    pytest.skip("cudnn is available here")
-  with pytest.raises(ValueError, match="attention_impl='cudnn' needs an NVIDIA GPU"):
-    attention.check_impl("cudnn", jnp.bfloat16)
+@pytest.mark.parametrize("backend, dtype, kv_length, expected", [
+    ("gpu", jnp.bfloat16, 32768, "cudnn"),
+    ("gpu", jnp.float16, 100, "cudnn"),
+    ("gpu", jnp.float32, 32768, "chunked"),  # cuDNN needs half precision
+    ("gpu", jnp.float32, 1024, "xla"),
+    ("tpu", jnp.bfloat16, 32768, "chunked"),
+    ("tpu", jnp.bfloat16, 2047, "xla"),
+    ("cpu", jnp.bfloat16, 32768, "chunked"),
+    ("cpu", jnp.float32, 4097, "chunked"),
+    ("cpu", jnp.float32, 4096, "xla"),  # one chunk: the chunked kernel would gain nothing
+])
+def test_auto_impl_per_backend(backend, dtype, kv_length, expected):
+  resolve = lambda requested: attention.resolve_impl(
+      requested, backend=backend, dtype=dtype, kv_length=kv_length, chunk_size=4096)
+  assert resolve("auto") == expected
+  # cudnn where it cannot run falls back to the backend's auto choice; others run as asked.
+  assert resolve("cudnn") == expected
+  assert resolve("xla") == "xla" and resolve("chunked") == "chunked"
   with pytest.raises(ValueError, match="attention_impl='flash'"):
-    attention.check_impl("flash", jnp.float32)
+    resolve("flash")
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
@@ -136,3 +149,62 @@ def test_cudnn_matches_xla_on_gpu():
   cudnn = attention.dot_product_attention(q, k, v, mask, impl="cudnn").astype(jnp.float32)
   np.testing.assert_allclose(cudnn, xla, atol=3e-2)
   np.testing.assert_array_equal(cudnn[1, :2], 0.0)
+
+
+def _windowed_and_full(**overrides):
+  """The same parameters as a windowed model and a masked-full (windowed_scales=False) one."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.model import perceivers  # pylint: disable=g-import-not-at-top
+  import tiny_model  # pylint: disable=g-import-not-at-top
+  windowed = tiny_model.make_model(tiny_model.tiny_model_config(**overrides))
+  full = perceivers.PerceiverS(tiny_model.tiny_model_config(windowed_scales=False, **overrides),
+                               rngs=nnx.Rngs(1))
+  nnx.update(full, nnx.state(windowed, nnx.Param))
+  return windowed, full
+
+
+def _mixed_windows():
+  """Rows: a full window (positions from 300), left/right padded 40-token pieces, a 5-token
+  piece (fewer than N) and a 20-token one (fewer than N + W - 1)."""
+  import tiny_model  # pylint: disable=g-import-not-at-top
+  long_piece = tiny_model.piece(tiny_model.L, seed=1)
+  short = tiny_model.piece(40, seed=2)
+  return tiny_model.batch([tiny_model.window(long_piece, 300),
+                           tiny_model.window(short, 7, side="left"),
+                           tiny_model.window(short, side="right"),
+                           tiny_model.window(short[:5], side="left"),
+                           tiny_model.window(short[:20], 3, side="left")])
+
+
+@pytest.mark.parametrize("combine", ["cascade", "sum"])
+def test_windowed_sliding_scale_equals_masked_full_layer(combine):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import tiny_model  # pylint: disable=g-import-not-at-top
+  windowed, full = _windowed_and_full(combine=combine, cross_attention_scales=(0, 6))
+  assert windowed.key_lengths == (tiny_model.L, tiny_model.N + 5)
+  assert full.key_lengths == (tiny_model.L, tiny_model.L)
+  inputs, positions = _mixed_windows()
+  weights = jax.random.normal(jax.random.key(3), (inputs.shape[0], tiny_model.N, 391))
+
+  def loss_and_grads(model):
+    @nnx.jit
+    def step(model):
+      def loss(model):
+        logits = model(inputs, positions)
+        return jnp.sum(logits * weights), logits
+      return nnx.value_and_grad(loss, has_aux=True)(model)
+    (_, logits), grads = step(model)
+    forward, state = tiny_model.jit_forward(model)
+    flops = forward.lower(state, inputs, positions).compile().cost_analysis()["flops"]
+    return logits, nnx.state(grads, nnx.Param), flops
+
+  logits_w, grads_w, flops_w = loss_and_grads(windowed)
+  logits_f, grads_f, flops_f = loss_and_grads(full)
+  np.testing.assert_allclose(logits_w, logits_f, atol=1e-5)
+  assert np.abs(np.asarray(logits_f)).max() > 0.1
+  for (path, g_w), (_, g_f) in zip(nnx.to_flat_state(grads_w), nnx.to_flat_state(grads_f)):
+    # float32 sums in another order: 1e-5 of the leaf's largest gradient.
+    scale = max(1.0, float(np.abs(g_f.get_value()).max()))
+    np.testing.assert_allclose(g_w.get_value(), g_f.get_value(), atol=1e-5 * scale,
+                               err_msg=str(path))
+  assert flops_w < 0.95 * flops_f  # the short scale's masked-away work is gone

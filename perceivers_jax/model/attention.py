@@ -4,15 +4,20 @@
 the cached decoder reuses the same projections and kernels as training: it projects keys and
 values once, stores them, and attends new queries against the stored ones.
 
-Kernels (config.model.attention_impl):
+Kernels (`KERNELS`):
   xla:     einsum + masked softmax; any backend.
   cudnn:   `jax.nn.dot_product_attention(..., implementation="cudnn")` with a dense boolean
            mask (never `is_causal`, which aligns top-left); GPU and bf16/fp16 only.
   chunked: lax.scan over key chunks with an online softmax, so memory grows with the chunk,
            not with L; for long contexts on CPU/TPU.
+config.model.attention_impl names one of them or `auto`. The kernel is a runtime choice, not
+a property of the parameters: `resolve_impl` picks it per layer when the model is built, for
+the backend it runs on, so a model trained with `cudnn` restores, samples and fine-tunes on a
+CPU or TPU (with a log line saying what runs instead).
 Queries that see no key (padding latents) get zeros, never NaN.
 """
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -21,22 +26,39 @@ from perceivers_jax.model import masks as masks_lib
 from perceivers_jax.model import rotary
 from perceivers_jax.parallel import partitioning
 
-ATTENTION_IMPLS = ("xla", "cudnn", "chunked")
+KERNELS = ("xla", "cudnn", "chunked")
+ATTENTION_IMPLS = ("auto",) + KERNELS
+_HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Finite stand-in for -inf, so fully masked rows stay finite in float32.
 _NEG = -1e30
 
 
-def check_impl(impl: str, dtype) -> None:
-  """Raises a config error if `impl` cannot run here with activations of `dtype`."""
-  if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"config.model.attention_impl={impl!r}; use one of {ATTENTION_IMPLS}.")
-  if impl == "cudnn":
-    if jax.default_backend() != "gpu":
-      raise ValueError(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, but the jax "
-                       f"backend is {jax.default_backend()!r}; use 'xla' or 'chunked'.")
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-      raise ValueError(f"config.model.attention_impl='cudnn' needs config.model.dtype bfloat16 "
-                       f"or float16, got {jnp.dtype(dtype).name}.")
+def auto_impl(*, backend: str, dtype, kv_length: int, chunk_size: int) -> str:
+  """`auto`: cuDNN on GPU in bf16/fp16; elsewhere the chunked kernel once the keys outnumber
+  one chunk (its memory grows with the chunk, not the keys) and plain XLA below that."""
+  if backend == "gpu" and jnp.dtype(dtype) in _HALF_DTYPES:
+    return "cudnn"
+  return "chunked" if kv_length > chunk_size else "xla"
+
+
+def resolve_impl(requested: str, *, backend: str, dtype, kv_length: int,
+                 chunk_size: int) -> str:
+  """The kernel a layer with `kv_length` keys runs on `backend` (e.g. jax.default_backend()).
+
+  `requested` (config.model.attention_impl) is used when it can run there; `auto`, or a
+  kernel that cannot run there (cudnn off a GPU or in float32), gives `auto_impl`'s choice.
+  """
+  if requested not in ATTENTION_IMPLS:
+    raise ValueError(f"config.model.attention_impl={requested!r}; use one of {ATTENTION_IMPLS}.")
+  choice = auto_impl(backend=backend, dtype=dtype, kv_length=kv_length, chunk_size=chunk_size)
+  if requested == "auto":
+    return choice
+  if requested == "cudnn" and (backend != "gpu" or jnp.dtype(dtype) not in _HALF_DTYPES):
+    logging.warning("config.model.attention_impl='cudnn' cannot run on %s with %s activations "
+                    "(it needs an NVIDIA GPU and bfloat16/float16): using %r for %d keys.",
+                    backend, jnp.dtype(dtype).name, choice, kv_length)
+    return choice
+  return requested
 
 
 def _xla_attention(q_BNHK, k_BLHK, v_BLHK, mask: masks_lib.Mask) -> jax.Array:
@@ -111,12 +133,15 @@ def dot_product_attention(q_BNHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
   elif impl == "cudnn":
     out = _cudnn_attention(q_BNHK, k_BLHK, v_BLHK, mask)
   else:
-    raise ValueError(f"config.model.attention_impl={impl!r}; use one of {ATTENTION_IMPLS}.")
+    raise ValueError(f"attention kernel {impl!r}; use one of {KERNELS} (resolve_impl picks one).")
   return out.astype(v_BLHK.dtype)
 
 
 class Attention(nnx.Module):
-  """Multi-head attention with rotary q/k; projections and kernel usable separately."""
+  """Multi-head attention with rotary q/k; projections and kernel usable separately.
+
+  `impl` is a kernel of `KERNELS` (already resolved for this backend, see `resolve_impl`).
+  """
 
   def __init__(self, q_dim: int, kv_dim: int, *, num_heads: int, head_dim: int,
                rotary_fraction: float, max_wavelength: float, impl: str, chunk_size: int,

@@ -12,6 +12,7 @@ Layers expose their steps (`CrossAttentionLayer.key_value` / `attend`,
 `LatentLayer.project` / `finish`) so the cached decoder runs the same code.
 """
 
+import functools
 from typing import Sequence
 
 import jax
@@ -58,7 +59,7 @@ class _Settings:
     self.dropout_rate = cfg.dropout_rate
     self.rotary_fraction = cfg.rotary_fraction
     self.max_wavelength = cfg.max_wavelength or cfg.max_length
-    self.impl = cfg.attention_impl
+    self.requested_impl = cfg.attention_impl
     self.chunk_size = cfg.attention_chunk_size
     self.dtype = _dtype(cfg.dtype, "dtype")
     self.param_dtype = _dtype(cfg.param_dtype, "param_dtype")
@@ -71,10 +72,14 @@ def _layer_norm(s: _Settings, rngs: nnx.Rngs) -> nnx.LayerNorm:
       bias_init=partitioning.logical_param(nnx.initializers.zeros, ("embed",)), rngs=rngs)
 
 
-def _attention(s: _Settings, rngs: nnx.Rngs) -> attention_lib.Attention:
+def _attention(s: _Settings, kv_length: int, rngs: nnx.Rngs) -> attention_lib.Attention:
+  """Attention over `kv_length` keys, with the kernel chosen for this backend and length."""
+  impl = attention_lib.resolve_impl(s.requested_impl, backend=jax.default_backend(),
+                                    dtype=s.dtype, kv_length=kv_length,
+                                    chunk_size=s.chunk_size)
   return attention_lib.Attention(
       s.embed_dim, s.embed_dim, num_heads=s.num_heads, head_dim=s.head_dim,
-      rotary_fraction=s.rotary_fraction, max_wavelength=s.max_wavelength, impl=s.impl,
+      rotary_fraction=s.rotary_fraction, max_wavelength=s.max_wavelength, impl=impl,
       chunk_size=s.chunk_size, dtype=s.dtype, param_dtype=s.param_dtype, rngs=rngs)
 
 
@@ -113,10 +118,10 @@ class Mlp(nnx.Module):
 class CrossAttentionLayer(nnx.Module):
   """Latents attend to the embedded inputs: pre-LN on q and kv, residual, squared-ReLU MLP."""
 
-  def __init__(self, s: _Settings, rngs: nnx.Rngs):
+  def __init__(self, s: _Settings, kv_length: int, rngs: nnx.Rngs):
     self.query_norm = _layer_norm(s, rngs)
     self.kv_norm = _layer_norm(s, rngs)
-    self.attention = _attention(s, rngs)
+    self.attention = _attention(s, kv_length, rngs)
     self.mlp_norm = _layer_norm(s, rngs)
     self.mlp = Mlp(s, rngs)
     self.dropout = nnx.Dropout(s.dropout_rate, rngs=rngs)
@@ -136,9 +141,9 @@ class CrossAttentionLayer(nnx.Module):
 class LatentLayer(nnx.Module):
   """Latent self-attention block: pre-LN attention + squared-ReLU MLP, both residual."""
 
-  def __init__(self, s: _Settings, rngs: nnx.Rngs):
+  def __init__(self, s: _Settings, num_latents: int, rngs: nnx.Rngs):
     self.attention_norm = _layer_norm(s, rngs)
-    self.attention = _attention(s, rngs)
+    self.attention = _attention(s, num_latents, rngs)
     self.mlp_norm = _layer_norm(s, rngs)
     self.mlp = Mlp(s, rngs)
     self.dropout = nnx.Dropout(s.dropout_rate, rngs=rngs)
@@ -169,7 +174,6 @@ class PerceiverS(nnx.Module):
   def __init__(self, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     cfg = model_config
     s = _Settings(cfg)
-    attention_lib.check_impl(cfg.attention_impl, s.dtype)
     if cfg.combine not in COMBINES:
       raise ValueError(f"config.model.combine={cfg.combine!r}; use one of {COMBINES}.")
     if cfg.scale_mask not in masks_lib.SCALE_MASKS:
@@ -185,6 +189,14 @@ class PerceiverS(nnx.Module):
     self.num_latent_layers = cfg.num_latent_layers
     self.scales = tuple(int(w) for w in cfg.cross_attention_scales)
     self.scale_mask = cfg.scale_mask
+    # Training keys of each cross-attention layer: all L, or a sliding scale's window.
+    # (.get: configs saved before windowed_scales existed.)
+    self.windowed = tuple(cfg.get("windowed_scales", True) and scale > 0
+                          and cfg.scale_mask == "sliding"
+                          for scale in self.scales)
+    self.key_lengths = tuple(
+        masks_lib.sliding_window_size(scale, cfg.num_latents, cfg.max_length) if windowed
+        else cfg.max_length for scale, windowed in zip(self.scales, self.windowed))
     self.combine = cfg.combine
     self.scan_layers = bool(cfg.scan_layers)
     self.remat_policy_name = cfg.remat_policy
@@ -198,15 +210,17 @@ class PerceiverS(nnx.Module):
     # Output axis unnamed (replicated): one width can't carry two mesh axes' worth of names.
     self.latent_init = Dense(s.embed_dim, s.embed_dim, ("embed", None), dtype=s.dtype,
                              param_dtype=s.param_dtype, rngs=rngs)
-    self.cross_layers = nnx.List([CrossAttentionLayer(s, rngs) for _ in self.scales])
+    self.cross_layers = nnx.List([CrossAttentionLayer(s, length, rngs)
+                                  for length in self.key_lengths])
     if self.scan_layers:
       @nnx.split_rngs(splits=cfg.num_latent_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def make_layers(layer_rngs: nnx.Rngs) -> LatentLayer:
-        return LatentLayer(s, layer_rngs)
+        return LatentLayer(s, cfg.num_latents, layer_rngs)
       self.latent_layers = make_layers(rngs)
     else:
-      self.latent_layers = nnx.List([LatentLayer(s, rngs) for _ in range(cfg.num_latent_layers)])
+      self.latent_layers = nnx.List([LatentLayer(s, cfg.num_latents, rngs)
+                                     for _ in range(cfg.num_latent_layers)])
     self.final_norm = _layer_norm(s, rngs)
     self.head = Dense(s.embed_dim, cfg.vocab_size, ("embed", "vocab"), dtype=jnp.float32,
                       param_dtype=s.param_dtype, rngs=rngs, zero_init=True)
@@ -229,35 +243,50 @@ class PerceiverS(nnx.Module):
   def cross_attend(self, x_BND: jax.Array, positions_BN: jax.Array,
                    kv_positions_BL: jax.Array, kv_valid_BL: jax.Array, *,
                    embedded_BLD: jax.Array | None = None,
+                   latent_start_B: jax.Array | None = None,
                    keys_values: Sequence[tuple[jax.Array, jax.Array]] | None = None,
                    min_key_position_B: jax.Array | None = None,
                    deterministic: bool, remat: bool = True) -> jax.Array:
     """All cross-attention layers (cascade or sum) over the inputs.
 
     Keys/values come from `embedded_BLD` (training: recomputed under remat) or, per layer,
-    from `keys_values` (a decoder's cache). `min_key_position_B` hides keys at or before it.
-    `remat=False` skips the configured remat policy: inference inside lax control flow (the
-    decoder) needs no remat, and nnx.remat cannot write state back across those traces.
+    from `keys_values` (a decoder's cache). With `embedded_BLD` and `latent_start_B` (the
+    latent block's first slot, positions contiguous), a windowed `sliding` layer of scale W
+    projects and scores only the N + W - 1 inputs its latents can see
+    (`masks.slice_sliding_window`); the result equals the masked computation over all L.
+    `min_key_position_B` hides keys at or before it. `remat=False` skips the configured
+    remat policy: inference inside lax control flow (the decoder) needs no remat, and
+    nnx.remat cannot write state back across those traces.
     """
     if (embedded_BLD is None) == (keys_values is None):
       raise ValueError("cross_attend needs exactly one of embedded_BLD and keys_values.")
 
-    def layer_fn(layer, x, mask, kv):
-      k, v = layer.key_value(embedded_BLD, kv_positions_BL) if kv is None else kv
+    def layer_fn(layer, x, mask, inputs):
+      k, v = layer.key_value(*inputs) if keys_values is None else inputs
       return layer.attend(x, positions_BN, k, v, mask, deterministic=deterministic)
     if remat:
       layer_fn = self._remat(layer_fn, in_scan=False)
 
     x0_BND = x_BND
     for index, (layer, scale) in enumerate(zip(self.cross_layers, self.scales)):
-      mask = masks_lib.cross_attention_mask(positions_BN, kv_positions_BL, kv_valid_BL,
+      kv_positions, kv_valid = kv_positions_BL, kv_valid_BL
+      if keys_values is not None:
+        inputs = keys_values[index]
+      else:
+        inputs = (embedded_BLD, kv_positions_BL)
+        if self.windowed[index] and latent_start_B is not None:
+          window = functools.partial(masks_lib.slice_sliding_window,
+                                     latent_start_B=latent_start_B, scale=scale,
+                                     num_latents=self.num_latents)
+          kv_positions, kv_valid = window(kv_positions_BL), window(kv_valid_BL)
+          inputs = (window(embedded_BLD), kv_positions)
+      mask = masks_lib.cross_attention_mask(positions_BN, kv_positions, kv_valid,
                                              scale=scale, scale_mask=self.scale_mask,
                                              min_key_position_B=min_key_position_B)
-      kv = None if keys_values is None else keys_values[index]
       if self.combine == "cascade":
-        x_BND = layer_fn(layer, x_BND, mask, kv)
+        x_BND = layer_fn(layer, x_BND, mask, inputs)
       else:  # sum: each layer's update of the shared query input is added.
-        x_BND = x_BND + layer_fn(layer, x0_BND, mask, kv) - x0_BND
+        x_BND = x_BND + layer_fn(layer, x0_BND, mask, inputs) - x0_BND
     return x_BND
 
   def latent_stack(self, x_BND: jax.Array, positions_BN: jax.Array, valid_BN: jax.Array, *,
@@ -301,7 +330,9 @@ class PerceiverS(nnx.Module):
       latent_positions_BN = jnp.where(latent_valid_BN, latent_positions_BN, -1)
     x_BND = self.initial_latents(masks_lib.gather_latent_block(embedded_BLD, inputs_BL, n))
     x_BND = self.cross_attend(x_BND, latent_positions_BN, positions_BL, valid_BL,
-                              embedded_BLD=embedded_BLD, deterministic=deterministic)
+                              embedded_BLD=embedded_BLD,
+                              latent_start_B=masks_lib.latent_block_start(inputs_BL, n),
+                              deterministic=deterministic)
     x_BND = self.latent_stack(x_BND, latent_positions_BN, latent_valid_BN,
                               deterministic=deterministic)
     return self.logits(x_BND)
