@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
       # auto | xla | cudnn | chunked: a runtime choice (model/attention.py: resolve_impl); auto
       # is cuDNN on GPU (bf16), chunked on CPU/TPU above one chunk of keys, xla below.
       attention_impl="auto",
-      attention_chunk_size=4096,
+      attention_chunk_size=1024,  # keys per step of the chunked kernel (memory ~ chunk)
       # Sliding scales key only the N + W - 1 inputs they can see (False: all L, masked).
       windowed_scales=True,
       dtype="bfloat16",  # activations

@@ -48,6 +48,22 @@ def remat_policy(name: str):
   return getattr(jax.checkpoint_policies, name)
 
 
+def windowed_layers(cfg: ml_collections.ConfigDict) -> tuple[bool, ...]:
+  """Per cross-attention layer: does it key only its window in training (a `sliding` scale
+  with config.model.windowed_scales)? (.get: configs saved before that field existed.)"""
+  return tuple(bool(cfg.get("windowed_scales", True)) and int(scale) > 0
+               and cfg.scale_mask == "sliding" for scale in cfg.cross_attention_scales)
+
+
+def cross_key_lengths(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Keys each cross-attention layer projects and scores per window in training: all L, or
+  a windowed sliding scale's N + W - 1 (`masks.sliding_window_size`)."""
+  return tuple(
+      masks_lib.sliding_window_size(int(scale), cfg.num_latents, cfg.max_length) if windowed
+      else cfg.max_length
+      for scale, windowed in zip(cfg.cross_attention_scales, windowed_layers(cfg)))
+
+
 class _Settings:
   """The static settings the layers share, read once from config.model."""
 
@@ -189,14 +205,8 @@ class PerceiverS(nnx.Module):
     self.num_latent_layers = cfg.num_latent_layers
     self.scales = tuple(int(w) for w in cfg.cross_attention_scales)
     self.scale_mask = cfg.scale_mask
-    # Training keys of each cross-attention layer: all L, or a sliding scale's window.
-    # (.get: configs saved before windowed_scales existed.)
-    self.windowed = tuple(cfg.get("windowed_scales", True) and scale > 0
-                          and cfg.scale_mask == "sliding"
-                          for scale in self.scales)
-    self.key_lengths = tuple(
-        masks_lib.sliding_window_size(scale, cfg.num_latents, cfg.max_length) if windowed
-        else cfg.max_length for scale, windowed in zip(self.scales, self.windowed))
+    self.windowed = windowed_layers(cfg)
+    self.key_lengths = cross_key_lengths(cfg)
     self.combine = cfg.combine
     self.scan_layers = bool(cfg.scan_layers)
     self.remat_policy_name = cfg.remat_policy
