@@ -25,7 +25,7 @@ step() {  # step SECONDS NAME COMMAND...
   timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" || { echo "!! $name failed or timed out"; status=1; }
 }
 
-paper=(--config=configs/perceivers.py --config.model.attention_impl=cudnn
+paper=(--config=configs/perceivers.py --config.model.attention_impl=auto  # cuDNN here
        --config.model.dtype=bfloat16)
 step 90 cudnn_vs_xla python -m pytest -q tests/attention_test.py -k cudnn
 step 120 train_b1 python benchmarks/train_step.py "${paper[@]}" --config.train.batch_size=1 \

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The TPU benchmark suite in one call (a TPU VM, one host; the same figures as gpu_suite.sh):
+# attention kernels against the XLA reference, then paper-size train steps at batch 1 and 8
+# (attention_impl=auto: the chunked kernel for the full scale, XLA for the windowed short
+# scale and the latents) and cached sampling at batch 1 and 16. Writes JSON files into $OUT
+# or benchmarks/tpu_results/ and prints one table row per benchmark.
+#
+#   pip install -e '.[tpu,test]' && bash benchmarks/tpu_suite.sh
+#
+# Each step has its own time limit so one slow step cannot eat the others' time.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+out="${OUT:-benchmarks/tpu_results}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python -c 'import jax; print(jax.__version__, jax.devices())'
+
+status=0
+step() {  # step SECONDS NAME COMMAND...
+  local limit="$1" name="$2"
+  shift 2
+  echo "== $name"
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" || { echo "!! $name failed or timed out"; status=1; }
+}
+
+paper=(--config=configs/perceivers.py --config.model.attention_impl=auto
+       --config.model.dtype=bfloat16)
+step 120 kernels_vs_xla python -m pytest -q tests/attention_test.py -k "chunked or windowed"
+step 120 train_b1 python benchmarks/train_step.py "${paper[@]}" --config.train.batch_size=1 \
+  --steps=10 --output="$out/train_b1.json"
+step 150 train_b8 python benchmarks/train_step.py "${paper[@]}" --config.train.batch_size=8 \
+  --steps=10 --output="$out/train_b8.json"
+step 150 sampling python benchmarks/sampling.py --config=configs/perceivers.py \
+  --batch_sizes=1,16 --num_tokens=512 --output="$out/sampling.json"
+exit "$status"
