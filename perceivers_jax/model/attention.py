@@ -73,8 +73,13 @@ def _xla_attention(q_BNHK, k_BLHK, v_BLHK, mask: masks_lib.Mask) -> jax.Array:
   return out_BNHK / jnp.maximum(denom_BNH, 1e-30)[..., None]
 
 
-def _chunked_attention(q_BNHK, k_BLHK, v_BLHK, mask: masks_lib.Mask, chunk_size: int):
-  batch, length, heads, head_dim = k_BLHK.shape
+def _chunked_attention(q_BNHK, kv_inputs, mask: masks_lib.Mask, chunk_size: int,
+                       keys_values_of=lambda k, v: (k, v)):
+  """Online softmax over key chunks. `kv_inputs` are [B, L, ...] arrays cut into chunks with
+  the mask; `keys_values_of(*chunks)` gives a chunk's keys and values ([B, chunk, H, K]):
+  the keys/values themselves, or their projection from the chunk's inputs, so that the
+  whole [B, L, H, K] keys never exist (nor, in the backward pass, their gradients)."""
+  batch, length = mask.kv_positions_BL.shape
   chunk = min(chunk_size, length)
   num_chunks = -(-length // chunk)
   pad = num_chunks * chunk - length
@@ -83,14 +88,16 @@ def _chunked_attention(q_BNHK, k_BLHK, v_BLHK, mask: masks_lib.Mask, chunk_size:
     a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
     return jnp.moveaxis(a.reshape((batch, num_chunks, chunk) + a.shape[2:]), 1, 0)
 
-  xs = (chunks(k_BLHK), chunks(v_BLHK), chunks(mask.kv_positions_BL), chunks(mask.kv_valid_BL))
-  num_q = q_BNHK.shape[1]
+  xs = (tuple(chunks(a) for a in kv_inputs), chunks(mask.kv_positions_BL),
+        chunks(mask.kv_valid_BL))
+  num_q, heads = q_BNHK.shape[1], q_BNHK.shape[2]
 
   # Rematerialised per chunk: the backward pass keeps only the carries, not [N, chunk] scores.
   @jax.checkpoint
   def step(carry, x):
     max_BNH, denom_BNH, acc_BNHK = carry
-    k_c, v_c, pos_c, valid_c = x
+    inputs_c, pos_c, valid_c = x
+    k_c, v_c = keys_values_of(*inputs_c)
     chunk_mask = masks_lib.Mask(mask.q_positions_BN, mask.q_lower_BN, pos_c, valid_c)
     visible_BN1C = chunk_mask.dense()[:, :, None, :]
     s_BNHC = jnp.einsum("bnhk,bchk->bnhc", q_BNHK, k_c, preferred_element_type=jnp.float32)
@@ -103,9 +110,11 @@ def _chunked_attention(q_BNHK, k_BLHK, v_BLHK, mask: masks_lib.Mask, chunk_size:
         "bnhc,bchk->bnhk", p_BNHC.astype(v_c.dtype), v_c, preferred_element_type=jnp.float32)
     return (new_max, denom_BNH, acc_BNHK), None
 
+  value_dim = jax.eval_shape(keys_values_of, *(
+      jax.ShapeDtypeStruct((batch, chunk) + a.shape[2:], a.dtype) for a in kv_inputs))[1]
   init = (jnp.full((batch, num_q, heads), _NEG, jnp.float32),
           jnp.zeros((batch, num_q, heads), jnp.float32),
-          jnp.zeros((batch, num_q, heads, v_BLHK.shape[-1]), jnp.float32))
+          jnp.zeros((batch, num_q, heads, value_dim.shape[-1]), jnp.float32))
   (_, denom_BNH, acc_BNHK), _ = jax.lax.scan(step, init, xs)
   return acc_BNHK / jnp.maximum(denom_BNH, 1e-30)[..., None]
 
@@ -129,7 +138,7 @@ def dot_product_attention(q_BNHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
   if impl == "xla":
     out = _xla_attention(q_BNHK, k_BLHK, v_BLHK, mask)
   elif impl == "chunked":
-    out = _chunked_attention(q_BNHK, k_BLHK, v_BLHK, mask, chunk_size)
+    out = _chunked_attention(q_BNHK, (k_BLHK, v_BLHK), mask, chunk_size)
   elif impl == "cudnn":
     out = _cudnn_attention(q_BNHK, k_BLHK, v_BLHK, mask)
   else:
@@ -198,6 +207,25 @@ class Attention(nnx.Module):
     """Attention over (possibly cached) keys/values, then the output projection: [B, N, D]."""
     out_BNHK = dot_product_attention(q_BNHK, k_BLHK, v_BLHK, mask, impl=self.impl,
                                      chunk_size=self.chunk_size)
+    return self._output(out_BNHK)
+
+  def attend_inputs(self, q_BNHK: jax.Array, x_BLD: jax.Array, positions_BL: jax.Array,
+                    mask: masks_lib.Mask, *, norm=lambda x: x) -> jax.Array:
+    """`attend` over the keys/values of inputs `norm(x)` (= attend(q, *project_key_value(
+    norm(x)))).
+
+    The chunked kernel normalises and projects the inputs one chunk at a time inside its
+    loop, so neither norm(x) nor the [B, L, H, K] keys and values (nor their gradients) exist
+    whole: that is most of the training memory of a long cross-attention layer.
+    """
+    if self.impl != "chunked":
+      return self.attend(q_BNHK, *self.project_key_value(norm(x_BLD), positions_BL), mask)
+    q_BNHK = q_BNHK * jnp.asarray(q_BNHK.shape[-1] ** -0.5, q_BNHK.dtype)
+    out_BNHK = _chunked_attention(q_BNHK, (x_BLD, positions_BL), mask, self.chunk_size,
+                                  lambda x, p: self.project_key_value(norm(x), p))
+    return self._output(out_BNHK.astype(self.dtype))
+
+  def _output(self, out_BNHK: jax.Array) -> jax.Array:
     out_BND = jnp.einsum("bnhk,hkd->bnd", out_BNHK, self.out_kernel.get_value().astype(self.dtype))
     out_BND = out_BND + self.out_bias.get_value().astype(self.dtype)
     return partitioning.constrain(out_BND, ("batch", "latents", "embed"))

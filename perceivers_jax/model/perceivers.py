@@ -148,9 +148,22 @@ class CrossAttentionLayer(nnx.Module):
 
   def attend(self, x_BND: jax.Array, positions_BN: jax.Array, k_BLHK: jax.Array,
              v_BLHK: jax.Array, mask: masks_lib.Mask, *, deterministic: bool) -> jax.Array:
+    """The layer over (cached) keys/values of the inputs."""
+    return self._finish(x_BND, positions_BN, deterministic,
+                        lambda q: self.attention.attend(q, k_BLHK, v_BLHK, mask))
+
+  def attend_inputs(self, x_BND: jax.Array, positions_BN: jax.Array, inputs_BLD: jax.Array,
+                    kv_positions_BL: jax.Array, mask: masks_lib.Mask, *,
+                    deterministic: bool) -> jax.Array:
+    """The layer over embedded inputs (= attend(x, ..., *key_value(inputs), ...)); the
+    chunked kernel normalises and projects them chunk by chunk (`Attention.attend_inputs`)."""
+    return self._finish(x_BND, positions_BN, deterministic,
+                        lambda q: self.attention.attend_inputs(q, inputs_BLD, kv_positions_BL,
+                                                               mask, norm=self.kv_norm))
+
+  def _finish(self, x_BND, positions_BN, deterministic, attend_fn):
     q_BNHK = self.attention.project_query(self.query_norm(x_BND), positions_BN)
-    h_BND = x_BND + self.dropout(self.attention.attend(q_BNHK, k_BLHK, v_BLHK, mask),
-                                 deterministic=deterministic)
+    h_BND = x_BND + self.dropout(attend_fn(q_BNHK), deterministic=deterministic)
     return h_BND + self.dropout(self.mlp(self.mlp_norm(h_BND)), deterministic=deterministic)
 
 
@@ -272,8 +285,9 @@ class PerceiverS(nnx.Module):
       raise ValueError("cross_attend needs exactly one of embedded_BLD and keys_values.")
 
     def layer_fn(layer, x, mask, inputs):
-      k, v = layer.key_value(*inputs) if keys_values is None else inputs
-      return layer.attend(x, positions_BN, k, v, mask, deterministic=deterministic)
+      if keys_values is None:  # inputs = (embedded, positions)
+        return layer.attend_inputs(x, positions_BN, *inputs, mask, deterministic=deterministic)
+      return layer.attend(x, positions_BN, *inputs, mask, deterministic=deterministic)
     if remat:
       layer_fn = self._remat(layer_fn, in_scan=False)
 
