@@ -9,7 +9,11 @@ final LayerNorm -> zero-initialised head: logits [B, N, vocab] in float32.
 
 All attention uses rotary encoding from absolute positions and the masks of `masks.py`.
 Layers expose their steps (`CrossAttentionLayer.key_value` / `attend`,
-`LatentLayer.project` / `finish`) so the cached decoder runs the same code.
+`LatentLayer.project` / `finish`) so the cached decoder runs the same code; training uses
+`CrossAttentionLayer.attend_inputs` (the same function, keys/values computed inside the
+chunked kernel). A windowed `sliding` scale W keys only the N + W - 1 inputs its latents can
+see (`cross_key_lengths`); each layer's kernel is chosen for the backend when it is built
+(`attention.resolve_impl`).
 """
 
 import functools
