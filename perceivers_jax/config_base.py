@@ -77,15 +77,19 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=8,  # global, over all hosts
       microbatches=1,
       num_steps=100_000,
-      optimizer="adam",
+      optimizer="adam",  # adam | adamw (perceivers_jax/training/optimizer.py)
       learning_rate=0.03125,
       schedule="rsqrt",
       warmup_steps=10_000,
       b1=0.9,
       b2=0.98,
-      weight_decay=0.0,
+      weight_decay=0.0,  # AdamW's decoupled decay; needs optimizer="adamw"
       grad_clip_norm=1.0,
       z_loss=1e-4,
+      # An update with non-finite gradients or parameters: "stop" the run (nothing is saved
+      # after the last finite state) or "skip" it (the state stays; counted in
+      # train/skipped_updates).
+      on_nonfinite="stop",
       peak_tflops=0.0,  # per device, for MFU; 0: the built-in table (H100, H200) or none
       # Fine-tuning. init_from: a `perceivers-export` directory or a training workdir whose
       # parameters (only) start this run when its own workdir has no checkpoint yet.

@@ -71,6 +71,9 @@ def _set(config, field, value):
     ("train.batch_size", 12, 8, "config.train.batch_size=12"),
     ("train.schedule", "linear", 1, "config.train.schedule='linear'"),
     ("data.windows", "random", 1, "config.data.windows='random'"),
+    ("train.optimizer", "sgd", 1, "config.train.optimizer='sgd': must be one of adam, adamw"),
+    ("train.weight_decay", 0.1, 1, "needs config.train.optimizer='adamw' (it is 'adam')"),
+    ("train.on_nonfinite", "ignore", 1, "config.train.on_nonfinite='ignore'"),
 ])
 def test_bad_value_names_the_field(field, value, devices, message):
   config = load_config("tiny")
@@ -163,3 +166,20 @@ def test_single_host_does_not_initialize_distributed(monkeypatch):
   assert called == [(), ("10.0.0.1:1234", 2, 1)]
   with pytest.raises(ValueError, match="needs num_processes and process_id"):
     mesh_lib.initialize_distributed("10.0.0.1:1234")
+
+
+def test_optimizer_field_selects_adam_or_adamw():
+  """adamw decays the parameters (zero gradients still move them); adam does not."""
+  config = load_config("tiny")
+  params = {"w": jax.numpy.ones((3,))}
+  grads = {"w": jax.numpy.zeros((3,))}
+  config.train.warmup_steps, config.train.grad_clip_norm = 0, 0.0
+  moved = {}
+  for name, decay in (("adam", 0.0), ("adamw", 0.5)):
+    config.train.optimizer, config.train.weight_decay = name, decay
+    config_validation.validate(config, num_devices=1)
+    optimizer = optimizer_lib.make_optimizer(config.train)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    moved[name] = float(jax.numpy.abs(updates["w"]).max())
+  assert moved["adam"] == 0.0
+  assert moved["adamw"] == pytest.approx(config.train.learning_rate * 0.5)

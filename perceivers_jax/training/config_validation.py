@@ -16,8 +16,9 @@ from perceivers_jax.model import masks
 from perceivers_jax.model import param_groups
 from perceivers_jax.model import perceivers as model_lib
 from perceivers_jax.parallel import mesh as mesh_lib
+from perceivers_jax.training import optimizer as optimizer_lib
 
-OPTIMIZERS = ("adam",)
+ON_NONFINITE = ("stop", "skip")
 SCHEDULES = ("rsqrt", "constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -85,7 +86,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   _check_choice(config, "data.padding_side", windows.PADDING_SIDES)
 
   train = config.train
-  _check_choice(config, "train.optimizer", OPTIMIZERS)
+  _check_choice(config, "train.optimizer", optimizer_lib.OPTIMIZERS)
+  if train.weight_decay < 0:
+    _fail("train.weight_decay", train.weight_decay, "must be >= 0.")
+  if train.weight_decay and train.optimizer != "adamw":
+    _fail("train.weight_decay", train.weight_decay,
+          f"weight decay needs config.train.optimizer='adamw' (it is {train.optimizer!r}); "
+          "set config.train.optimizer=adamw or config.train.weight_decay=0.")
+  _check_choice(config, "train.on_nonfinite", ON_NONFINITE)
   _check_choice(config, "train.schedule", SCHEDULES)
   for field in ("batch_size", "microbatches", "num_steps"):
     _check_positive(config, f"train.{field}")

@@ -1,4 +1,8 @@
-"""Adam with gradient clipping and the learning-rate schedules of `config.train`.
+"""The optimizer (OPTIMIZERS), gradient clipping and the learning-rate schedules of `config.train`.
+
+Optimizers (config.train.optimizer, all with b1, b2 and the schedule below):
+  adam:  Adam; config.train.weight_decay must be 0.
+  adamw: AdamW, decoupled weight decay config.train.weight_decay (applied to every parameter).
 
 Schedules (t = optimizer step, w = config.train.warmup_steps, lr = config.train.learning_rate):
   rsqrt:    lr * min(t * w**-1.5, t**-0.5): the Transformer's schedule, where lr is the width
@@ -11,6 +15,8 @@ Schedules (t = optimizer step, w = config.train.warmup_steps, lr = config.train.
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+OPTIMIZERS = ("adam", "adamw")
 
 
 def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -39,13 +45,18 @@ def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Global-norm clipping (if grad_clip_norm > 0), then Adam/AdamW at the schedule's rate."""
+  """Global-norm clipping (if grad_clip_norm > 0), then config.train.optimizer at the
+  schedule's rate. The config is validated first (config_validation: a known optimizer,
+  weight decay only with adamw)."""
   schedule = make_schedule(train_config)
-  if train_config.weight_decay:
+  if train_config.optimizer == "adamw":
     adam = optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2,
                        weight_decay=train_config.weight_decay)
-  else:
+  elif train_config.optimizer == "adam":
     adam = optax.adam(schedule, b1=train_config.b1, b2=train_config.b2)
+  else:
+    raise ValueError(f"config.train.optimizer={train_config.optimizer!r}: "
+                     f"must be one of {', '.join(OPTIMIZERS)}.")
   if train_config.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), adam)
   return adam
