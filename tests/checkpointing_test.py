@@ -1,4 +1,4 @@
-"""Checkpointer round trip (sharded state + Grain iterator, keep-N) and the SIGTERM flag."""
+"""Checkpointer round trip (sharded state + Grain iterator, keep-N), the SIGTERM and SIGINT flag."""
 
 import os
 import signal
@@ -67,3 +67,15 @@ def test_sigterm_sets_the_stop_flag_and_handler_is_restored():
   assert watcher.should_stop(2)
   watcher.close()
   assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_ctrl_c_sets_the_stop_flag_and_handlers_are_restored():
+  """The first Ctrl-C only sets the flag (a second one exits: tests/faults_test.py)."""
+  previous = signal.getsignal(signal.SIGINT)
+  watcher = checkpointing.PreemptionWatcher()
+  assert not watcher.should_stop(1)
+  os.kill(os.getpid(), signal.SIGINT)
+  assert watcher.should_stop(2)
+  watcher.close()
+  assert signal.getsignal(signal.SIGINT) == previous
+  assert signal.set_wakeup_fd(-1) == -1  # the wakeup fd was given back too.

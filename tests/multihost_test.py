@@ -5,9 +5,11 @@ import csv
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -43,7 +45,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _train_on_two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, num_steps: int):
+def _start_two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, num_steps: int,
+                         checkpoint_every: int = 2) -> list[subprocess.Popen]:
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
@@ -54,15 +57,22 @@ def _train_on_two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, num_s
       "--config.model.num_latents=32", "--config.model.cross_attention_scales=(0,16)",
       f"--config.train.num_steps={num_steps}", "--config.train.batch_size=8",
       "--config.eval.every_steps=1000", "--config.eval.max_batches=2",
-      "--config.checkpoint.every_steps=2", "--config.log_every_steps=1",
+      f"--config.checkpoint.every_steps={checkpoint_every}", "--config.log_every_steps=1",
       "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
-  processes = [subprocess.Popen(command + [f"--process_id={i}"], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for i in range(2)]
+  return [subprocess.Popen(command + [f"--process_id={i}"], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for i in range(2)]
+
+
+def _finish(processes: list[subprocess.Popen]) -> list[str]:
   outputs = [p.communicate(timeout=600)[0] for p in processes]
   for i, (p, out) in enumerate(zip(processes, outputs)):
     assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
   return outputs
+
+
+def _train_on_two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, num_steps: int):
+  return _finish(_start_two_processes(workdir, data_dir, num_steps))
 
 
 def _train_steps(workdir: pathlib.Path) -> list[int]:
@@ -80,3 +90,22 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path, data_dir):
   outputs = _train_on_two_processes(workdir, data_dir, num_steps=6)
   assert "Resuming from step 4" in outputs[0]
   assert _train_steps(workdir) == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path, data_dir):
+  """The preemption notice reaches every host (reached_preemption_sync_point): both save the
+  same step and exit 0, though only process 1 got the signal."""
+  workdir = tmp_path / "run"
+  processes = _start_two_processes(workdir, data_dir, num_steps=500, checkpoint_every=1000)
+  deadline = time.time() + 400
+  metrics = workdir / "metrics.jsonl"
+  while time.time() < deadline and all(p.poll() is None for p in processes) and not (
+      metrics.exists() and len(_train_steps(workdir)) >= 2):
+    time.sleep(0.05)
+  processes[1].send_signal(signal.SIGTERM)
+  outputs = _finish(processes)
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert len(saved) == 1 and 2 <= saved[0] < 500, saved
+  for output in outputs:
+    assert f"Preempted: saved step {saved[0]}" in output, output[-3000:]
+  assert _train_steps(workdir) == list(range(1, saved[0] + 1))

@@ -6,6 +6,7 @@ state, one small JSON file per host), so a resumed run sees exactly the batches 
 uninterrupted run would have seen.
 """
 
+import os
 import signal
 import threading
 from typing import Any
@@ -25,7 +26,11 @@ class Checkpointer:
   """CheckpointManager over `directory`: interval saves, keep-N, async, iterator state."""
 
   def __init__(self, directory: str, checkpoint_config: ml_collections.ConfigDict, *,
-               with_data_iter: bool = True):
+               with_data_iter: bool = True, clean_partial_saves: bool = False):
+    """`clean_partial_saves`: delete the temporary folders (`*.orbax-checkpoint-tmp*`) of saves
+    that never finished (the process was killed mid-write). Only the training run that writes
+    `directory` may ask for it: a reader (export, evaluation) could delete a running job's
+    save in progress."""
     self._with_data_iter = with_data_iter
     handlers = {STATE: ocp.StandardCheckpointHandler()}
     if with_data_iter:
@@ -37,6 +42,7 @@ class Checkpointer:
         max_to_keep=checkpoint_config.keep,
         enable_async_checkpointing=checkpoint_config.async_save,
         create=True,
+        cleanup_tmp_directories=clean_partial_saves,
     )
     self._manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
@@ -84,23 +90,54 @@ class Checkpointer:
 
 
 class PreemptionWatcher:
-  """Turns SIGTERM (preemption, `kill`) into a flag the training loop checks once per step.
+  """Turns SIGTERM (preemption, `kill`) and SIGINT (Ctrl-C) into a flag the training loop checks
+  once per step: the run saves a checkpoint after the current step and exits normally.
 
-  On a multi-host job jax's coordination service already watches for preemption; every host
-  must stop at the same step, which `multihost_utils.reached_preemption_sync_point` agrees on.
+  A second SIGINT ends the process at once (exit status 130, nothing saved; a half-written save
+  leaves a temporary folder that the next run deletes). Python runs signal handlers only between
+  Python bytecodes, not inside a long compilation or device wait, so the second one is counted
+  by a thread reading the signal wakeup fd, which the C-level handler writes to at once.
+
+  On a multi-host job jax's coordination service watches for SIGTERM on every host, and every
+  host must stop at the same step, which `multihost_utils.reached_preemption_sync_point` agrees
+  on; a SIGINT there is passed on to this process as SIGTERM so it takes the same path.
   """
 
   def __init__(self):
     self._flag = threading.Event()
-    self._previous = None
+    self._previous = {}
+    self._wakeup = None
     self._multi_host = jax.process_count() > 1
-    if not self._multi_host and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if threading.current_thread() is not threading.main_thread():
+      return
+    signals = (signal.SIGINT,) if self._multi_host else (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
+      self._previous[signum] = signal.signal(signum, self._handle)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    self._wakeup = (read_fd, write_fd, signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False))
+    threading.Thread(target=self._count_interrupts, args=(read_fd,), daemon=True).start()
+
+  def _count_interrupts(self, read_fd: int) -> None:
+    interrupts = 0
+    while data := os.read(read_fd, 64):
+      interrupts += data.count(signal.SIGINT)
+      if interrupts >= 2:
+        os.write(2, b"Second Ctrl-C: exiting at once without saving.\n")
+        os._exit(130)  # pylint: disable=protected-access
+    os.close(read_fd)
 
   def _handle(self, signum, frame):
     del frame
-    logging.warning("Received signal %d: saving a checkpoint and exiting at the end of this step.",
-                    signum)
+    if signum == signal.SIGINT:
+      logging.warning("Ctrl-C: saving a checkpoint and exiting at the end of this step; press "
+                      "Ctrl-C again to exit at once without saving.")
+      if self._multi_host:
+        os.kill(os.getpid(), signal.SIGTERM)  # to the coordination service's preemption notice.
+        return
+    else:
+      logging.warning("Received signal %d: saving a checkpoint and exiting at the end of this "
+                      "step.", signum)
     self._flag.set()
 
   def should_stop(self, step: int) -> bool:
@@ -110,6 +147,11 @@ class PreemptionWatcher:
     return self._flag.is_set()
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+    if self._wakeup is not None:
+      read_fd, write_fd, previous_fd = self._wakeup
+      signal.set_wakeup_fd(previous_fd)
+      os.close(write_fd)  # the counting thread reads end-of-file, closes read_fd and ends.
+      self._wakeup = None

@@ -21,10 +21,29 @@ def _scalar(value: Any) -> float:
   return float(np.asarray(value))
 
 
+def _drop_records_after(path: epath.Path, step: int) -> None:
+  """Rewrites `path` without the records of steps > `step` (atomically: a temporary file is
+  renamed over it). A torn last line (the process was killed mid-write) is dropped too."""
+  kept = []
+  for line in path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if record.get("step", 0) <= step:
+      kept.append(line + "\n")
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text("".join(kept))
+  tmp.replace(path)
+
+
 class MetricsWriter:
   """Writes scalar metrics under `workdir` (TensorBoard + JSON lines)."""
 
-  def __init__(self, workdir: str, *, enabled: bool | None = None):
+  def __init__(self, workdir: str, *, enabled: bool | None = None, resume_step: int | None = None):
+    """`resume_step`: a training run (re)starting from that step first drops the records of
+    later steps from metrics.jsonl (an interrupted run logged them; they are redone), so the
+    file holds each step once."""
     self._enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
     self._jsonl = None
@@ -32,7 +51,10 @@ class MetricsWriter:
       workdir = epath.Path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
       self._tb = tensorboardX.SummaryWriter(logdir=str(workdir / "tensorboard"))
-      self._jsonl = (workdir / "metrics.jsonl").open("a")
+      path = workdir / "metrics.jsonl"
+      if resume_step is not None and path.exists():
+        _drop_records_after(path, resume_step)
+      self._jsonl = path.open("a")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any], *, prefix: str = "") -> None:
     """Records `scalars` at `step`, names prefixed by `prefix` (e.g. "eval/")."""
