@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -212,18 +213,45 @@ def test_sigterm_then_rerun_resumes_exactly(pieces, tmp_path):
   assert resumed == _losses(straight)  # bitwise-equal losses, before and after the restart.
 
 
-def test_diverging_run_stops_with_a_clear_message(pieces, tmp_path):
-  from perceivers_jax.training import train  # pylint: disable=g-import-not-at-top
-  arrays, _ = pieces
+def _saved_params(train, config, workdir):
+  """{step: params} of every checkpoint in `workdir`, restored on this process's devices."""
+  from perceivers_jax.state import checkpointing  # pylint: disable=g-import-not-at-top
+  trainer = train.build_trainer_for(config)
+  ckpt = checkpointing.Checkpointer(train.checkpoint_dir(workdir), config.checkpoint,
+                                    with_data_iter=False)
+  saved = {s: jax.device_get(ckpt.restore(s, trainer.abstract_state)["params"])
+           for s in ckpt.all_steps()}
+  ckpt.close()
+  return saved
+
+
+def _diverging_config():
   config = _tiny_module().get_config()
   config.model.max_length, config.model.num_latents, config.model.num_latent_layers = 128, 16, 1
-  config.train.learning_rate, config.train.warmup_steps = 1e30, 0  # guaranteed to blow up
-  config.train.num_steps = 6
+  config.train.warmup_steps = 0
   config.checkpoint.every_steps = config.log_every_steps = 1
-  with pytest.raises(train.NonFiniteLossError, match=r"Training loss is (nan|inf) at step \d"):
-    train.train_and_evaluate(config, str(tmp_path), train_source=[{"tokens": arrays[0]}],
-                             eval_source=[{"tokens": arrays[0][:200]}])
-  saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
-  assert saved and max(saved) < 6  # stopped early; no diverged state was saved.
-  losses = {s: l for s, l in _losses(tmp_path)}
-  assert all(np.isfinite(losses[s]) for s in saved)
+  config.checkpoint.keep = 10
+  config.eval.every_steps = 1000
+  return config
+
+
+def test_diverging_run_stops_with_a_clear_message_and_only_finite_checkpoints(pieces, tmp_path):
+  """The update of step 3 turns the parameters infinite (the loss of step 3 is still finite):
+  it is not applied, nothing from step 3 on is saved, and the message names step 2 as the last
+  good checkpoint."""
+  from perceivers_jax.training import train  # pylint: disable=g-import-not-at-top
+  arrays, _ = pieces
+  sources = dict(train_source=[{"tokens": arrays[0]}], eval_source=[{"tokens": arrays[0][:200]}])
+  config = _diverging_config()
+  config.train.num_steps = 2
+  train.train_and_evaluate(config, str(tmp_path), **sources)
+  config.train.learning_rate = 1e39  # inf in float32: the very next update is non-finite.
+  config.train.num_steps = 6
+  with pytest.raises(train.NonFiniteError, match=(
+      r"update of step 3: stopping .* last good checkpoint is step 2 in ")):
+    train.train_and_evaluate(config, str(tmp_path), **sources)
+  saved = _saved_params(train, config, str(tmp_path))
+  assert sorted(saved) == [1, 2]
+  for params in saved.values():
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+  assert [s for s, _ in _losses(tmp_path)] == [1, 2]  # the rejected step 3 is not logged.

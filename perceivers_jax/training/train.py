@@ -18,6 +18,12 @@ has no checkpoint; once it has one, the run resumes from its workdir as any othe
 config.train.freeze names parameter groups (perceivers_jax/model/param_groups.py) that get zero
 updates and no optimizer state (optax.multi_transform with set_to_zero); their gradients are
 dropped before clipping and the grad_norm metric.
+
+Non-finite updates: the step checks its gradients and updated parameters and, where any is
+NaN or infinite, keeps the previous parameters and optimizer state (only the step counter and
+the data advance). config.train.on_nonfinite="stop" (default) then ends the run with
+NonFiniteError naming the step and the last good checkpoint; "skip" goes on and counts the
+skipped updates in train/skipped_updates. No checkpoint ever holds a non-finite parameter.
 """
 
 import dataclasses
@@ -60,8 +66,9 @@ BATCH_AXES = ("data", "fsdp")
 POSITION_BUCKETS = (0,) + tuple(512 * 2**i for i in range(7)) + (math.inf,)
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite."""
+class NonFiniteError(FloatingPointError):
+  """An update had non-finite gradients or parameters (config.train.on_nonfinite="stop"), or a
+  checkpoint to resume from holds non-finite parameters."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,6 +98,12 @@ class Trainer:
   @property
   def num_params(self) -> int:
     return count_params(self.abstract_state["params"])
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """A bool scalar: every element of every floating leaf of `tree` is finite."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all()
 
 
 def count_params(params: Any) -> int:
@@ -221,9 +234,15 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     if frozen is not None:  # unused: without microbatches XLA then skips computing them.
       grads = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    new_state = {"step": step + 1, "params": optax.apply_updates(params, updates),
-                 "opt_state": opt_state}
+    new_params = optax.apply_updates(params, updates)
+    # A non-finite update is never applied: the previous parameters and optimizer state stay
+    # (donation lets XLA select in place). The loop stops or counts it (config.train.on_nonfinite).
+    finite = all_finite(grads) & all_finite(new_params)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    new_state = {"step": step + 1, "params": jax.tree.map(keep, new_params, params),
+                 "opt_state": jax.tree.map(keep, opt_state, state["opt_state"])}
     metrics = {
+        "nonfinite": 1 - finite.astype(jnp.int32),
         "loss": losses.mean_loss(sums),
         "nll": sums["nll"] / count,
         "accuracy": sums["correct"] / count,
@@ -374,12 +393,59 @@ def checkpoint_dir(workdir: str) -> str:
   return str(epath.Path(workdir) / "checkpoints")
 
 
-def _check_finite(step: int, loss: float) -> None:
-  if not math.isfinite(loss):
-    raise NonFiniteLossError(
-        f"Training loss is {loss} at step {step}: stopping. Lower config.train.learning_rate, "
-        "raise config.train.warmup_steps or check config.train.grad_clip_norm; resuming "
-        "restarts from the last checkpoint, which holds only finite losses.")
+class _NonFiniteGuard:
+  """Reads each step's `nonfinite` flag one step late (so the device never waits) and stops
+  (NonFiniteError) or counts the skipped update, as config.train.on_nonfinite says.
+
+  The step itself never applies a non-finite update, so every state the loop holds, and hence
+  every checkpoint it writes, has finite parameters; `settle()` runs before each save and log so
+  that "stop" raises before a step after the bad update is saved or logged.
+  """
+
+  def __init__(self, mode: str, ckpt: checkpointing.Checkpointer):
+    self._mode, self._ckpt = mode, ckpt
+    self._pending = None  # (step, metrics) not yet read.
+    self.skipped = 0  # skipped updates since the last take_skipped().
+
+  def after_step(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self.settle()
+    self._pending = (step, metrics)
+
+  def settle(self) -> None:
+    if self._pending is None:
+      return
+    step, metrics = self._pending
+    self._pending = None
+    if not int(metrics["nonfinite"]):
+      return
+    if self._mode == "skip":
+      logging.warning("Non-finite gradients or parameters in the update of step %d: skipped "
+                      "(config.train.on_nonfinite=skip); the state stays that of step %d.",
+                      step, step - 1)
+      self.skipped += 1
+      return
+    self._ckpt.wait_until_finished()
+    latest = self._ckpt.latest_step()
+    good = (f"The last good checkpoint is step {latest} in {self._ckpt.directory} (every saved "
+            "step has finite parameters); rerunning resumes from it." if latest is not None
+            else "No checkpoint was saved yet; rerunning starts the run afresh.")
+    raise NonFiniteError(
+        f"Non-finite gradients or parameters in the update of step {step}: stopping "
+        f"(config.train.on_nonfinite=stop); the update was not applied and nothing after it is "
+        f"saved. {good} Lower config.train.learning_rate, raise config.train.warmup_steps or "
+        "check config.train.grad_clip_norm, or set config.train.on_nonfinite=skip to skip such "
+        "updates.")
+
+  def take_skipped(self) -> int:
+    skipped, self.skipped = self.skipped, 0
+    return skipped
+
+
+def _check_restored_finite(state: State, step: int, directory: str) -> None:
+  if not bool(jax.device_get(jax.jit(all_finite)(state["params"]))):
+    raise NonFiniteError(
+        f"Checkpoint step {step} in {directory} holds non-finite parameters (saved by a version "
+        "without this check): delete that step's folder to resume from an earlier one.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -400,7 +466,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       config, train_source, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
 
-  ckpt = checkpointing.Checkpointer(checkpoint_dir(workdir), config.checkpoint)
+  ckpt = checkpointing.Checkpointer(checkpoint_dir(workdir), config.checkpoint,
+                                    clean_partial_saves=True)
   latest = ckpt.latest_step()
   if latest is None and config.train.get("init_from"):
     state = trainer.state_from_params(pretrained_params(trainer, config.train.init_from))
@@ -409,12 +476,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state, rest = trainer.init_fn()
   else:
     state = ckpt.restore(latest, trainer.abstract_state, train_iter)
+    _check_restored_finite(state, latest, ckpt.directory)
     rest = trainer.init_rest()
     logging.info("Resuming from step %d.", latest)
   step = start_step = int(jax.device_get(state["step"]))
 
-  writer = metrics_writer.MetricsWriter(workdir)
+  # Steps after start_step that a killed run had logged are redone: their records are dropped.
+  writer = metrics_writer.MetricsWriter(workdir, resume_step=start_step)
   watcher = checkpointing.PreemptionWatcher()
+  guard = _NonFiniteGuard(config.train.get("on_nonfinite", "stop"), ckpt)
   num_steps = config.train.num_steps
   peak = flops.peak_flops_per_device(config)
   if jax.process_index() == 0:
@@ -424,8 +494,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   eval_metrics: dict[str, float] = {}
   interval_start, interval_steps = time.perf_counter(), 0
-  # (step, metrics) of the previous step: read one step late, so the device never waits.
-  pending = None
   try:
     while step < num_steps:
       batch = input_pipeline.to_global_arrays(next(train_iter), trainer.batch_sharding)
@@ -435,14 +503,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step == start_step + 1:
         jax.block_until_ready(metrics)  # Throughput excludes the first step's compilation.
         interval_start, interval_steps = time.perf_counter(), 0
-      if pending is not None:
-        _check_finite(pending[0], float(pending[1]["loss"]))
-      pending = (step, metrics)
+      guard.after_step(step, metrics)
 
       is_last = step == num_steps
       if step % config.log_every_steps == 0 or is_last:
+        guard.settle()
         scalars = jax.device_get(metrics)
-        _check_finite(step, float(scalars["loss"]))
+        del scalars["nonfinite"]
+        scalars["skipped_updates"] = guard.take_skipped()  # since the previous record.
         if interval_steps:  # Not on the very first step (its time is compilation).
           scalars.update(flops.throughput((time.perf_counter() - interval_start) / interval_steps,
                                      config, peak))
@@ -452,6 +520,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         interval_start, interval_steps = time.perf_counter(), 0
 
       if step % config.eval.every_steps == 0 or is_last:
+        guard.settle()
         eval_metrics = run_evaluation(trainer, state["params"], rest, validation_batches)
         writer.write_scalars(step, eval_metrics, prefix="eval/")
         writer.log_progress(step, num_steps, {f"eval_{k}": eval_metrics[k] for k in (
@@ -460,7 +529,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
       stop = watcher.should_stop(step)
       if is_last or stop or ckpt.should_save(step):
-        _check_finite(step, float(metrics["loss"]))  # Never checkpoint a diverged state.
+        guard.settle()  # "stop" raises before a step after a non-finite update is saved.
         ckpt.save(step, state, train_iter, force=True)
       if stop:
         logging.warning("Preempted: saved step %d to %s; rerun the same command to resume.",
