@@ -113,6 +113,53 @@ def test_bad_requests_are_explained(workdir, tmp_path):
     export.load_exported(str(tmp_path / "z"))
 
 
+def test_existing_output_is_refused_or_replaced_whole(workdir, tmp_path):
+  """An Orbax export replaced by a safetensors one with --overwrite: nothing of the old one
+  stays (no mixed folder); without --overwrite the CLI names the fix."""
+  output = tmp_path / "out"
+  export.export(str(workdir), str(output))
+  with pytest.raises(FileExistsError, match="exists: .* pass --overwrite"):
+    export.export(str(workdir), str(output), file_format="safetensors")
+  subprocess.run([sys.executable, "-m", "perceivers_jax.cli.export", f"--workdir={workdir}",
+                  f"--output={output}", "--format=safetensors", "--overwrite"],
+                 capture_output=True, text=True, timeout=300, check=True)
+  assert sorted(os.listdir(output)) == ["config.json", "manifest.json", "params.safetensors"]
+  assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary or old folder left behind.
+  _, _, manifest = export.load_exported(str(output))
+  assert manifest["format"] == export.SAFETENSORS_FORMAT
+  assert list(manifest["params_sha256"]) == ["params.safetensors"]
+
+
+def test_a_failed_export_leaves_nothing_and_a_rerun_works(workdir, tmp_path, monkeypatch):
+  def crash(*args, **kwargs):
+    raise OSError("disk full")
+  monkeypatch.setattr(export, "_write_safetensors", crash)
+  with pytest.raises(OSError, match="disk full"):
+    export.export(str(workdir), str(tmp_path / "st"), file_format="safetensors")
+  assert not (tmp_path / "st").exists()
+  monkeypatch.undo()
+  export.export(str(workdir), str(tmp_path / "st"), file_format="safetensors")
+  export.load_exported(str(tmp_path / "st"))
+  assert sorted(os.listdir(tmp_path)) == ["st"]
+
+
+def test_loading_checks_every_parameter_file(workdir, tmp_path):
+  output = tmp_path / "orbax"
+  manifest = export.export(str(workdir), str(output))
+  assert len(manifest["params_sha256"]) > 1 and all(
+      name.startswith("params/") for name in manifest["params_sha256"])
+  # Change one byte of the largest parameter file.
+  name = max(manifest["params_sha256"], key=lambda n: (output / n).stat().st_size)
+  data = bytearray((output / name).read_bytes())
+  data[len(data) // 2] ^= 1
+  (output / name).write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=f"{name} does not match its sha256 in manifest.json"):
+    export.load_exported(str(output))
+  (output / name).unlink()
+  with pytest.raises(ValueError, match=f"{name} is missing"):
+    export.load_exported(str(output))
+
+
 def _checkpoint_params(workdir: pathlib.Path):
   """(config, params of checkpoint 2 restored on this process's devices)."""
   config = export.load_config(workdir / "config.json")

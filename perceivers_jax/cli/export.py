@@ -1,13 +1,14 @@
 r"""perceivers-export: a training checkpoint -> params-only export (+ config and manifest).
 
   perceivers-export --workdir=/tmp/tiny --output=/tmp/tiny_export [--step=400] \
-      [--dtype=bfloat16|float32] [--format=orbax|safetensors]
+      [--dtype=bfloat16|float32] [--format=orbax|safetensors] [--overwrite]
 
 `--format=orbax` (default) writes an Orbax checkpoint under params/; `--format=safetensors`
 one params.safetensors file with flat names (listed in perceivers_jax/export.py) for use
-outside this package. Either restores on any number of devices
-(`perceivers_jax.state.export.load_exported`), samples with `perceivers-sample --checkpoint=DIR`
-and starts fine-tuning with `--config.train.init_from=DIR`.
+outside this package. The export appears whole or not at all (written to a temporary sibling
+folder, then renamed); an existing --output is refused unless --overwrite replaces it. Either
+restores on any number of devices (`perceivers_jax.state.export.load_exported`), samples with
+`perceivers-sample --checkpoint=DIR` and starts fine-tuning with `--config.train.init_from=DIR`.
 """
 
 import json
@@ -22,6 +23,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json +
 _OUTPUT = flags.DEFINE_string("output", None, "New directory for the export.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "Replace an existing --output (once the new export is complete).")
 _FORMAT = flags.DEFINE_enum("format", "orbax", ["orbax", "safetensors"],
                             "orbax: Orbax checkpoint params/; safetensors: params.safetensors.")
 
@@ -31,7 +34,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from perceivers_jax.state import export  # pylint: disable=g-import-not-at-top
   manifest = export.export(_WORKDIR.value, _OUTPUT.value, step=_STEP.value, dtype=_DTYPE.value,
-                           file_format=_FORMAT.value)
+                           file_format=_FORMAT.value, overwrite=_OVERWRITE.value)
   summary = {k: manifest[k] for k in ("format", "step", "num_params", "dtype", "config_sha256")}
   print(json.dumps({"output": _OUTPUT.value, **summary}), flush=True)
 

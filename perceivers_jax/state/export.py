@@ -8,7 +8,12 @@ An export directory holds
                  one safetensors file with flat names (below) for use outside this package;
   config.json    the training config;
   manifest.json  format (FORMATS: which of the two), step, parameter count, dtype, source
-                 workdir, sha256 of config.json and the config itself.
+                 workdir, sha256 of config.json, the sha256 of every parameter file
+                 (params_sha256, by path inside the export) and the config itself.
+An export is written whole into a temporary sibling folder (`.NAME.export-tmp`) and renamed to
+`output` when complete, so a crash never leaves a partial export; an existing `output` is an
+error unless `overwrite`, which replaces the whole folder (never mixing two exports). Loading
+checks config.json and every parameter file against the manifest.
 Only the parameters are read from the training checkpoint (partial restore), straight into
 the target devices' shardings, so exporting never loads the optimizer state. `load_exported`
 reads either format back, into this process's devices or into any given shardings (as
@@ -30,6 +35,7 @@ from typing import Any
 
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -152,12 +158,34 @@ def saved_step(workdir: str, config: ml_collections.ConfigDict, step: int | None
   return step
 
 
+def _file_sha256(path: epath.Path) -> str:
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    for chunk in iter(lambda: f.read(1 << 24), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def params_sha256(export_dir: epath.Path, params_name: str) -> dict[str, str]:
+  """sha256 of every file of the parameters `export_dir / params_name` (one safetensors file or
+  an Orbax folder), by path relative to `export_dir`."""
+  root = export_dir / params_name
+  files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+  return {os.fspath(p.relative_to(export_dir)): _file_sha256(p) for p in files}
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "float32",
-           file_format: str = "orbax") -> dict[str, Any]:
+           file_format: str = "orbax", overwrite: bool = False) -> dict[str, Any]:
   """Writes the params of checkpoint `step` (default: latest) of `workdir` to `output`.
 
-  `file_format`: "orbax" or "safetensors" (FORMATS). Returns the manifest. Raises
-  FileNotFoundError / ValueError naming what is missing.
+  `file_format`: "orbax" or "safetensors" (FORMATS). `output` must not exist unless
+  `overwrite`, which replaces it once the new export is complete. Returns the manifest.
+  Raises FileNotFoundError / FileExistsError / ValueError naming what is wrong.
   """
   if dtype not in DTYPES:
     raise ValueError(f"--dtype={dtype!r}: use one of {DTYPES}.")
@@ -166,16 +194,23 @@ def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "
   config_path = epath.Path(workdir) / "config.json"
   if not config_path.exists():
     raise FileNotFoundError(f"{config_path} not found: --workdir must be a training workdir.")
+  out = epath.Path(output)
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"--output={output} exists: choose a new directory, or pass "
+                          "--overwrite to replace it.")
   config_text = config_path.read_text()
   config = load_config(config_path)
   step = saved_step(workdir, config, step)
 
-  out = epath.Path(output)
-  params_path = out / PARAMS_PATHS[FORMATS[file_format]]
-  if params_path.exists():
-    raise FileExistsError(f"{params_path} exists: choose a new --output directory.")
   params = restore_params(workdir, step, _abstract_params(config, dtype))
-  out.mkdir(parents=True, exist_ok=True)
+  # Every host computes the same folder name (Orbax writes collectively into it).
+  tmp = out.parent / f".{out.name}.export-tmp"
+  if jax.process_index() == 0:
+    if tmp.exists():  # left by an export that was killed.
+      tmp.rmtree()
+    tmp.mkdir(parents=True)
+  _sync("export-tmp-ready")
+  params_name = PARAMS_PATHS[FORMATS[file_format]]
   manifest = {
       "format": FORMATS[file_format],
       "step": int(step),
@@ -187,13 +222,24 @@ def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "
   }
   if file_format == "orbax":
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(params_path, params)
+      checkpointer.save(tmp / params_name, params)
   else:
-    _write_safetensors(params_path, params, {k: str(manifest[k]) for k in (
+    _write_safetensors(tmp / params_name, params, {k: str(manifest[k]) for k in (
         "format", "step", "dtype", "config_sha256")})
+  _sync("export-params-written")
   if jax.process_index() == 0:
-    (out / "config.json").write_text(config_text)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    manifest["params_sha256"] = params_sha256(tmp, params_name)
+    (tmp / "config.json").write_text(config_text)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    old = out.parent / f".{out.name}.export-old"
+    if out.exists():  # overwrite: the old export goes only once the new one is complete.
+      if old.exists():
+        old.rmtree()
+      out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+      old.rmtree()
+  _sync("export-renamed")
   return manifest
 
 
@@ -215,6 +261,7 @@ def load_exported(export_dir: str, abstract_params: Any = None,
   config_text = (path / "config.json").read_text()
   if hashlib.sha256(config_text.encode()).hexdigest() != manifest["config_sha256"]:
     raise ValueError(f"{path / 'config.json'} does not match the sha256 in manifest.json.")
+  _check_params_sha256(path, manifest)
   config = load_config(path / "config.json")
   if abstract_params is None:
     target = _abstract_params(config, manifest["dtype"])
@@ -228,6 +275,23 @@ def load_exported(export_dir: str, abstract_params: Any = None,
     with ocp.StandardCheckpointer() as checkpointer:
       params = checkpointer.restore(params_path, target)
   return config, params, manifest
+
+
+def _check_params_sha256(path: epath.Path, manifest: dict[str, Any]) -> None:
+  """Raises ValueError naming the first parameter file that is missing, extra or changed."""
+  fix = "export again (perceivers-export ... --overwrite)."
+  if "params_sha256" not in manifest:
+    raise ValueError(f"{path / MANIFEST} has no params_sha256 (an export from before files were "
+                     f"hashed): {fix}")
+  want = manifest["params_sha256"]
+  have = params_sha256(path, PARAMS_PATHS[manifest["format"]])
+  for name in sorted(set(want) | set(have)):
+    if name not in have:
+      raise ValueError(f"{path / name} is missing, though manifest.json lists it: {fix}")
+    if name not in want:
+      raise ValueError(f"{path / name} is not in manifest.json (a changed export): {fix}")
+    if have[name] != want[name]:
+      raise ValueError(f"{path / name} does not match its sha256 in manifest.json: {fix}")
 
 
 def load_params(source: str, abstract_params: Any) -> tuple[Any, str]:
