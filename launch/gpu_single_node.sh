@@ -8,8 +8,11 @@
 # Environment (optional):
 #   PERCEIVERS_VENV       virtualenv to use (default: <repo>/.venv, created with '.[gpu]' if missing).
 #   CUDA_VISIBLE_DEVICES  which GPUs to use (default: all).
-# The log goes to <workdir>/train.log as well as the terminal. Ctrl-C or SIGTERM saves a
-# checkpoint and exits; rerunning the same command resumes.
+# The log goes to <workdir>/train.log as well as the terminal. Signals: Ctrl-C (SIGINT) or
+# SIGTERM (`kill PID`) lets the current step finish, saves a checkpoint and exits with status
+# 0; a second Ctrl-C exits at once without saving. SIGKILL (`kill -9`, out of memory) loses
+# the steps since the last interval checkpoint. Rerunning the same command resumes from the
+# latest checkpoint (and deletes a half-written one).
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,5 +37,6 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 
 cd "$repo_root"
-exec > >(tee -a "$workdir/train.log") 2>&1
+# tee ignores Ctrl-C, so it keeps logging while training saves; it ends when training does.
+exec > >(trap '' INT TERM; exec tee -a "$workdir/train.log") 2>&1
 exec "$venv/bin/python" -m perceivers_jax.cli.train "$@"

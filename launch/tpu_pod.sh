@@ -24,9 +24,11 @@
 # copied back afterwards into --log_dir (default ./tpu_logs/NAME).
 #
 # Environment: gcloud authenticated with TPU rights; PROJECT taken from gcloud config unless
-# --project is given. Preemption: a preempted worker gets SIGTERM; perceivers-train saves a
-# checkpoint and exits, and rerunning this script with the same flags resumes from --workdir;
-# a rerun sampling job writes only the samples missing from --output_dir.
+# --project is given. Signals: a preempted worker gets SIGTERM; every worker lets the current
+# step finish, all save the same step (the jax coordination service agrees on it) and exit
+# with status 0; SIGINT (Ctrl-C in the ssh session) is treated as SIGTERM. SIGKILL loses the
+# steps since the last interval checkpoint. Rerunning this script with the same flags resumes
+# from --workdir; a rerun sampling job writes only the samples missing from --output_dir.
 set -euo pipefail
 
 name="" zone="" accelerator="v5p-64" version="v2-alpha-tpuv5" project="" create=0 spot=0
