@@ -169,9 +169,15 @@ def _file_sha256(path: epath.Path) -> str:
 def params_sha256(export_dir: epath.Path, params_name: str) -> dict[str, str]:
   """sha256 of every file of the parameters `export_dir / params_name` (one safetensors file or
   an Orbax folder), by path relative to `export_dir`."""
-  root = export_dir / params_name
-  files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-  return {os.fspath(p.relative_to(export_dir)): _file_sha256(p) for p in files}
+  def files(path: epath.Path):  # epath has no recursive glob on every backend.
+    if path.is_file():
+      yield path
+    elif path.is_dir():
+      for child in path.iterdir():
+        yield from files(child)
+
+  return {os.fspath(p.relative_to(export_dir)): _file_sha256(p)
+          for p in sorted(files(export_dir / params_name))}
 
 
 def _sync(name: str) -> None:
