@@ -120,6 +120,11 @@ def test_existing_output_is_refused_or_replaced_whole(workdir, tmp_path):
   export.export(str(workdir), str(output))
   with pytest.raises(FileExistsError, match="exists: .* pass --overwrite"):
     export.export(str(workdir), str(output), file_format="safetensors")
+  refused = subprocess.run([sys.executable, "-m", "perceivers_jax.cli.export",
+                            f"--workdir={workdir}", f"--output={output}"],
+                           capture_output=True, text=True, timeout=300, check=False)
+  assert refused.returncode != 0 and "Traceback" not in refused.stderr
+  assert f"--output={output} exists" in refused.stderr and "--overwrite" in refused.stderr
   subprocess.run([sys.executable, "-m", "perceivers_jax.cli.export", f"--workdir={workdir}",
                   f"--output={output}", "--format=safetensors", "--overwrite"],
                  capture_output=True, text=True, timeout=300, check=True)
