@@ -8,8 +8,9 @@ r"""perceivers-sample: generate MIDI pieces from a trained PerceiverS.
       --num_samples=8 --batch_size=4 --num_tokens=2048 --top_p=0.95 --sample_index=5
 
 The model config comes from the workdir's config.json. Each sample i writes sample_{i:04d}.mid,
-.npy (tokens) and .json (its seed, settings, checkpoint and the command regenerating it alone:
-the same flags plus --sample_index=i give the same tokens); samples.jsonl lists them all.
+.npy (tokens), .png (piano roll) and .json (its seed, settings, checkpoint and the command
+regenerating it alone: the same flags plus --sample_index=i give the same tokens);
+samples.jsonl lists them all and index.html is the folder's listening page.
 Rerunning the same command completes a killed run (samples already written are skipped).
 Multi-host: run the same command on every host (TPU pods, SLURM and Open MPI are detected;
 otherwise pass --coordinator_address, --num_processes and --process_id, or the JAX_*

@@ -3,6 +3,9 @@
   perceivers-tokens encode IN.mid OUT.npy   # int32 ids [SOS, ..., EOS], written to OUT.npy
   perceivers-tokens decode IN.npy OUT.mid   # PAD/SOS skipped, stops at EOS
   perceivers-tokens decode --rows IN.npy OUT.mid   # a [R, L] array: OUT_000.mid ... one per row
+  perceivers-tokens render IN.mid|IN.npy OUT.png   # piano roll: pitch by time, velocity as colour
+
+Decoding caps a note whose NOTE_OFF never comes at --max_note_seconds (0: no cap).
 """
 
 import argparse
@@ -14,6 +17,7 @@ import numpy as np
 
 from perceivers_jax import config_base
 from perceivers_jax.cli import logs
+from perceivers_jax.data import piano_roll
 from perceivers_jax.data import tokens
 
 
@@ -36,9 +40,9 @@ def _load_ids(path: str) -> np.ndarray:
   return ids
 
 
-def _decode_one(ids: np.ndarray, label: str, midi_out: str) -> None:
+def _decode_one(ids: np.ndarray, label: str, midi_out: str, max_note_seconds: float) -> None:
   try:
-    ns = tokens.tokens_to_midi_file(ids, midi_out)
+    ns = tokens.tokens_to_midi_file(ids, midi_out, max_note_seconds)
   except ValueError as e:
     raise config_base.InputError(f"{label}: {e}") from e
   print(f"{label}: {len(ns.notes)} notes, {ns.total_time:.1f} s -> {midi_out}")
@@ -61,7 +65,7 @@ def _decode(args: argparse.Namespace) -> None:
       raise config_base.InputError(
           f"{args.npy_in}: a {list(ids.shape)} array, but decode takes one piece (1-D); "
           "pass --rows to write one MIDI file per row of a 2-D array")
-    _decode_one(ids, args.npy_in, args.midi_out)
+    _decode_one(ids, args.npy_in, args.midi_out, args.max_note_seconds)
     return
   if ids.ndim != 2:
     raise config_base.InputError(
@@ -69,7 +73,38 @@ def _decode(args: argparse.Namespace) -> None:
   out = pathlib.Path(args.midi_out)
   for row, row_ids in enumerate(ids):
     _decode_one(row_ids, f"{args.npy_in}[{row}]",
-                str(out.with_name(f"{out.stem}_{row:03d}{out.suffix}")))
+                str(out.with_name(f"{out.stem}_{row:03d}{out.suffix}")), args.max_note_seconds)
+
+
+def _render(args: argparse.Namespace) -> None:
+  _check_output_folder(args.png_out)
+  suffix = pathlib.Path(args.file_in).suffix.lower()
+  if suffix in (".mid", ".midi"):
+    ns = tokens.load_note_sequence(args.file_in)
+  elif suffix == ".npy":
+    try:
+      ns = tokens.tokens_to_note_sequence(_load_ids(args.file_in), args.max_note_seconds)
+    except ValueError as e:
+      raise config_base.InputError(f"{args.file_in}: {e}") from e
+  else:
+    raise config_base.InputError(f"{args.file_in}: expected a .mid/.midi file or a .npy of "
+                                 "token ids")
+  piano_roll.write(ns, args.png_out, title=os.path.basename(args.file_in))
+  print(f"{args.file_in}: {len(ns.notes)} notes, {ns.total_time:.1f} s -> {args.png_out}")
+
+
+def _max_note_seconds(value: str) -> float:
+  seconds = float(value)
+  if seconds < 0:
+    raise argparse.ArgumentTypeError(f"{value}: must be >= 0 (0 = no cap)")
+  return seconds
+
+
+def _add_max_note_seconds(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument(
+      "--max_note_seconds", type=_max_note_seconds, default=tokens.DEFAULT_MAX_NOTE_SECONDS,
+      help="a note without NOTE_OFF lasts at most this long (0: until the last event; "
+      f"default {tokens.DEFAULT_MAX_NOTE_SECONDS:g})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,9 +121,14 @@ def main(argv: list[str] | None = None) -> int:
   decode.add_argument("midi_out")
   decode.add_argument("--rows", action="store_true",
                       help="a 2-D array: one MIDI per row, MIDI_OUT's stem + _000, _001, ...")
+  _add_max_note_seconds(decode)
+  render = commands.add_parser("render", help="MIDI file or .npy of token ids -> piano roll PNG")
+  render.add_argument("file_in")
+  render.add_argument("png_out")
+  _add_max_note_seconds(render)
   args = parser.parse_args(argv)
-  return logs.call(lambda: (_encode if args.command == "encode" else _decode)(args),
-                   verbose=args.verbose)
+  command = {"encode": _encode, "decode": _decode, "render": _render}[args.command]
+  return logs.call(lambda: command(args), verbose=args.verbose)
 
 
 def run() -> None:

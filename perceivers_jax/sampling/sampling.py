@@ -4,7 +4,8 @@
 checkpoint or of a `perceivers-export` directory, with the model config saved beside them
 (config.json), for eval-mode decoding; `sample_to_dir(...)` generates `num_samples` pieces in
 batches of `batch_size` rows and writes, per sample i, `sample_{i:04d}.mid`, `.npy` (raw tokens,
-SOS .. EOS or the last token) and a `.json` sidecar, skipping the samples already written
+SOS .. EOS or the last token), `.png` (its piano roll) and a `.json` sidecar, skipping the
+samples already written, then the folder's listening page (`index.html`)
 (`job`: the output directory, its resumption, manifest and progress).
 
 Multi-host: every process calls `sample_to_dir` alike (after `jax.distributed.initialize`);
@@ -38,11 +39,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
 
+from perceivers_jax.data import piano_roll
 from perceivers_jax.data import tokens
 from perceivers_jax.model import perceivers as model_lib
 from perceivers_jax.parallel import mesh as mesh_lib
 from perceivers_jax.sampling import decode
 from perceivers_jax.sampling import job
+from perceivers_jax.sampling import listening_page
 from perceivers_jax.sampling.job import SamplingError
 from perceivers_jax.state import export
 from perceivers_jax.training import train
@@ -75,6 +78,9 @@ class SampleSettings:
                                       "prompt is [SOS]).")
   primer_seconds: float | None = _setting(None, "Keep the primer's first seconds (default: "
                                                 "all of it).")
+  max_note_seconds: float = _setting(
+      tokens.DEFAULT_MAX_NOTE_SECONDS, "In the MIDI, a note whose NOTE_OFF never comes lasts at "
+      "most this long (0 = until the piece ends).")
   sampling: decode.SamplingConfig = dataclasses.field(default_factory=decode.SamplingConfig)
 
   @staticmethod
@@ -106,6 +112,8 @@ def check_settings(settings: SampleSettings, model_config: ml_collections.Config
   for field in ("num_samples", "batch_size", "num_tokens"):
     if getattr(s, field) < 1:
       _fail(field, getattr(s, field), "must be >= 1.")
+  if s.max_note_seconds < 0:
+    _fail("max_note_seconds", s.max_note_seconds, "must be >= 0 (0 = no cap).")
   if s.sampling.top_k > model_config.vocab_size:
     _fail("top_k", s.sampling.top_k, f"must be in [0, {model_config.vocab_size}] (0 = off).")
   for index in sample_indices or ():
@@ -360,6 +368,8 @@ def sample_to_dir(model: model_lib.PerceiverS, config: ml_collections.ConfigDict
                                       checkpoint_step, checkpoint_path))
     progress.advance(len(set(slots)))
   end_line = job.finish(out, missing, progress.close())
+  if jax.process_index() == 0:
+    listening_page.write_folder_page(out)
   if end_line:
     print(end_line, flush=True)
   return sidecars
@@ -379,9 +389,11 @@ def _write_sample(out: pathlib.Path, index: int, slot: int, prompt_P: np.ndarray
   job.atomic_write(stem.with_suffix(".npy"), lambda path: _save_npy(path, sequence))
   # The MIDI holds the notes as the tokeniser reads them: re-encoding first resolves
   # same-pitch overlaps (common in samples), whose NOTE_OFFs a MIDI reader would pair otherwise.
-  notes = tokens.tokens_to_note_sequence(sequence)
+  notes = tokens.tokens_to_note_sequence(sequence, settings.max_note_seconds)
   job.atomic_write(stem.with_suffix(".mid"), lambda path: tokens.tokens_to_midi_file(
       tokens.note_sequence_to_tokens(notes), path))
+  job.atomic_write(stem.with_suffix(".png"), lambda path: piano_roll.write(
+      notes, path, title=stem.name, primer_seconds=tokens.tokens_duration_seconds(prompt_P)))
   sidecar = {
       "sample_index": index,
       "seed": settings.seed,
