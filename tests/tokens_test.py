@@ -147,3 +147,51 @@ def test_cli_encode_decode(maestro_paths, tmp_path, capsys):
   bad.write_bytes(b"not midi")
   assert tokens_cli.main(["encode", str(bad), str(npy)]) == 1
   assert str(bad) in capsys.readouterr().err
+
+
+def _hanging_tokens() -> np.ndarray:
+  """Pitch 60 never ends, 64 ends after 1 s, 50 ends after 21 s, 67 starts at 21 s, never ends."""
+  shift_1s = tokens.TIME_SHIFT_START + 99
+  return np.array([tokens.SOS_ID, tokens.NOTE_ON_START + 60, tokens.NOTE_ON_START + 64,
+                   tokens.NOTE_ON_START + 50, shift_1s, tokens.NOTE_OFF_START + 64,
+                   *[shift_1s] * 20, tokens.NOTE_OFF_START + 50, tokens.NOTE_ON_START + 67,
+                   tokens.TIME_SHIFT_START + 9, tokens.EOS_ID])
+
+
+def _ends(ns) -> dict[int, float]:
+  return {note.pitch: round(note.end_time, 3) for note in ns.notes}
+
+
+def test_note_without_note_off_is_capped():
+  ids = _hanging_tokens()
+  capped = tokens.tokens_to_note_sequence(ids)
+  # 60 hangs: cut at the cap; 64 and 50 end (50 after 21 s, longer than the cap, kept);
+  # 67 hangs but ends with the piece before reaching the cap.
+  assert _ends(capped) == {60: tokens.DEFAULT_MAX_NOTE_SECONDS, 64: 1.0, 50: 21.0, 67: 21.1}
+  assert _ends(tokens.tokens_to_note_sequence(ids, max_note_seconds=2.5))[60] == 2.5
+  assert _ends(tokens.tokens_to_note_sequence(ids, max_note_seconds=0))[60] == 21.1  # no cap
+  assert capped.total_time == pytest.approx(21.1)
+  with pytest.raises(ValueError, match="max_note_seconds"):
+    tokens.tokens_to_note_sequence(ids, max_note_seconds=-1)
+
+
+def test_note_cap_default_lies_above_real_note_lengths(encoded):
+  """The cap's justification: 99.9% of real notes are shorter; real notes are never cut."""
+  lengths = np.concatenate([(q[:, 1] - q[:, 0]) / tokens.STEPS_PER_SECOND
+                            for q in (tokens.quantized_notes(ns) for _, ns, _ in encoded)])
+  assert np.percentile(lengths, 99.9) < tokens.DEFAULT_MAX_NOTE_SECONDS < lengths.max()
+  longest = max(encoded, key=lambda e: tokens.quantized_notes(e[1])[:, 1].max())
+  decoded = tokens.quantized_notes(tokens.tokens_to_note_sequence(longest[2]))
+  assert (decoded == tokens.quantized_notes(longest[1])).all()  # notes over 10 s kept
+
+
+def test_cli_decode_max_note_seconds(tmp_path, capsys):
+  npy, mid = tmp_path / "hanging.npy", tmp_path / "hanging.mid"
+  np.save(npy, _hanging_tokens())
+  for flag, end in (([], tokens.DEFAULT_MAX_NOTE_SECONDS), (["--max_note_seconds=0"], 21.1),
+                    (["--max_note_seconds=3"], 3.0)):
+    assert tokens_cli.main(["decode", str(npy), str(mid), *flag]) == 0
+    assert _ends(tokens.load_note_sequence(mid))[60] == pytest.approx(end, abs=0.01)
+  with pytest.raises(SystemExit):
+    tokens_cli.main(["decode", str(npy), str(mid), "--max_note_seconds=-2"])
+  assert "--max_note_seconds=-2.0: must be >= 0" in capsys.readouterr().err
