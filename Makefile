@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DEMO_FLAGS ?=
 PYTEST_FLAGS ?=
 
-.PHONY: setup fetch-data test demo audio-tools clean
+.PHONY: setup fetch-data test test-tools demo audio-tools clean
 
 setup: $(VENV)/.installed
 
@@ -21,8 +21,20 @@ $(VENV)/.installed: setup.py
 fetch-data: setup
 	$(PY) -m data_prep.fetch_maestro_samples
 
-test: fetch-data
+test: fetch-data test-tools
 	$(PY) -m pytest $(PYTEST_FLAGS) tests
+
+# Test tools (root + apt only; their tests skip with a message elsewhere): headless
+# Chromium opens the listening page, shellcheck checks the launchers.
+test-tools:
+	-@missing=""; command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	  command -v shellcheck >/dev/null 2>&1 || missing="$$missing shellcheck"; \
+	  if [ -z "$$missing" ]; then exit 0; fi; \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	    && apt-get update -qq >/dev/null 2>&1 \
+	    && apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 \
+	    && echo "installed$$missing"; } \
+	  || echo "could not install$$missing (needs root and apt): the browser / launcher tests will skip"
 
 # Optional system tools (root + apt only; skipped with a message elsewhere):
 # fluidsynth + a General MIDI soundfont render the demo's MIDI to WAV.

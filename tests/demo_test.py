@@ -56,3 +56,13 @@ def test_rerun_reuses_data_and_model(demo_run):
   assert dataset.stat().st_mtime_ns == stamp  # not rebuilt
   new_lines = metrics_file.read_text().splitlines()[lines_before:]
   assert not any("train/loss" in line for line in new_lines)  # not retrained
+
+
+def test_demo_writes_the_listening_page(demo_run):
+  out, result = demo_run
+  assert "listening page:" in result.stdout
+  page = (out / "index.html").read_text()
+  for link in ("samples/trained/sample_0001.png", "samples/continuation/sample_0000.png",
+               "evaluation/report.md", "training_curve.png", "evaluation/piano_rolls_trained.png"):
+    assert f"'{link}'" in page, link
+  assert (out / "samples" / "trained" / "index.html").exists()

@@ -6,8 +6,10 @@ import sys
 
 import note_seq
 import numpy as np
+from PIL import Image
 import pytest
 
+from perceivers_jax.data import piano_roll
 from perceivers_jax.data import tokens as tokens_lib
 from perceivers_jax.evaluation import features
 from perceivers_jax.evaluation import repetition
@@ -136,6 +138,11 @@ def test_cli_report_real_versus_shuffled(tmp_path, maestro_paths):
     assert f"\n| {name} | " in table, name
   for name in ("distance_kde.png", "repetition_density.png", "token_autocorrelation.png"):
     _png_ok(out / name)
+  for name, count in (("reference", 3), ("real", 2), ("shuffled", 2)):  # 2 rolls a row
+    _png_ok(out / f"piano_rolls_{name}.png")
+    with Image.open(out / f"piano_rolls_{name}.png") as image:
+      assert image.size == (1200, -(-count // 2) * piano_roll.Layout(1.0).height_px), name
+  assert "[piano_rolls_shuffled.png](piano_rolls_shuffled.png)" in table
 
 
 def test_evaluate_sets_in_memory_and_mgeval_mode(tmp_path):

@@ -6,9 +6,16 @@
   perceivers-evaluate --reference=tfds:maestro_performance/full:validation \
       --data_dir=~/tensorflow_datasets --generated=perceivers:GEN_DIR --output_dir=eval_out
 
+  perceivers-evaluate ... --train=tfds:maestro_performance/full:train   # + memorisation check
+
 Folders are searched recursively for .mid/.midi (sustain folded in, as the tokeniser
-reads MIDI) and .npy token arrays. Writes metrics.json, report.md and PNG plots.
+reads MIDI) and .npy token arrays. Writes metrics.json, report.md and PNG plots; with
+--train also memorisation.json/.md: per piece of every generated set and of the reference
+(the baseline), the longest run of notes shared with a training piece and the share of its
+notes in shared runs of 16 or more.
 """
+
+import os
 
 from absl import app
 from absl import flags
@@ -17,6 +24,7 @@ from perceivers_jax.cli import logs
 
 from perceivers_jax.evaluation import distances
 from perceivers_jax.evaluation import features
+from perceivers_jax.evaluation import memorisation
 from perceivers_jax.evaluation import report
 
 _REFERENCE = flags.DEFINE_string(
@@ -28,6 +36,9 @@ _GENERATED = flags.DEFINE_list(
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the report goes.", required=True)
 _KLD = flags.DEFINE_enum("kld", "shared_grid", distances.KLD_MODES,
                          "KLD mode: densities on one shared grid, or mgeval's own-range one.")
+_TRAIN = flags.DEFINE_string(
+    "train", None, "Training set for the memorisation check: a folder of MIDI/.npy files or "
+    "tfds:NAME:train (default: no check).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory for tfds: sets.")
 _MAX_PIECES = flags.DEFINE_integer("max_pieces", 0,
                                    "Read at most this many pieces per set (0: all).")
@@ -51,11 +62,21 @@ def parse_generated(specs: list[str]) -> dict[str, str]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  train = _TRAIN.value
+  if train and not train.startswith(report.TFDS_PREFIX) and not os.path.isdir(train):
+    raise app.UsageError(f"--train={train}: not a folder; pass a folder of MIDI/.npy files "
+                         "or tfds:NAME:train")
   report.evaluate_sets(
       _REFERENCE.value, parse_generated(_GENERATED.value), _OUTPUT_DIR.value,
       kld=_KLD.value, data_dir=_DATA_DIR.value, max_pieces=_MAX_PIECES.value or None,
       num_segments=_NUM_SEGMENTS.value)
-  print(f"Wrote {_OUTPUT_DIR.value}/report.md and metrics.json")
+  written = "report.md and metrics.json"
+  if _TRAIN.value:
+    memorisation.evaluate_memorisation(
+        _TRAIN.value, {"reference": _REFERENCE.value, **parse_generated(_GENERATED.value)},
+        _OUTPUT_DIR.value, data_dir=_DATA_DIR.value, max_pieces=_MAX_PIECES.value or None)
+    written += ", memorisation.md and memorisation.json"
+  print(f"Wrote {_OUTPUT_DIR.value}/{written}")
 
 
 def run() -> None:

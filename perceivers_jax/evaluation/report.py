@@ -24,6 +24,7 @@ with warnings.catch_warnings():
   import note_seq
 
 from perceivers_jax import config_base
+from perceivers_jax.data import piano_roll
 from perceivers_jax.data import tokens as tokens_lib
 from perceivers_jax.evaluation import distances
 from perceivers_jax.evaluation import features as features_lib
@@ -37,6 +38,7 @@ SetSource = str | os.PathLike | Sequence
 # Below this baseline OA a percentage change is meaningless (tiny denominators): n/a.
 MIN_BASELINE_OA = 0.01
 _PLOT_FILES = ("distance_kde.png", "repetition_density.png", "token_autocorrelation.png")
+PIANO_ROLL_PIECES = 4  # the first pieces of each set drawn in piano_rolls_{set}.png
 
 
 class EvaluationError(config_base.InputError, ValueError):
@@ -266,7 +268,10 @@ def _write_markdown(metrics: dict, path: pathlib.Path) -> None:
     lines += ["", "## Skipped files (unreadable; not evaluated)", "",
               "| Set | file | reason |", "|---|---|---|"]
     lines += [f"| {name} | {bad['filename']} | {bad['reason']} |" for name, bad in skipped]
-  lines += ["", "Plots: " + ", ".join(f"[{f}]({f})" for f in _PLOT_FILES), ""]
+  lines += ["", "Plots: " + ", ".join(f"[{f}]({f})" for f in _PLOT_FILES), "",
+            f"## Piano rolls (the first {PIANO_ROLL_PIECES} pieces of each set)", ""]
+  for name in ["reference", *names]:
+    lines += [f"![piano_rolls_{name}.png](piano_rolls_{name}.png)", ""]
   path.write_text("\n".join(lines))
 
 
@@ -378,9 +383,10 @@ def evaluate_sets(reference: SetSource, generated: Mapping[str, SetSource],
           "repetition": _repetition(reference_set, max_lag)},
       "sets": {},
   }
-  comparisons = {}
+  comparisons, loaded = {}, [reference_set]
   for set_name, source in generated.items():
     piece_set = load_set(set_name, source, **load)
+    loaded.append(piece_set)
     set_features = _set_features(piece_set, num_segments)
     comparison = {name: distances.compare_feature(reference_features[name],
                                                   set_features[name], kld,
@@ -420,5 +426,9 @@ def evaluate_sets(reference: SetSource, generated: Mapping[str, SetSource],
                 for name, entry in all_sets.items()},
                1.0, 1.0, "lag k (tokens)", "rho(k)", "Chance-corrected token autocorrelation",
                output_dir / _PLOT_FILES[2])
+  for piece_set in loaded:
+    piano_roll.write_grid([tokens_lib.tokens_to_note_sequence(t)
+                           for t in piece_set.tokens[:PIANO_ROLL_PIECES]],
+                          piece_set.piece_names, output_dir / f"piano_rolls_{piece_set.name}.png")
   logging.info("wrote %s", output_dir / "report.md")
   return metrics

@@ -10,7 +10,10 @@ resumes from its last checkpoint).
     tfds/                  maestro_performance/full, ArrayRecord
     train/                 training workdir: checkpoints, metrics.jsonl, TensorBoard, config.json
     training_curve.png     train loss and validation NLL by step
-    samples/trained/       unconditional samples of the trained model (.mid, .npy, .json, .wav)
+    index.html             the listening page: every sample's audio and piano roll, the curve,
+                           links to the reports and plots (static, opens from the file system)
+    samples/trained/       unconditional samples of the trained model (.mid, .npy, .json, .png,
+                           .wav; index.html)
     samples/continuation/  the trained model continuing the validation piece's opening
     samples/untrained/     the same sampling from the untrained model, for comparison
     reference/             excerpts of the held-out pieces, as long as the samples
@@ -44,6 +47,7 @@ from data_prep.maestro_performance import maestro_performance_dataset_builder as
 from perceivers_jax.data import input_pipeline
 from perceivers_jax.data import tokens as tokens_lib
 from perceivers_jax.evaluation import report as report_lib
+from perceivers_jax.sampling import listening_page
 from perceivers_jax.sampling import sampling
 from perceivers_jax.training import train
 
@@ -194,6 +198,29 @@ def render_wavs(folders: list[pathlib.Path]) -> str:
 # -- report --------------------------------------------------------------------------------------
 
 
+def write_listening_page(out: pathlib.Path) -> pathlib.Path:
+  """index.html in `out` and in each sample folder, now that the WAVs (if any) exist."""
+  samples, evaluation = out / "samples", out / "evaluation"
+  sections = [("Trained model, unconditional", samples / "trained"),
+              ("Trained model continuing the validation piece (primer shaded)",
+               samples / "continuation"),
+              ("Untrained model, for comparison", samples / "untrained")]
+  for _, folder in sections:
+    listening_page.write_folder_page(folder)
+  plots = ("distance_kde.png", "repetition_density.png", "token_autocorrelation.png")
+  return listening_page.write_page(
+      out / listening_page.INDEX, "PerceiverS demo: look and listen", sections=sections,
+      intro="Tiny PerceiverS trained on 8 real MAESTRO performances. Piano rolls: pitch up, "
+      "time right, colour = velocity (dark soft, yellow loud).",
+      links=[("demo report", out / "report.md"), ("evaluation report", evaluation / "report.md"),
+             ("metrics.json", evaluation / "metrics.json"),
+             *[(name, evaluation / name) for name in plots],
+             ("training curve", out / "training_curve.png")],
+      figures=[("Training curve", out / "training_curve.png"),
+               *[(f"Evaluation piano rolls: {name}", evaluation / f"piano_rolls_{name}.png")
+                 for name in ("reference", "trained", "untrained")]])
+
+
 def _nll_table(trained: dict[str, float], untrained: dict[str, float]) -> str:
   rows = ["| model | NLL (nats/token) | bits/token | accuracy |", "|---|---|---|---|"]
   for name, m in (("untrained", untrained), ("trained", trained)):
@@ -226,7 +253,9 @@ The trained model has the larger overlap area (OA) on {wins} of {total} features
 
 ## Files
 
-- `samples/trained/`, `samples/continuation/`, `samples/untrained/`: MIDI, raw tokens, JSON sidecars
+- `index.html`: the listening page (audio, piano rolls, settings of every sample)
+- `samples/trained/`, `samples/continuation/`, `samples/untrained/`: MIDI, raw tokens, piano
+  rolls, JSON sidecars
 - `training_curve.png`; evaluation plots in `evaluation/`
 - {audio_status}
 
@@ -299,6 +328,7 @@ def run_demo(options: DemoOptions) -> pathlib.Path:
   path = write_summary(out, config_steps=config.train.num_steps, trained=trained,
                        untrained=untrained, evaluation=evaluation, audio_status=audio_status,
                        seconds=seconds)
+  print(f"listening page: {write_listening_page(out)}")
   print(f"\nDone in {seconds / 60:.1f} min: {path}")
   logging.info("demo finished on %s", jax.devices()[0].platform)
   return path
