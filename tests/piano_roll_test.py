@@ -18,21 +18,27 @@ def _sequence(*notes) -> note_seq.NoteSequence:
 
 
 def test_known_note_shows_where_it_should():
+  """C4 (pitch 60) from 1 s to 2 s, at full velocity, in a 4 s roll with a 0.5 s primer."""
   ns = _sequence((60, 1.0, 2.0, 127), (72, 3.0, 4.0, 1))
   image = np.asarray(piano_roll.render(ns, primer_seconds=0.5))
-  layout = piano_roll.Layout(seconds=4.0)
-  assert image.shape == (layout.height_px, piano_roll.WIDTH_PX, 3)
   loud, soft = piano_roll.velocity_colour(127), piano_roll.velocity_colour(1)
   assert loud != soft
-  row = layout.y(60) + 1
-  inside = image[row, layout.x(1.0):layout.x(2.0)]
-  assert (inside == loud).all()  # the whole note, in the colour of its velocity
-  assert tuple(image[row, layout.x(2.0) + 2]) != loud  # and no further
-  assert tuple(image[row, layout.x(1.0) - 2]) != loud
-  assert tuple(image[layout.y(61) + 1, layout.x(1.5)]) == piano_roll.BACKGROUND  # pitch above
-  assert tuple(image[layout.y(72) + 1, layout.x(3.5)]) == soft
-  assert tuple(image[layout.y(90) + 1, layout.x(0.25)]) == piano_roll.PRIMER
-  assert tuple(image[layout.y(90) + 1, layout.x(0.75)]) == piano_roll.BACKGROUND
+  # Worked out from the geometry, not from Layout: 60 is 48 keys below C8 (the top row),
+  # and 1..2 s is the second quarter of the plot's width.
+  plot_width = piano_roll.WIDTH_PX - piano_roll.LEFT_PX - 4
+  top = piano_roll.TOP_PX + 48 * piano_roll.ROW_PX
+  left = piano_roll.LEFT_PX + round(plot_width / 4)
+  right = piano_roll.LEFT_PX + round(plot_width / 2) - 1
+  rows, cols = np.nonzero((image == loud).all(axis=-1))
+  assert (rows.min(), rows.max()) == (top, top + piano_roll.ROW_PX - 1)
+  assert (cols.min(), cols.max()) == (left, right)
+  assert rows.size == piano_roll.ROW_PX * (right - left + 1)  # a solid bar, nothing else
+  rows, cols = np.nonzero((image == soft).all(axis=-1))  # C5 from 3 s to the end
+  assert rows.min() == piano_roll.TOP_PX + 36 * piano_roll.ROW_PX
+  assert cols.min() == piano_roll.LEFT_PX + round(plot_width * 3 / 4)
+  primer = piano_roll.LEFT_PX + round(plot_width / 8) - 1  # the last column of 0.5 s
+  assert tuple(image[top - 30, primer]) == piano_roll.PRIMER
+  assert tuple(image[top - 30, primer + 2]) == piano_roll.BACKGROUND
   # Deterministic: the same notes give the same pixels.
   assert (np.asarray(piano_roll.render(ns, primer_seconds=0.5)) == image).all()
 
