@@ -17,6 +17,7 @@ REQUIRED = [
     "numpy",
     "scipy",
     "matplotlib",
+    "pillow",  # piano rolls (perceivers_jax/data/piano_roll.py)
     "tqdm",
     "tensorboardX",
     "safetensors>=0.8",  # bfloat16 round trips exactly

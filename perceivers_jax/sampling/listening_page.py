@@ -117,7 +117,8 @@ def write_page(path: str | os.PathLike, title: str, *,
                                    for label, target in present_links) + "</p>")
   for heading, folder in sections:
     sidecars = sorted(pathlib.Path(folder).glob("sample_*.json"))
-    body.append(f"<h2>{html.escape(heading)} ({len(sidecars)} samples)</h2>")
+    count = f"{len(sidecars)} sample{'' if len(sidecars) == 1 else 's'}"
+    body.append(f"<h2>{html.escape(heading)} ({count})</h2>")
     body.extend(_sample_card(sidecar, page_dir) for sidecar in sidecars)
   for caption, image in figures:
     if pathlib.Path(image).exists():
