@@ -116,3 +116,25 @@ def test_cli_train_flag_checks_the_folder_first(tmp_path):
        f"--train={tmp_path / 'nowhere'}"], capture_output=True, text=True)
   assert result.returncode != 0
   assert f"--train={tmp_path / 'nowhere'}: not a folder" in result.stderr
+
+
+def test_cli_train_flag_writes_the_check(maestro_paths, tmp_path):
+  """perceivers-evaluate --train=FOLDER: an excerpt of a training piece is copied whole."""
+  folders = {name: tmp_path / name for name in ("train", "reference", "generated")}
+  for folder in folders.values():
+    folder.mkdir()
+  for i in (2, 3):
+    (folders["train"] / maestro_paths[i].name).symlink_to(maestro_paths[i])
+  for i in (0, 9):
+    (folders["reference"] / maestro_paths[i].name).symlink_to(maestro_paths[i])
+  np.save(folders["generated"] / "copy.npy", tokens.midi_file_to_tokens(maestro_paths[2])[:1500])
+  out = tmp_path / "out"
+  subprocess.run([sys.executable, "-m", "perceivers_jax.cli.evaluate",
+                  f"--reference={folders['reference']}", f"--generated=g:{folders['generated']}",
+                  f"--train={folders['train']}", f"--output_dir={out}"], check=True,
+                 capture_output=True)
+  result = json.loads((out / "memorisation.json").read_text())
+  (copied,) = result["sets"]["g"]["pieces"]
+  assert copied["longest_run"] == copied["num_notes"] > 300 and copied["copied_share"] == 1.0
+  assert copied["training_piece"] == maestro_paths[2].name and copied["training_note"] == 0
+  assert result["sets"]["reference"]["longest_run_max"] < memorisation.MIN_RUN_NOTES

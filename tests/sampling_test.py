@@ -80,7 +80,8 @@ def test_cli_writes_samples_and_regenerates_one_alone(workdir, tmp_path):
   _cli(f"--workdir={workdir}", f"--output_dir={tmp_path / 'all'}", *common)
   names = sorted(os.listdir(tmp_path / "all"))
   assert names == sorted([f"sample_{i:04d}.{ext}" for i in range(3)
-                          for ext in ("json", "mid", "npy")] + [job.RUN_FILE, job.MANIFEST])
+                          for ext in ("json", "mid", "npy", "png")]
+                         + [job.RUN_FILE, job.MANIFEST, "index.html"])
   runs = []
   for i in range(3):
     stem = tmp_path / "all" / f"sample_{i:04d}"
@@ -107,8 +108,8 @@ def test_cli_writes_samples_and_regenerates_one_alone(workdir, tmp_path):
   _cli(f"--checkpoint={workdir}/checkpoints/2", f"--output_dir={tmp_path / 'again'}",
        "--sample_index=2", "--sample_index=1", *common)
   assert sorted(os.listdir(tmp_path / "again")) == sorted([
-      f"sample_{i:04d}.{ext}" for i in (1, 2) for ext in ("json", "mid", "npy")] + [
-          job.RUN_FILE, job.MANIFEST])
+      f"sample_{i:04d}.{ext}" for i in (1, 2) for ext in ("json", "mid", "npy", "png")] + [
+          job.RUN_FILE, job.MANIFEST, "index.html"])
   for i in (1, 2):
     np.testing.assert_array_equal(np.load(tmp_path / "again" / f"sample_{i:04d}.npy"), runs[i])
 

@@ -66,14 +66,18 @@ def main(argv: list[str]) -> None:
   if train and not train.startswith(report.TFDS_PREFIX) and not os.path.isdir(train):
     raise app.UsageError(f"--train={train}: not a folder; pass a folder of MIDI/.npy files "
                          "or tfds:NAME:train")
+  generated = parse_generated(_GENERATED.value)
+  if train and "reference" in generated:
+    raise app.UsageError("--generated: with --train, name no set 'reference' (the memorisation "
+                         "report uses that name for the --reference set)")
   report.evaluate_sets(
-      _REFERENCE.value, parse_generated(_GENERATED.value), _OUTPUT_DIR.value,
+      _REFERENCE.value, generated, _OUTPUT_DIR.value,
       kld=_KLD.value, data_dir=_DATA_DIR.value, max_pieces=_MAX_PIECES.value or None,
       num_segments=_NUM_SEGMENTS.value)
   written = "report.md and metrics.json"
   if _TRAIN.value:
     memorisation.evaluate_memorisation(
-        _TRAIN.value, {"reference": _REFERENCE.value, **parse_generated(_GENERATED.value)},
+        train, {"reference": _REFERENCE.value, **generated},
         _OUTPUT_DIR.value, data_dir=_DATA_DIR.value, max_pieces=_MAX_PIECES.value or None)
     written += ", memorisation.md and memorisation.json"
   print(f"Wrote {_OUTPUT_DIR.value}/{written}")
