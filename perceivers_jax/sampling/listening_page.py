@@ -49,7 +49,10 @@ for (const img of document.images) {
 for (const audio of document.querySelectorAll("audio")) {
   if (audio.readyState >= 1) mark(audio, true);
   else if (audio.error) mark(audio, false);
-  else { audio.onloadedmetadata = () => mark(audio, true); audio.onerror = () => mark(audio, false); }
+  else {
+    audio.onloadedmetadata = () => mark(audio, true);
+    audio.onerror = () => mark(audio, false);
+  }
 }
 """
 
