@@ -194,4 +194,4 @@ def test_cli_decode_max_note_seconds(tmp_path, capsys):
     assert _ends(tokens.load_note_sequence(mid))[60] == pytest.approx(end, abs=0.01)
   with pytest.raises(SystemExit):
     tokens_cli.main(["decode", str(npy), str(mid), "--max_note_seconds=-2"])
-  assert "--max_note_seconds=-2.0: must be >= 0" in capsys.readouterr().err
+  assert "--max_note_seconds: -2: must be >= 0" in capsys.readouterr().err
