@@ -131,6 +131,7 @@ def test_cli_writes_samples_and_regenerates_one_alone(workdir, tmp_path):
     (("--min_p=1.5",), "--min_p"),
     (("--sample_index=3",), "--sample_index"),
     (("--primer_seconds=5",), "--primer_seconds"),  # without --primer
+    (("--max_note_seconds=-1",), "--max_note_seconds"),
     (("--primer={primer}", "--primer_seconds=60"), "--primer_seconds"),  # > L tokens
     (("--max_seconds=-1",), "--max_seconds"),
     (("--primer={primer}", "--primer_seconds=1.5", "--max_seconds=1"), "--max_seconds"),
