@@ -1,5 +1,8 @@
 """Cached decoding equals the uncached model between resets; sampling filters; EOS stop."""
 
+import importlib.util
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,3 +172,71 @@ def test_a_rows_tokens_depend_on_its_key_only():
   alone = np.asarray(decode.generate(model, prompt[:1], num_steps=20, keys_B=keys[2:])["tokens"])
   np.testing.assert_array_equal(together[2], alone[0])
   assert not np.array_equal(together[0], together[1])
+
+
+def _uncached_logits(model, prompts, out) -> np.ndarray:
+  """The uncached reference [B, S, V] of every step of `out` (see the module docstring of
+  decode): each step's window from its horizon, latents from its last reset."""
+  rows, firsts = [], []
+  for row, prompt_row in enumerate(prompts):
+    sequence = np.concatenate([prompt_row, out["tokens"][row]])
+    for step in range(int(out["num_steps"])):
+      t = len(prompt_row) - 1 + step  # newest input when token `step` was sampled
+      first = max(int(out["horizon"][row, step]) - L + 1, 0)  # oldest input in context
+      rows.append(tiny_model.window(sequence[first:t + 1], first))
+      firsts.append(out["latent_start"][row, step])
+  inputs, positions = tiny_model.batch(rows)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def reference(state, inputs, positions, firsts):
+    return nnx.merge(graphdef, state)(inputs, positions, first_latent_position_B=firsts)[:, -1]
+
+  logits = np.asarray(reference(state, inputs, positions, jnp.asarray(firsts)))
+  return logits.reshape(len(prompts), int(out["num_steps"]), -1)
+
+
+def test_bfloat16_decoding_at_batch_4_past_two_resets_matches_float32():
+  # XLA's CPU fallback matmul has no bf16 x bf16 -> f32 kernel: a value cache whose minor axis
+  # is not the contracted one crashed here at the first reset.
+  models = {dtype: tiny_model.make_model(tiny_model.tiny_model_config(dtype=dtype))
+            for dtype in ("bfloat16", "float32")}  # same float32 parameters
+  for model in models.values():
+    model.head.bias.set_value(model.head.bias.get_value().at[1].set(-30.0))  # no EOS
+  lengths = (5, 3, 4, 5)
+  prompts = [tiny_model.piece(n, seed) for seed, n in enumerate(lengths)]
+  prompt = np.stack([np.pad(p, (max(lengths) - len(p), 0)) for p in prompts])
+  out = jax.tree.map(np.asarray, decode.generate(
+      models["bfloat16"], prompt, num_steps=30, keys_B=_keys(4, len(prompt)),
+      record_logits=True))
+  assert out["num_steps"] == 30
+  # 3 latents after the prefill (shortest prompt), full after 13 steps, then every 9 steps.
+  assert len(np.unique(out["latent_start"][0])) == 3  # prefill + two resets
+  expected = _uncached_logits(models["float32"], prompts, out)
+  np.testing.assert_allclose(out["logits"], expected, atol=0.1, rtol=0.02)  # max 0.08 seen
+  assert np.abs(out["logits"] - expected).mean() < 0.02  # 0.009 seen
+
+
+def _hlo_copies():
+  """benchmarks/hlo_copies.py (the copy counter behind the sampling benchmark)."""
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "hlo_copies.py"
+  spec = importlib.util.spec_from_file_location("hlo_copies", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_compiled_decode_loop_copies_no_cache_per_step(batch):
+  model = tiny_model.make_model(tiny_model.tiny_model_config(cross_attention_scales=(0,)))
+  graphdef, state = nnx.split(model)
+  compiled = decode._generate.lower(  # pylint: disable=protected-access
+      graphdef, state, np.full((batch, 1), tokens.SOS_ID, np.int32), np.ones(batch, np.int32),
+      _keys(0, batch), np.zeros(batch, np.int32), num_steps=40,
+      sampling=decode.SamplingConfig(), num_reset_latents=N // 2, min_prompt_length=1,
+      record_logits=False).compile()
+  latent_cache_bytes = batch * model.num_heads * N * model.head_dim * 4
+  copies = _hlo_copies().cache_copies(compiled.as_text(), latent_cache_bytes)
+  assert copies["per_step"] == []
+  # The counter sees copies: every reset attends F queries over transposed scores.
+  assert copies["per_reset"]

@@ -1,19 +1,27 @@
-"""Cached autoregressive sampling (SPEC 4), the whole loop in one jitted `lax.while_loop`.
+"""Cached autoregressive sampling (SPEC 4), the whole loop in one jitted program.
 
 Caches:
   * cross-attention keys/values of every input, per cross-attention layer, in a ring buffer
-    of L slots (slot = position % L; a slot's position says what it holds, so nothing rolls);
+    of L slots, written in turn by all rows together (a slot's stored position says what it
+    holds, so nothing rolls);
   * per latent layer, the keys/values of up to N latents.
-Caches are head-major ([B, H, L, K]), the layout of the attention's batched matmuls, in the
-model dtype; a step writes only its new slots. The shared attention code takes [B, L, H, K]:
-it gets transposed views, which XLA folds into its matmuls (storing [B, L, H, K] made every
-step copy and transpose every cross-attention cache).
+Caches are head-major, in the model dtype: keys [B, H, L, K], values [B, H, K, L] (stored
+transposed so that both cached matmuls, q.k and p.v, contract the cache's minor axis: XLA's
+CPU fast path takes bf16 x bf16 -> f32 only in that form, and its fallback has no such kernel,
+so a [B, H, L, K] value cache crashed bf16 decoding at batch >= 2). A step writes only its new
+slots. The shared attention code takes [B, L, H, K]: it gets transposed views, which XLA folds
+into its matmuls (storing [B, L, H, K] made every step copy and transpose every cache).
 Rows may hold prompts of different lengths (left-padded) and so sit at different positions;
 their latent counts move together, so resets happen at the same step for all rows.
 Each new token appends its cross keys/values and one latent, which attends to the cached
 inputs and (per latent layer) to the cached latents. When N latents are cached, the latent
 caches are reset: the last F tokens (default N/2) become the new latent block and run
 through the latent layers together; the input cache is kept.
+
+The loop is two nested `lax.while_loop`s: an inner loop of plain steps while the latent
+caches have room, inside an outer loop whose body is one reset step. Neither step sits in a
+`lax.cond`, whose branches would each return (and so copy) the whole cache; the caches stay
+in the loops' carries and are updated in place.
 
 Exactness: between resets, the logits of a cached step equal those of the uncached model
 (`PerceiverS.__call__` with `first_latent_position_B` = the reset's first latent) on the
@@ -142,12 +150,14 @@ def sample_step(logits_BV: jax.Array, keys_B: jax.Array, elapsed_B: jax.Array,
 class Cache:
   """Decoder state. Rows may be at different positions; their latent counts move together."""
   last_position_B: jax.Array  # int32[B]: position of each row's newest input
-  input_tokens_BL: jax.Array  # ring buffer of tokens, slot = position % L
+  num_inputs: jax.Array  # int32[]: inputs written per row; the next goes to slot num_inputs % L
+  input_tokens_BL: jax.Array  # ring buffer of tokens
   input_positions_BL: jax.Array  # position held by each slot, -1 if empty
-  cross_keys: tuple[jax.Array, ...]  # per cross layer [B, H, L, K]
+  # Per cross layer [B, H, L, K] and [B, H, K, L], unit B or H left out (_unit_axes_dropped).
+  cross_keys: tuple[jax.Array, ...]
   cross_values: tuple[jax.Array, ...]
   latent_keys: jax.Array  # [layers, B, H, N, K]
-  latent_values: jax.Array
+  latent_values: jax.Array  # [layers, B, H, K, N]
   latent_positions_BN: jax.Array  # -1 for empty latent slots
   num_latents: jax.Array  # int32[]: latent slots in use (same for every row)
   horizon_B: jax.Array  # int32[B]: keys need position > horizon - L
@@ -162,13 +172,15 @@ def init_cache(model: model_lib.PerceiverS, batch_size: int) -> Cache:
   kv = lambda *shape: jnp.zeros(shape, model.dtype)
   zeros_B = jnp.zeros((batch_size,), jnp.int32)
   return Cache(
-      last_position_B=zeros_B - 1,
+      last_position_B=zeros_B - 1, num_inputs=jnp.int32(0),
       input_tokens_BL=jnp.zeros((batch_size, length), jnp.int32),
       input_positions_BL=jnp.full((batch_size, length), -1, jnp.int32),
-      cross_keys=tuple(kv(batch_size, heads, length, head_dim) for _ in model.scales),
-      cross_values=tuple(kv(batch_size, heads, length, head_dim) for _ in model.scales),
+      cross_keys=tuple(kv(*_unit_axes_dropped(batch_size, heads), length, head_dim)
+                       for _ in model.scales),
+      cross_values=tuple(kv(*_unit_axes_dropped(batch_size, heads), head_dim, length)
+                         for _ in model.scales),
       latent_keys=kv(layers, batch_size, heads, n, head_dim),
-      latent_values=kv(layers, batch_size, heads, n, head_dim),
+      latent_values=kv(layers, batch_size, heads, head_dim, n),
       latent_positions_BN=jnp.full((batch_size, n), -1, jnp.int32),
       num_latents=jnp.int32(0), horizon_B=zeros_B, latent_start_B=zeros_B)
 
@@ -178,38 +190,58 @@ def _newest_positions(cache: Cache, count: int) -> jax.Array:
   return cache.last_position_B[:, None] - count + 1 + jnp.arange(count, dtype=jnp.int32)
 
 
+# Key and value caches: [B, H, T, K] and [B, H, K, T] <-> the attention's [B, T, H, K] (views
+# of the caches whose transposes XLA folds into its matmuls).
+_KEY_AXES, _VALUE_AXES = (0, 2, 1, 3), (0, 2, 3, 1)
+_KEY_VIEW, _VALUE_VIEW = (0, 2, 1, 3), (0, 3, 1, 2)
+
+
+def _unit_axes_dropped(batch: int, heads: int) -> tuple[int, ...]:
+  """The cross caches' leading axes: B and H, less any of size 1. XLA drops unit axes from the
+  attention's matmuls; kept in the cache, the reshape between the in-place write and the
+  matmul makes XLA write a second, reshaped cache, and copy the cache to keep both (at
+  batch 1: four cache-sized copies per cache per step)."""
+  return tuple(d for d in (batch, heads) if d > 1)
+
+
+def _write(cache: jax.Array, new_BHxy: jax.Array, start: tuple) -> jax.Array:
+  """`cache` with the new entries [B, H, ...] written at `start` of its two minor axes."""
+  new = new_BHxy.reshape(cache.shape[:-2] + new_BHxy.shape[-2:]).astype(cache.dtype)
+  return jax.lax.dynamic_update_slice(cache, new, (0,) * (cache.ndim - 2) + start)
+
+
+def _cache_views(k_BHTK: jax.Array, v_BHKT: jax.Array, batch: int,
+                 heads: int) -> tuple[jax.Array, jax.Array]:
+  """The [B, T, H, K] keys and values the attention takes, viewing the caches."""
+  k_BHTK, v_BHKT = (x.reshape((batch, heads) + x.shape[-2:]) for x in (k_BHTK, v_BHKT))
+  return jnp.transpose(k_BHTK, _KEY_VIEW), jnp.transpose(v_BHKT, _VALUE_VIEW)
+
+
 def append_inputs(model: model_lib.PerceiverS, cache: Cache, tokens_BT: jax.Array) -> Cache:
   """Writes T new inputs per row (T <= L): tokens and cross keys/values.
 
-  PAD tokens (a shorter prompt's left padding) are written as empty slots.
+  Every row writes the same T ring slots, the next ones after `cache.num_inputs` (a slot's
+  stored position says what it holds), so the write is one dynamic_update_slice, in place,
+  not a per-row scatter. The T slots must not wrap past the ring's end: T = 1, or the first
+  write. PAD tokens (a shorter prompt's left padding) are written as empty slots.
   """
-  batch, count = tokens_BT.shape
-  cache = cache.replace(last_position_B=cache.last_position_B + count)
+  count = tokens_BT.shape[1]
+  slot = cache.num_inputs % model.max_length
+  cache = cache.replace(last_position_B=cache.last_position_B + count,
+                        num_inputs=cache.num_inputs + count)
   positions_BT = _newest_positions(cache, count)
-  rows_B1 = jnp.arange(batch)[:, None]
-  slots_BT = positions_BT % model.max_length
   embedded_BTD = model.embed_inputs(tokens_BT)
   keys, values = [], []
   for layer, k_cache, v_cache in zip(model.cross_layers, cache.cross_keys, cache.cross_values):
     k_BTHK, v_BTHK = layer.key_value(embedded_BTD, positions_BT)
-    # Index arrays around a slice: the update's dims are [B, T, H, K].
-    keys.append(k_cache.at[rows_B1, :, slots_BT].set(k_BTHK.astype(k_cache.dtype)))
-    values.append(v_cache.at[rows_B1, :, slots_BT].set(v_BTHK.astype(v_cache.dtype)))
+    keys.append(_write(k_cache, jnp.transpose(k_BTHK, _KEY_AXES), (slot, 0)))
+    values.append(_write(v_cache, jnp.transpose(v_BTHK, _VALUE_AXES), (0, slot)))
   stored_BT = jnp.where(tokens_BT != tokens.PAD_ID, positions_BT, -1)
   return cache.replace(
-      input_tokens_BL=cache.input_tokens_BL.at[rows_B1, slots_BT].set(tokens_BT),
-      input_positions_BL=cache.input_positions_BL.at[rows_B1, slots_BT].set(stored_BT),
+      input_tokens_BL=jax.lax.dynamic_update_slice(cache.input_tokens_BL, tokens_BT, (0, slot)),
+      input_positions_BL=jax.lax.dynamic_update_slice(cache.input_positions_BL, stored_BT,
+                                                      (0, slot)),
       cross_keys=tuple(keys), cross_values=tuple(values))
-
-
-def _heads_major(x_BTHK: jax.Array, dtype) -> jax.Array:
-  """New keys/values [B, T, H, K] in the caches' layout [B, H, T, K] and dtype."""
-  return jnp.swapaxes(x_BTHK, 1, 2).astype(dtype)
-
-
-def _length_major(x_BHTK: jax.Array) -> jax.Array:
-  """The [B, T, H, K] view the attention takes (a transpose XLA folds into its matmuls)."""
-  return jnp.swapaxes(x_BHTK, 1, 2)
 
 
 def _latent_layers_step(model, cache: Cache, x_BTD, positions_BT):
@@ -226,11 +258,11 @@ def _latent_layers_step(model, cache: Cache, x_BTD, positions_BT):
     # The stacked caches are carried whole and written at one layer's new slots, in place
     # (scanning over them as xs/ys would rebuild both stacks every step).
     q, k, v = layer.project(x, positions_BT)
-    keys = jax.lax.dynamic_update_slice(keys, _heads_major(k, keys.dtype)[None],
-                                        (index, 0, 0, start, 0))
-    values = jax.lax.dynamic_update_slice(values, _heads_major(v, values.dtype)[None],
-                                          (index, 0, 0, start, 0))
-    x = layer.finish(x, q, _length_major(keys[index]), _length_major(values[index]), mask,
+    keys = jax.lax.dynamic_update_slice(
+        keys, jnp.transpose(k, _KEY_AXES).astype(keys.dtype)[None], (index, 0, 0, start, 0))
+    values = jax.lax.dynamic_update_slice(
+        values, jnp.transpose(v, _VALUE_AXES).astype(values.dtype)[None], (index, 0, 0, 0, start))
+    x = layer.finish(x, q, *_cache_views(keys[index], values[index], *keys.shape[1:3]), mask,
                      deterministic=True)
     return x, keys, values
 
@@ -266,13 +298,15 @@ def add_latents(model: model_lib.PerceiverS, cache: Cache, count: int, *,
         horizon_B=cache.last_position_B + model.num_latents - count,
         latent_start_B=cache.last_position_B - count + 1)
   positions_BT = _newest_positions(cache, count)
-  rows_B1 = jnp.arange(positions_BT.shape[0])[:, None]
-  tokens_BT = cache.input_tokens_BL[rows_B1, positions_BT % model.max_length]
+  batch = positions_BT.shape[0]
+  tokens_BT = cache.input_tokens_BL[:, (cache.num_inputs - count + jnp.arange(count))
+                                    % model.max_length]
   x_BTD = model.initial_latents(model.embed_inputs(tokens_BT))
   kv_positions_BL = cache.input_positions_BL
   x_BTD = model.cross_attend(x_BTD, positions_BT, kv_positions_BL, kv_positions_BL >= 0,
-                             keys_values=tuple((_length_major(k), _length_major(v)) for k, v
-                                               in zip(cache.cross_keys, cache.cross_values)),
+                             keys_values=tuple(
+                                 _cache_views(k, v, batch, model.num_heads)
+                                 for k, v in zip(cache.cross_keys, cache.cross_values)),
                              min_key_position_B=cache.horizon_B - model.max_length,
                              deterministic=True, remat=False)
   x_BTD, cache = _latent_layers_step(model, cache, x_BTD, positions_BT)
@@ -302,14 +336,13 @@ def prefill(model: model_lib.PerceiverS, prompt_BP: jax.Array, prompt_lengths_B:
                      reset=True)
 
 
-def decode_step(model: model_lib.PerceiverS, cache: Cache, tokens_B: jax.Array,
-                num_reset_latents: int) -> tuple[jax.Array, Cache]:
-  """Appends one token per row; resets the latent caches when they are full."""
+def decode_step(model: model_lib.PerceiverS, cache: Cache, tokens_B: jax.Array, *,
+                reset_latents: int = 0) -> tuple[jax.Array, Cache]:
+  """Appends one token per row and returns the next logits. Plain step (`reset_latents` 0):
+  the token becomes one more cached latent (the latent caches must have room). Reset step:
+  the latent caches start over with the newest `reset_latents` tokens."""
   cache = append_inputs(model, cache, tokens_B[:, None])
-  return jax.lax.cond(
-      cache.num_latents >= model.num_latents,
-      lambda c: add_latents(model, c, num_reset_latents, reset=True),
-      lambda c: add_latents(model, c, 1, reset=False), cache)
+  return add_latents(model, cache, reset_latents or 1, reset=bool(reset_latents))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "sampling",
@@ -329,11 +362,12 @@ def _generate(graphdef, state, prompt_BP, prompt_lengths_B, keys_B, elapsed_B, *
     out["logits"] = jnp.zeros((batch, num_steps, logits_BV.shape[-1]), jnp.float32)
   done_B = jnp.zeros((batch,), bool)
 
-  def cond(carry):
+  def running(carry):
     step, _, _, _, done_B, _ = carry
     return (step < num_steps) & ~done_B.all()
 
-  def body(carry):
+  def step(carry, reset_latents):
+    """Samples each row's next token from the carried logits, records it, feeds it in."""
     step, logits_BV, cache, elapsed_B, done_B, out = carry
     step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
     token_B = sample_step(logits_BV, step_keys_B, elapsed_B, sampling)
@@ -345,12 +379,20 @@ def _generate(graphdef, state, prompt_BP, prompt_lengths_B, keys_B, elapsed_B, *
       out["logits"] = out["logits"].at[:, step].set(logits_BV)
     done_B = done_B | (token_B == tokens.EOS_ID)
     elapsed_B = elapsed_B + shift_steps(token_B)
-    logits_BV, cache = decode_step(model, cache, token_B, num_reset_latents)
+    logits_BV, cache = decode_step(model, cache, token_B, reset_latents=reset_latents)
     return step + 1, logits_BV, cache, elapsed_B, done_B, out
 
-  carry = (jnp.int32(0), logits_BV, cache, elapsed_B, done_B, out)
-  steps, _, _, _, _, out = jax.lax.while_loop(cond, body, carry)
-  out["num_steps"] = steps
+  def plain_steps(carry):
+    """Plain steps until the latent caches are full (or the samples end)."""
+    has_room = lambda carry: running(carry) & (carry[2].num_latents < model.num_latents)
+    return jax.lax.while_loop(has_room, lambda carry: step(carry, 0), carry)
+
+  # Full latent caches are what ends `plain_steps` while running: reset, then plain steps again.
+  carry = plain_steps((jnp.int32(0), logits_BV, cache, elapsed_B, done_B, out))
+  carry = jax.lax.while_loop(running, lambda carry: plain_steps(step(carry, num_reset_latents)),
+                             carry)
+  out = carry[-1]
+  out["num_steps"] = carry[0]
   return out
 
 
