@@ -5,12 +5,11 @@ Caches:
     of L slots, written in turn by all rows together (a slot's stored position says what it
     holds, so nothing rolls);
   * per latent layer, the keys/values of up to N latents.
-Caches are head-major, in the model dtype: keys [B, H, L, K], values [B, H, K, L] (stored
-transposed so that both cached matmuls, q.k and p.v, contract the cache's minor axis: XLA's
-CPU fast path takes bf16 x bf16 -> f32 only in that form, and its fallback has no such kernel,
-so a [B, H, L, K] value cache crashed bf16 decoding at batch >= 2). A step writes only its new
-slots. The shared attention code takes [B, L, H, K]: it gets transposed views, which XLA folds
-into its matmuls (storing [B, L, H, K] made every step copy and transpose every cache).
+Caches are head-major, in the model dtype: keys [B, H, L, K], values [B, H, K, L], so both
+cached matmuls contract the cache's minor axis (XLA's CPU fallback matmul, which [B, H, L, K]
+values reached, has no bf16 x bf16 -> f32 kernel: bf16 decoding crashed at batch >= 2). A
+step writes only its new slots. The attention takes [B, L, H, K]: transposed views, which XLA
+folds into its matmuls (storing [B, L, H, K] made every step copy every cache).
 Rows may hold prompts of different lengths (left-padded) and so sit at different positions;
 their latent counts move together, so resets happen at the same step for all rows.
 Each new token appends its cross keys/values and one latent, which attends to the cached
@@ -18,10 +17,9 @@ inputs and (per latent layer) to the cached latents. When N latents are cached, 
 caches are reset: the last F tokens (default N/2) become the new latent block and run
 through the latent layers together; the input cache is kept.
 
-The loop is two nested `lax.while_loop`s: an inner loop of plain steps while the latent
-caches have room, inside an outer loop whose body is one reset step. Neither step sits in a
-`lax.cond`, whose branches would each return (and so copy) the whole cache; the caches stay
-in the loops' carries and are updated in place.
+The loop: an inner `lax.while_loop` of plain steps while the latent caches have room, in an
+outer loop whose body is one reset step. No step sits in a `lax.cond` (whose branches return,
+so copy, the whole cache): the caches stay in the carries, updated in place.
 
 Exactness: between resets, the logits of a cached step equal those of the uncached model
 (`PerceiverS.__call__` with `first_latent_position_B` = the reset's first latent) on the
@@ -197,10 +195,9 @@ _KEY_VIEW, _VALUE_VIEW = (0, 2, 1, 3), (0, 3, 1, 2)
 
 
 def _unit_axes_dropped(batch: int, heads: int) -> tuple[int, ...]:
-  """The cross caches' leading axes: B and H, less any of size 1. XLA drops unit axes from the
-  attention's matmuls; kept in the cache, the reshape between the in-place write and the
-  matmul makes XLA write a second, reshaped cache, and copy the cache to keep both (at
-  batch 1: four cache-sized copies per cache per step)."""
+  """The cross caches' leading axes: B and H less any of size 1. XLA drops unit axes from the
+  matmuls; kept in the cache, XLA writes a second, squeezed cache for the matmul and copies
+  the cache to keep both (at batch 1, four copies per cache per step)."""
   return tuple(d for d in (batch, heads) if d > 1)
 
 
