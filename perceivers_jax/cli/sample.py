@@ -24,8 +24,11 @@ import typing
 from absl import app
 from absl import flags
 
+from perceivers_jax.cli import distributed
 from perceivers_jax.cli import logs
 from perceivers_jax.sampling import sampling
+
+flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags.
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
 _CHECKPOINT = flags.DEFINE_string(
@@ -36,10 +39,6 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the samples go (all
 _SAMPLE_INDEX = flags.DEFINE_multi_integer(
     "sample_index", [], "Generate only these samples (repeatable); same other flags as the "
     "original run reproduce them exactly.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 (multi-host GPU/CPU only).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def _define_setting_flag(field: dataclasses.Field) -> flags.FlagHolder:
@@ -60,9 +59,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("Pass exactly one of --workdir=DIR and --checkpoint=DIR.")
   if not _OUTPUT_DIR.value:
     raise app.UsageError("--output_dir is required.")
-  # Multi-host start-up must happen before anything touches a jax backend.
-  from perceivers_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
-  mesh.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  distributed.initialize()  # Before anything touches a jax backend.
 
   path = _WORKDIR.value or _CHECKPOINT.value
   indices = _SAMPLE_INDEX.value or None

@@ -18,7 +18,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from perceivers_jax.cli import distributed
 from perceivers_jax.cli import logs
+
+flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags.
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:variant]).", lock_config=True)
@@ -30,10 +33,6 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False,
 _DRY_RUN_COMPILE = flags.DEFINE_bool(
     "dry_run_compile", True, "With --dry_run: compile the step for its memory analysis "
     "(off: lowering only, much faster for paper size on CPU).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 (multi-host GPU/CPU only).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv: list[str]) -> None:
@@ -44,9 +43,7 @@ def main(argv: list[str]) -> None:
   if _WORKDIR.value and os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
     raise app.UsageError(f"--workdir={_WORKDIR.value} is a file; pass a folder (new, or "
                          "holding the run to resume)")
-  # Multi-host start-up must happen before anything touches a jax backend.
-  from perceivers_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
-  mesh.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  distributed.initialize()  # Before anything touches a jax backend.
   from perceivers_jax.training import dry_run  # pylint: disable=g-import-not-at-top
   from perceivers_jax.training import train  # pylint: disable=g-import-not-at-top
 

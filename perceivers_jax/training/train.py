@@ -44,6 +44,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from perceivers_jax import config_base
 from perceivers_jax.data import input_pipeline
 from perceivers_jax.model import losses
 from perceivers_jax.model import param_groups
@@ -66,9 +67,10 @@ BATCH_AXES = ("data", "fsdp")
 POSITION_BUCKETS = (0,) + tuple(512 * 2**i for i in range(7)) + (math.inf,)
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(config_base.InputError, FloatingPointError):
   """An update had non-finite gradients or parameters (config.train.on_nonfinite="stop"), or a
-  checkpoint to resume from holds non-finite parameters."""
+  checkpoint to resume from holds non-finite parameters. The message names the step, the last
+  good checkpoint and the settings to change, so the CLI prints it as one line."""
 
 
 # ----------------------------------------------------------------------------------------------
