@@ -112,7 +112,8 @@ def prepare_data(options: DemoOptions, out: pathlib.Path) -> str:
   manual_dir = make_maestro_folder(pieces, out / "maestro_v3")
   data_dir = out / "tfds"
   _, report = builder_lib.build(manual_dir, data_dir, "full")
-  print(f"dataset: {report.get('num_examples', report)}")
+  print(f"dataset: {report.get('pieces_per_split')} pieces, {report.get('tokens')} tokens, "
+        f"{report.get('skipped', 0)} skipped")
   return str(data_dir)
 
 
