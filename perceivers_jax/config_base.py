@@ -53,6 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype="float32",
       remat_policy="nothing_saveable",
       scan_layers=True,
+      layer_norm_epsilon=1e-5,  # every LayerNorm; Haiku's default, as Perceiver AR
+      # Token embedding init: normal_0.02 | reference (Haiku's hk.Embed: truncated normal, std
+      # 1). normal_0.02 trained tiny to a lower validation NLL (README, "Training").
+      embedding_init="normal_0.02",
   ))
 
   config.data = ml_collections.ConfigDict(dict(
@@ -90,7 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
       # after the last finite state) or "skip" it (the state stays; counted in
       # train/skipped_updates).
       on_nonfinite="stop",
-      peak_tflops=0.0,  # per device, for MFU; 0: the built-in table (H100, H200) or none
+      # Peak TFLOP/s per device for MFU. 0: flops.PEAK_TFLOPS (datasheet dense bf16), or no MFU
+      # for an unlisted device. Set a measured peak here: SPEC 6's H200 MFU uses 790 (measured),
+      # against the datasheet's 989.
+      peak_tflops=0.0,
       # Fine-tuning. init_from: a `perceivers-export` directory or a training workdir whose
       # parameters (only) start this run when its own workdir has no checkpoint yet.
       init_from="",

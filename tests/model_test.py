@@ -1,5 +1,7 @@
 """PerceiverS model and loss: masks in the forward pass, scales, padding, layouts, sharding."""
 
+import contextlib
+import io
 import math
 import os
 import pathlib
@@ -8,6 +10,7 @@ import sys
 import textwrap
 
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from perceivers_jax import config_base
 from perceivers_jax.model import losses
 from perceivers_jax.model import masks
 from perceivers_jax.model import perceivers as model_lib
+from perceivers_jax.training import config_validation
 from tiny_model import L, N
 
 TESTS_DIR = pathlib.Path(__file__).parent
@@ -252,6 +256,116 @@ def test_bf16_training_step_with_remat_and_dropout():
   _, grads_2 = step(model, batch)
   assert not np.allclose(grads["head"]["kernel"].get_value(),
                          grads_2["head"]["kernel"].get_value())
+
+
+def _grads_and_residuals(remat_policy: str, scan_layers: bool, reference_model):
+  """Gradients of the loss (flattened as an unscanned model's paths) and the number of
+  activations saved for the backward pass, for `reference_model`'s weights."""
+  cfg = tiny_model.tiny_model_config(remat_policy=remat_policy, scan_layers=scan_layers)
+  model = model_lib.PerceiverS(cfg, rngs=nnx.Rngs(7))
+  if scan_layers:
+    nnx.update(model, nnx.state(reference_model, nnx.Param))
+  else:
+    _unstack_into(model, reference_model)
+  inputs, positions = _standard_batch()
+  pieces = [tiny_model.piece(L + 1, 1)] + [tiny_model.piece(50, 2)] * 2 + [
+      tiny_model.piece(50, 2)[:10]]
+  batch = dict(inputs=inputs, positions=positions, targets=_targets(inputs, positions, pieces))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params):
+    # Fresh copies of the RNG state: NNX refuses Variables made under another trace.
+    model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
+    logits = model(batch["inputs"], batch["positions"])
+    return losses.loss_fn(logits, batch, N, 1e-4)[0]
+
+  saved = io.StringIO()
+  with contextlib.redirect_stdout(saved):
+    jax.ad_checkpoint.print_saved_residuals(loss, params)
+  activations = [line for line in saved.getvalue().splitlines()
+                 if "from the argument" not in line and "from a constant" not in line]
+  grads = {}
+  for path, var in nnx.to_flat_state(jax.jit(jax.grad(loss))(params)):
+    value = np.asarray(var.get_value())
+    if scan_layers and path[0] == "latent_layers":
+      for layer in range(cfg.num_latent_layers):
+        grads[("latent_layers", layer) + path[1:]] = value[layer]
+    else:
+      grads[path] = value
+  return grads, len(activations)
+
+
+def test_remat_policies_and_scan_give_the_same_gradients_and_save_less(base):
+  """With a random head every parameter gets a gradient; each remat policy and the unscanned
+  layers must give the scanned no-remat gradients, while saving fewer activations."""
+  model, _, _ = base
+  results = {(scan_layers, policy): _grads_and_residuals(policy, scan_layers, model)
+             for scan_layers in (True, False)
+             for policy in ("none", "nothing_saveable", "dots_saveable")}
+  reference = results[True, "none"][0]
+  for path, grad in reference.items():
+    assert np.abs(grad).max() > 0, path  # not vacuous: no zero head here.
+  for (scan_layers, policy), (grads, _) in results.items():
+    assert grads.keys() == reference.keys()
+    for path, grad in grads.items():
+      np.testing.assert_allclose(grad, reference[path], rtol=1e-4, atol=1e-6,
+                                 err_msg=f"{policy} scan={scan_layers} {path}")
+  saved = {key: count for key, (_, count) in results.items()}
+  for scan_layers in (True, False):
+    # Remat in effect: nothing_saveable keeps only layer inputs, dots_saveable adds matmuls.
+    assert (saved[scan_layers, "nothing_saveable"] < saved[scan_layers, "dots_saveable"]
+            < saved[scan_layers, "none"]), saved
+
+
+def _layer_norms(model) -> list:
+  return [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.LayerNorm)]
+
+
+@pytest.mark.parametrize("epsilon", [None, 1e-3])
+def test_every_layer_norm_follows_spec(epsilon):
+  """SPEC 3: (x - mean) / sqrt(mean(x^2) - mean(x)^2 + eps), eps 1e-5 by default (Haiku's).
+  Inputs with the small variance of fresh embeddings make eps matter (1e-6 moves it 1%)."""
+  overrides = {} if epsilon is None else dict(layer_norm_epsilon=epsilon)
+  model = model_lib.PerceiverS(tiny_model.tiny_model_config(scan_layers=False, **overrides),
+                               rngs=nnx.Rngs(0))
+  eps = 1e-5 if epsilon is None else epsilon
+  norms = _layer_norms(model)
+  assert len(norms) == 2 * 3 + 2 * 2 + 1  # 2 cross layers, 2 latent layers, final
+  x = np.random.RandomState(0).normal(0.05, 0.02, (3, 32)).astype(np.float32)
+  x64 = x.astype(np.float64)
+  mean = x64.mean(-1, keepdims=True)
+  expected = (x64 - mean) / np.sqrt((x64 ** 2).mean(-1, keepdims=True) - mean ** 2 + eps)
+  for norm in norms:
+    np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), expected, rtol=2e-4,
+                               atol=2e-4)
+
+
+def test_embedding_inits():
+  """`reference`: hk.Embed's default, a standard normal truncated at +-2 (std 0.88, no std
+  correction); `normal_0.02`: normal with std 0.02."""
+  def embedding(name):
+    model = model_lib.PerceiverS(tiny_model.tiny_model_config(embedding_init=name),
+                                 rngs=nnx.Rngs(0))
+    return np.asarray(model.embed.embedding.get_value())
+  reference = embedding("reference")
+  assert reference.shape == (391, 32)
+  assert 1.9 < np.abs(reference).max() <= 2.0
+  truncated_std = math.sqrt(1 - 4 * math.exp(-2) / math.sqrt(2 * math.pi) / math.erf(math.sqrt(2)))
+  assert reference.std() == pytest.approx(truncated_std, rel=0.02)  # 0.880
+  assert embedding("normal_0.02").std() == pytest.approx(0.02, rel=0.02)
+  assert config_base.base_config().model.embedding_init == "normal_0.02"  # trained better
+  with pytest.raises(ValueError, match=r"config.model.embedding_init='uniform'"):
+    embedding("uniform")
+
+
+@pytest.mark.parametrize("field,value", [("model.embedding_init", "uniform"),
+                                         ("model.layer_norm_epsilon", 0.0),
+                                         ("model.layer_norm_epsilon", -1e-5)])
+def test_norm_and_embedding_fields_are_validated(field, value):
+  config = config_base.base_config()
+  config.model[field.split(".")[1]] = value
+  with pytest.raises(config_validation.ConfigError, match=f"config.{field}="):
+    config_validation.validate(config, num_devices=1)
 
 
 def _expected_paper_param_count() -> int:

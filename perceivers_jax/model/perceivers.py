@@ -32,6 +32,13 @@ from perceivers_jax.parallel import partitioning
 COMBINES = ("cascade", "sum")
 REMAT_POLICIES = ("none", "full", "nothing_saveable", "everything_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable")
+# Token embedding initialisers. `reference`: Haiku's hk.Embed default, which Perceiver AR uses:
+# hk.initializers.TruncatedNormal(stddev=1), a standard normal truncated at +-2 and scaled by 1
+# with no std correction (its std is 0.88), the same draw as jax's truncated_normal(1.0).
+EMBEDDING_INITS = {
+    "reference": nnx.initializers.truncated_normal(1.0, lower=-2.0, upper=2.0),
+    "normal_0.02": nnx.initializers.normal(0.02),
+}
 
 
 def _dtype(name: str, field: str):
@@ -39,6 +46,14 @@ def _dtype(name: str, field: str):
     return jnp.dtype(name)
   except TypeError as e:
     raise ValueError(f"config.model.{field}={name!r} is not a dtype (e.g. 'bfloat16').") from e
+
+
+def embedding_init(name: str):
+  """The token embedding initialiser named by config.model.embedding_init."""
+  if name not in EMBEDDING_INITS:
+    raise ValueError(f"config.model.embedding_init={name!r}; use one of "
+                     f"{tuple(EMBEDDING_INITS)}.")
+  return EMBEDDING_INITS[name]
 
 
 def remat_policy(name: str):
@@ -83,11 +98,15 @@ class _Settings:
     self.chunk_size = cfg.attention_chunk_size
     self.dtype = _dtype(cfg.dtype, "dtype")
     self.param_dtype = _dtype(cfg.param_dtype, "param_dtype")
+    self.layer_norm_epsilon = float(cfg.layer_norm_epsilon)
 
 
 def _layer_norm(s: _Settings, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """LayerNorm as SPEC 3: variance mean(x^2) - mean(x)^2 (flax's fast variance, clipped at 0),
+  epsilon config.model.layer_norm_epsilon (1e-5: Haiku's default, which Perceiver AR uses)."""
   return nnx.LayerNorm(
-      s.embed_dim, epsilon=1e-6, dtype=s.dtype, param_dtype=s.param_dtype,
+      s.embed_dim, epsilon=s.layer_norm_epsilon, use_fast_variance=True, dtype=s.dtype,
+      param_dtype=s.param_dtype,
       scale_init=partitioning.logical_param(nnx.initializers.ones, ("embed",)),
       bias_init=partitioning.logical_param(nnx.initializers.zeros, ("embed",)), rngs=rngs)
 
@@ -232,7 +251,7 @@ class PerceiverS(nnx.Module):
 
     self.embed = nnx.Embed(
         cfg.vocab_size, s.embed_dim, dtype=s.dtype, param_dtype=s.param_dtype,
-        embedding_init=partitioning.logical_param(nnx.initializers.normal(0.02),
+        embedding_init=partitioning.logical_param(embedding_init(cfg.embedding_init),
                                                   ("vocab", "embed")), rngs=rngs)
     # Output axis unnamed (replicated): one width can't carry two mesh axes' worth of names.
     self.latent_init = Dense(s.embed_dim, s.embed_dim, ("embed", None), dtype=s.dtype,

@@ -66,6 +66,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   _check_choice(config, "model.remat_policy", model_lib.REMAT_POLICIES)
   _check_choice(config, "model.scale_mask", masks.SCALE_MASKS)
   _check_choice(config, "model.combine", model_lib.COMBINES)
+  _check_choice(config, "model.embedding_init", tuple(model_lib.EMBEDDING_INITS))
+  epsilon = _get(config, "model.layer_norm_epsilon")
+  if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
+    _fail("model.layer_norm_epsilon", epsilon, "must be a number > 0 (1e-5: Haiku's default).")
   _check_choice(config, "model.dtype", DTYPES)
   _check_choice(config, "model.param_dtype", DTYPES)
   scales = tuple(model.cross_attention_scales)
