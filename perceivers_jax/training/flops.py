@@ -10,9 +10,11 @@ import ml_collections
 
 from perceivers_jax.model import perceivers as model_lib
 
-# Dense bf16 peak per chip, TFLOP/s. H200: the 790 measured in SPEC 6 (datasheet 989).
+# Peak FLOP/s, one kind of figure only: the vendor's datasheet dense (no sparsity) bf16 peak
+# per chip, TFLOP/s (NVIDIA: the SXM parts). A measured peak is not a datasheet figure and goes
+# in config.train.peak_tflops instead, e.g. 790 for SPEC 6's H200 reference MFU.
 PEAK_TFLOPS = {
-    "H200": 790.0,
+    "H200": 989.0,
     "H100": 989.0,
     "A100": 312.0,
     "TPU v4": 275.0,
