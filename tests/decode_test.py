@@ -22,6 +22,27 @@ def _keys(seed: int, rows: int) -> jax.Array:
   return jax.random.split(jax.random.key(seed), rows)
 
 
+def _reset_rule(prompt_lengths, steps, reset_latents=N // 2):
+  """(latent_start, horizon) [B, steps] of the latent block each token is sampled from.
+
+  SPEC 4: the prompt starts with min(F, shortest prompt) latents; each token adds one; when N
+  are cached the next token resets the block to its newest F inputs. A block starting at
+  position s fills at s + N - 1: its horizon (keys must lie within L of it).
+  """
+  count = min(reset_latents, min(prompt_lengths))
+  newest = np.asarray(prompt_lengths) - 1  # position of each row's newest input
+  start = newest - count + 1
+  starts = []
+  for step in range(steps):
+    if step:  # token step - 1 was appended
+      newest = newest + 1
+      count, start = ((reset_latents, newest - reset_latents + 1) if count == N
+                      else (count + 1, start))
+    starts.append(start)
+  starts_BS = np.stack(starts, axis=1)
+  return starts_BS, starts_BS + N - 1
+
+
 @pytest.mark.parametrize("overrides", [
     dict(),  # scanned, cascade, scales (0, 8)
     dict(scan_layers=False, combine="sum", cross_attention_scales=(4, 0),
@@ -39,22 +60,21 @@ def test_cached_logits_equal_uncached_forward_between_resets(overrides):
                         record_logits=True)
   out = jax.tree.map(np.asarray, out)
   assert out["num_steps"] == STEPS and (out["tokens"] > 2).all()
-  # Every row starts with min(F, shortest prompt) = 3 latents; at each reset the block restarts
-  # F = 8 tokens before the newest one, 9 tokens after the last; the window slides past L.
-  for row, length in enumerate(PROMPT_LENGTHS):
-    starts = np.unique(out["latent_start"][row])
-    assert starts[0] == length - 3 and len(starts) == 11
-    np.testing.assert_array_equal(np.diff(starts), 9)
-    assert out["horizon"][row].max() > L
+  # The reference's latent block and horizon come from the reset rule, not from the decoder.
+  starts_BS, horizons_BS = _reset_rule(PROMPT_LENGTHS, STEPS)
+  np.testing.assert_array_equal(out["latent_start"], starts_BS)
+  np.testing.assert_array_equal(out["horizon"], horizons_BS)
+  for row in range(len(PROMPT_LENGTHS)):
+    assert len(np.unique(starts_BS[row])) == 11 and horizons_BS[row].max() > L
 
   rows, firsts = [], []
   for step in range(STEPS):
     for row, prompt_row in enumerate(prompts):
       sequence = np.concatenate([prompt_row, out["tokens"][row]])
       t = len(prompt_row) - 1 + step  # newest input when token `step` was sampled
-      first = max(int(out["horizon"][row, step]) - L + 1, 0)  # oldest input in context
+      first = max(int(horizons_BS[row, step]) - L + 1, 0)  # oldest input in context
       rows.append(tiny_model.window(sequence[first:t + 1], first))
-      firsts.append(out["latent_start"][row, step])
+      firsts.append(starts_BS[row, step])
   inputs, positions = tiny_model.batch(rows)
   graphdef, state = nnx.split(model)
 
