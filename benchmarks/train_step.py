@@ -79,11 +79,12 @@ def _compiled_figures(trainer, state, rest, batch) -> dict[str, float | None]:
 
 
 def _kernels(config) -> list[str]:
-  """The kernel each cross-attention layer resolved to on this backend."""
+  """The kernel each cross-attention layer's train-step forward resolved to on this backend."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from perceivers_jax.model import perceivers  # pylint: disable=g-import-not-at-top
-  model = nnx.eval_shape(lambda: perceivers.PerceiverS(config.model, rngs=nnx.Rngs(0)))
-  return [layer.attention.impl for layer in model.cross_layers]
+  model = nnx.eval_shape(lambda: perceivers.PerceiverS(
+      config.model, rngs=nnx.Rngs(0), left_padded_windows=config.data.padding_side == "left"))
+  return [layer.attention.window_impl for layer in model.cross_layers]
 
 
 def _variant(config, name: str, rng_seed: int = 0) -> dict:

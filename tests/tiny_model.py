@@ -22,9 +22,10 @@ def tiny_model_config(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
-def make_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> model_lib.PerceiverS:
+def make_model(cfg: ml_collections.ConfigDict, seed: int = 0, *,
+               left_padded_windows: bool = False) -> model_lib.PerceiverS:
   """A model whose zero-initialised head is replaced by a random one (so logits vary)."""
-  model = model_lib.PerceiverS(cfg, rngs=nnx.Rngs(seed))
+  model = model_lib.PerceiverS(cfg, rngs=nnx.Rngs(seed), left_padded_windows=left_padded_windows)
   kernel = model.head.kernel
   shape = kernel.get_value().shape  # [D, V]; scaled so logits are O(1)
   kernel.set_value(jax.random.normal(jax.random.key(seed + 1), shape) * shape[0] ** -0.5)

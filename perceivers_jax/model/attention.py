@@ -1,4 +1,4 @@
-"""Multi-head attention: projections with rotary encoding, and three attention kernels.
+"""Multi-head attention: projections with rotary encoding, and four attention kernels.
 
 `Attention` exposes its steps separately (`project_query`, `project_key_value`, `attend`) so
 the cached decoder reuses the same projections and kernels as training: it projects keys and
@@ -10,10 +10,14 @@ Kernels (`KERNELS`):
            mask (never `is_causal`, which aligns top-left); GPU and bf16/fp16 only.
   chunked: lax.scan over key chunks with an online softmax, so memory grows with the chunk,
            not with L; for long contexts on CPU/TPU.
+  splash:  the TPU Pallas kernel (`splash.py`) with slot masks: exact only for the model's
+           forward over left-padded windows (`CALLS`); off a TPU it runs in Pallas interpret
+           mode, a slow path for tests only.
 config.model.attention_impl names one of them or `auto`. The kernel is a runtime choice, not
-a property of the parameters: `resolve_impl` picks it per layer when the model is built, for
-the backend it runs on, so a model trained with `cudnn` restores, samples and fine-tunes on a
-CPU or TPU (with a log line saying what runs instead).
+a property of the parameters: `resolve_impl` picks it per layer and per call (a window
+forward or a cached decoding call) when the model is built, for the backend it runs on, so a
+model trained with `cudnn` or `splash` restores, samples and fine-tunes on any backend (with
+a log line saying what runs instead).
 Queries that see no key (padding latents) get zeros, never NaN.
 """
 
@@ -24,39 +28,62 @@ from flax import nnx
 
 from perceivers_jax.model import masks as masks_lib
 from perceivers_jax.model import rotary
+from perceivers_jax.model import splash
 from perceivers_jax.parallel import partitioning
 
-KERNELS = ("xla", "cudnn", "chunked")
+KERNELS = ("xla", "cudnn", "chunked", "splash")
 ATTENTION_IMPLS = ("auto",) + KERNELS
+# window: the model's forward over left-padded windows of contiguous positions, whose masks
+# are slot masks (`splash.py`): splash can run. cached: the decoder's calls over ring-buffer
+# caches, and windows that are not left-padded or whose mask is no slot mask: never splash.
+CALLS = ("window", "cached")
 _HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Finite stand-in for -inf, so fully masked rows stay finite in float32.
 _NEG = -1e30
 
 
-def auto_impl(*, backend: str, dtype, kv_length: int, chunk_size: int) -> str:
-  """`auto`: cuDNN on GPU in bf16/fp16; elsewhere the chunked kernel once the keys outnumber
-  one chunk (its memory grows with the chunk, not the keys) and plain XLA below that."""
+def auto_impl(*, backend: str, dtype, kv_length: int, chunk_size: int, call: str = "cached",
+              num_queries: int = 0) -> str:
+  """`auto`: cuDNN on GPU in bf16/fp16; splash on TPU for window calls whose `num_queries`
+  fill its blocks (`splash.fits`); elsewhere the chunked kernel once the keys outnumber one
+  chunk (its memory grows with the chunk, not the keys) and plain XLA below that."""
   if backend == "gpu" and jnp.dtype(dtype) in _HALF_DTYPES:
     return "cudnn"
+  if backend == "tpu" and call == "window" and splash.fits(num_queries):
+    return "splash"
   return "chunked" if kv_length > chunk_size else "xla"
 
 
-def resolve_impl(requested: str, *, backend: str, dtype, kv_length: int,
-                 chunk_size: int) -> str:
-  """The kernel a layer with `kv_length` keys runs on `backend` (e.g. jax.default_backend()).
+def resolve_impl(requested: str, *, backend: str, dtype, kv_length: int, chunk_size: int,
+                 call: str = "cached", num_queries: int = 0) -> str:
+  """The kernel a `call` (`CALLS`) of a layer with `num_queries` queries over `kv_length` keys
+  runs on `backend` (e.g. jax.default_backend()).
 
   `requested` (config.model.attention_impl) is used when it can run there; `auto`, or a
-  kernel that cannot run there (cudnn off a GPU or in float32), gives `auto_impl`'s choice.
+  kernel that cannot run there (cudnn off a GPU or in float32; splash outside a window call
+  or with queries that do not fill its blocks), gives `auto_impl`'s choice. This is the one
+  place a kernel is chosen.
   """
   if requested not in ATTENTION_IMPLS:
     raise ValueError(f"config.model.attention_impl={requested!r}; use one of {ATTENTION_IMPLS}.")
-  choice = auto_impl(backend=backend, dtype=dtype, kv_length=kv_length, chunk_size=chunk_size)
+  if call not in CALLS:
+    raise ValueError(f"attention call {call!r}; use one of {CALLS}.")
+  choice = auto_impl(backend=backend, dtype=dtype, kv_length=kv_length, chunk_size=chunk_size,
+                     call=call, num_queries=num_queries)
   if requested == "auto":
     return choice
   if requested == "cudnn" and (backend != "gpu" or jnp.dtype(dtype) not in _HALF_DTYPES):
     logging.warning("config.model.attention_impl='cudnn' cannot run on %s with %s activations "
                     "(it needs an NVIDIA GPU and bfloat16/float16): using %r for %d keys.",
                     backend, jnp.dtype(dtype).name, choice, kv_length)
+    return choice
+  if requested == "splash" and call == "cached":
+    return auto_impl(backend=backend, dtype=dtype, kv_length=kv_length, chunk_size=chunk_size)
+  if requested == "splash" and not splash.fits(num_queries):
+    choice = auto_impl(backend=backend, dtype=dtype, kv_length=kv_length, chunk_size=chunk_size)
+    logging.warning("config.model.attention_impl='splash' needs a multiple of %d queries "
+                    "(got %d): using %r for %d keys.", splash.BLOCK, num_queries, choice,
+                    kv_length)
     return choice
   return requested
 
@@ -131,9 +158,12 @@ def _cudnn_attention(q_BNHK, k_BLHK, v_BLHK, mask: masks_lib.Mask) -> jax.Array:
 
 
 def dot_product_attention(q_BNHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
-                          mask: masks_lib.Mask, *, impl: str = "xla",
-                          chunk_size: int = 4096) -> jax.Array:
-  """softmax(q k^T / sqrt(K)) v over the keys `mask` lets each query see; dtype of v out."""
+                          mask: masks_lib.Mask, *, impl: str = "xla", chunk_size: int = 4096,
+                          splash_scale: int = 0) -> jax.Array:
+  """softmax(q k^T / sqrt(K)) v over the keys `mask` lets each query see; dtype of v out.
+
+  `splash` reads only the padding from `mask`: its slots are a left-padded window's, and
+  `splash_scale` is the sliding scale (0: causal; see `splash.splash_mask`)."""
   q_BNHK = q_BNHK * jnp.asarray(q_BNHK.shape[-1] ** -0.5, q_BNHK.dtype)
   if impl == "xla":
     out = _xla_attention(q_BNHK, k_BLHK, v_BLHK, mask)
@@ -141,6 +171,10 @@ def dot_product_attention(q_BNHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
     out = _chunked_attention(q_BNHK, (k_BLHK, v_BLHK), mask, chunk_size)
   elif impl == "cudnn":
     out = _cudnn_attention(q_BNHK, k_BLHK, v_BLHK, mask)
+  elif impl == "splash":
+    out = splash.splash_attention(q_BNHK, k_BLHK, v_BLHK, mask.q_positions_BN >= 0,
+                                  mask.kv_valid_BL, scale=splash_scale,
+                                  interpret=jax.default_backend() != "tpu")
   else:
     raise ValueError(f"attention kernel {impl!r}; use one of {KERNELS} (resolve_impl picks one).")
   return out.astype(v_BLHK.dtype)
@@ -149,12 +183,14 @@ def dot_product_attention(q_BNHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
 class Attention(nnx.Module):
   """Multi-head attention with rotary q/k; projections and kernel usable separately.
 
-  `impl` is a kernel of `KERNELS` (already resolved for this backend, see `resolve_impl`).
+  `impl` and `window_impl` are kernels of `KERNELS` (already resolved for this backend, see
+  `resolve_impl`) for cached calls and for window calls (`window=True`, `attend_inputs`);
+  `window_scale` is the layer's sliding scale (0: causal), which only splash reads.
   """
 
   def __init__(self, q_dim: int, kv_dim: int, *, num_heads: int, head_dim: int,
-               rotary_fraction: float, max_wavelength: float, impl: str, chunk_size: int,
-               dtype, param_dtype, rngs: nnx.Rngs):
+               rotary_fraction: float, max_wavelength: float, impl: str, window_impl: str,
+               window_scale: int, chunk_size: int, dtype, param_dtype, rngs: nnx.Rngs):
     init = nnx.initializers.lecun_normal
     proj_init = partitioning.logical_param(init(in_axis=0, out_axis=(1, 2)),
                                            ("embed", "heads", "kv"))
@@ -177,6 +213,8 @@ class Attention(nnx.Module):
     self.rotary_fraction = rotary_fraction
     self.max_wavelength = max_wavelength
     self.impl = impl
+    self.window_impl = window_impl
+    self.window_scale = window_scale
     self.chunk_size = chunk_size
     self.dtype = dtype
 
@@ -203,23 +241,28 @@ class Attention(nnx.Module):
     return k, v
 
   def attend(self, q_BNHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
-             mask: masks_lib.Mask) -> jax.Array:
-    """Attention over (possibly cached) keys/values, then the output projection: [B, N, D]."""
-    out_BNHK = dot_product_attention(q_BNHK, k_BLHK, v_BLHK, mask, impl=self.impl,
-                                     chunk_size=self.chunk_size)
+             mask: masks_lib.Mask, *, window: bool = False) -> jax.Array:
+    """Attention over (possibly cached) keys/values, then the output projection: [B, N, D].
+
+    `window`: a call of the model's forward over a window (`window_impl`), not a cached one.
+    """
+    out_BNHK = dot_product_attention(q_BNHK, k_BLHK, v_BLHK, mask,
+                                     impl=self.window_impl if window else self.impl,
+                                     chunk_size=self.chunk_size, splash_scale=self.window_scale)
     return self._output(out_BNHK)
 
   def attend_inputs(self, q_BNHK: jax.Array, x_BLD: jax.Array, positions_BL: jax.Array,
                     mask: masks_lib.Mask, *, norm=lambda x: x) -> jax.Array:
-    """`attend` over the keys/values of inputs `norm(x)` (= attend(q, *project_key_value(
-    norm(x)))).
+    """A window call of `attend` over the keys/values of inputs `norm(x)` (= attend(q,
+    *project_key_value(norm(x)), window=True)).
 
     The chunked kernel normalises and projects the inputs one chunk at a time inside its
     loop, so neither norm(x) nor the [B, L, H, K] keys and values (nor their gradients) exist
     whole: that is most of the training memory of a long cross-attention layer.
     """
-    if self.impl != "chunked":
-      return self.attend(q_BNHK, *self.project_key_value(norm(x_BLD), positions_BL), mask)
+    if self.window_impl != "chunked":
+      return self.attend(q_BNHK, *self.project_key_value(norm(x_BLD), positions_BL), mask,
+                         window=True)
     q_BNHK = q_BNHK * jnp.asarray(q_BNHK.shape[-1] ** -0.5, q_BNHK.dtype)
     out_BNHK = _chunked_attention(q_BNHK, (x_BLD, positions_BL), mask, self.chunk_size,
                                   lambda x, p: self.project_key_value(norm(x), p))

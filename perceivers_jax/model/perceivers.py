@@ -12,8 +12,10 @@ Layers expose their steps (`CrossAttentionLayer.key_value` / `attend`,
 `LatentLayer.project` / `finish`) so the cached decoder runs the same code; training uses
 `CrossAttentionLayer.attend_inputs` (the same function, keys/values computed inside the
 chunked kernel). A windowed `sliding` scale W keys only the N + W - 1 inputs its latents can
-see (`cross_key_lengths`); each layer's kernel is chosen for the backend when it is built
-(`attention.resolve_impl`).
+see (`cross_key_lengths`); each layer's kernels are chosen for the backend when it is built
+(`attention.resolve_impl`): one for the forward over windows (`attend_inputs`,
+`LatentLayer.__call__`; splash on a TPU when the model is told its windows are left-padded,
+`left_padded_windows`) and one for the decoder's cached calls (never splash).
 """
 
 import functools
@@ -86,7 +88,7 @@ def cross_key_lengths(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
 class _Settings:
   """The static settings the layers share, read once from config.model."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict):
+  def __init__(self, cfg: ml_collections.ConfigDict, left_padded_windows: bool):
     self.embed_dim = cfg.embed_dim
     self.num_heads = cfg.num_heads
     self.head_dim = cfg.head_dim
@@ -96,6 +98,9 @@ class _Settings:
     self.max_wavelength = cfg.max_wavelength or cfg.max_length
     self.requested_impl = cfg.attention_impl
     self.chunk_size = cfg.attention_chunk_size
+    self.left_padded_windows = left_padded_windows
+    self.scale_mask = cfg.scale_mask
+    self.num_latents = cfg.num_latents
     self.dtype = _dtype(cfg.dtype, "dtype")
     self.param_dtype = _dtype(cfg.param_dtype, "param_dtype")
     self.layer_norm_epsilon = float(cfg.layer_norm_epsilon)
@@ -111,15 +116,23 @@ def _layer_norm(s: _Settings, rngs: nnx.Rngs) -> nnx.LayerNorm:
       bias_init=partitioning.logical_param(nnx.initializers.zeros, ("embed",)), rngs=rngs)
 
 
-def _attention(s: _Settings, kv_length: int, rngs: nnx.Rngs) -> attention_lib.Attention:
-  """Attention over `kv_length` keys, with the kernel chosen for this backend and length."""
-  impl = attention_lib.resolve_impl(s.requested_impl, backend=jax.default_backend(),
-                                    dtype=s.dtype, kv_length=kv_length,
-                                    chunk_size=s.chunk_size)
+def _attention(s: _Settings, kv_length: int, rngs: nnx.Rngs, *,
+               scale: int = 0) -> attention_lib.Attention:
+  """Attention of the N latents over `kv_length` keys (at scale `scale`, 0: causal), with
+  kernels chosen for this backend and length: one for cached calls, one for window calls.
+  A window call is a slot-masked one (splash can run) only over left-padded windows and with
+  a causal or `sliding` mask (a `final_block` window is no slot mask)."""
+  slot_masked = s.left_padded_windows and (scale == 0 or s.scale_mask == "sliding")
+  impl, window_impl = (
+      attention_lib.resolve_impl(s.requested_impl, backend=jax.default_backend(),
+                                 dtype=s.dtype, kv_length=kv_length, chunk_size=s.chunk_size,
+                                 call=call, num_queries=s.num_latents)
+      for call in ("cached", "window" if slot_masked else "cached"))
   return attention_lib.Attention(
       s.embed_dim, s.embed_dim, num_heads=s.num_heads, head_dim=s.head_dim,
       rotary_fraction=s.rotary_fraction, max_wavelength=s.max_wavelength, impl=impl,
-      chunk_size=s.chunk_size, dtype=s.dtype, param_dtype=s.param_dtype, rngs=rngs)
+      window_impl=window_impl, window_scale=scale, chunk_size=s.chunk_size, dtype=s.dtype,
+      param_dtype=s.param_dtype, rngs=rngs)
 
 
 class Dense(nnx.Module):
@@ -157,10 +170,10 @@ class Mlp(nnx.Module):
 class CrossAttentionLayer(nnx.Module):
   """Latents attend to the embedded inputs: pre-LN on q and kv, residual, squared-ReLU MLP."""
 
-  def __init__(self, s: _Settings, kv_length: int, rngs: nnx.Rngs):
+  def __init__(self, s: _Settings, kv_length: int, scale: int, rngs: nnx.Rngs):
     self.query_norm = _layer_norm(s, rngs)
     self.kv_norm = _layer_norm(s, rngs)
-    self.attention = _attention(s, kv_length, rngs)
+    self.attention = _attention(s, kv_length, rngs, scale=scale)
     self.mlp_norm = _layer_norm(s, rngs)
     self.mlp = Mlp(s, rngs)
     self.dropout = nnx.Dropout(s.dropout_rate, rngs=rngs)
@@ -178,8 +191,9 @@ class CrossAttentionLayer(nnx.Module):
   def attend_inputs(self, x_BND: jax.Array, positions_BN: jax.Array, inputs_BLD: jax.Array,
                     kv_positions_BL: jax.Array, mask: masks_lib.Mask, *,
                     deterministic: bool) -> jax.Array:
-    """The layer over embedded inputs (= attend(x, ..., *key_value(inputs), ...)); the
-    chunked kernel normalises and projects them chunk by chunk (`Attention.attend_inputs`)."""
+    """The layer over a window's embedded inputs (= attend(x, ..., *key_value(inputs), ...)
+    with the window kernel); the chunked kernel normalises and projects them chunk by chunk
+    (`Attention.attend_inputs`)."""
     return self._finish(x_BND, positions_BN, deterministic,
                         lambda q: self.attention.attend_inputs(q, inputs_BLD, kv_positions_BL,
                                                                mask, norm=self.kv_norm))
@@ -208,24 +222,32 @@ class LatentLayer(nnx.Module):
     return self.attention.project_query(y_BND, positions_BN), k_BNHK, v_BNHK
 
   def finish(self, x_BND: jax.Array, q_BNHK: jax.Array, k_BMHK: jax.Array, v_BMHK: jax.Array,
-             mask: masks_lib.Mask, *, deterministic: bool) -> jax.Array:
-    """Attention of q over (possibly cached) latent keys, residual and MLP."""
-    h_BND = x_BND + self.dropout(self.attention.attend(q_BNHK, k_BMHK, v_BMHK, mask),
+             mask: masks_lib.Mask, *, deterministic: bool, window: bool = False) -> jax.Array:
+    """Attention of q over (possibly cached) latent keys, residual and MLP. `window`: a call of
+    the forward over a window (`Attention.attend`), not a decoder's cached one."""
+    h_BND = x_BND + self.dropout(self.attention.attend(q_BNHK, k_BMHK, v_BMHK, mask,
+                                                       window=window),
                                  deterministic=deterministic)
     return h_BND + self.dropout(self.mlp(self.mlp_norm(h_BND)), deterministic=deterministic)
 
   def __call__(self, x_BND: jax.Array, positions_BN: jax.Array, mask: masks_lib.Mask, *,
                deterministic: bool) -> jax.Array:
     q, k, v = self.project(x_BND, positions_BN)
-    return self.finish(x_BND, q, k, v, mask, deterministic=deterministic)
+    return self.finish(x_BND, q, k, v, mask, deterministic=deterministic, window=True)
 
 
 class PerceiverS(nnx.Module):
-  """PerceiverS language model over token windows (see module docstring)."""
+  """PerceiverS language model over token windows (see module docstring).
 
-  def __init__(self, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+  `left_padded_windows`: the forward is only given left-padded windows of contiguous positions
+  (training's config.data.padding_side == "left"), so its masks are slot masks and splash may
+  run them; False (the default: layout unknown) keeps splash out.
+  """
+
+  def __init__(self, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
+               left_padded_windows: bool = False):
     cfg = model_config
-    s = _Settings(cfg)
+    s = _Settings(cfg, left_padded_windows)
     if cfg.combine not in COMBINES:
       raise ValueError(f"config.model.combine={cfg.combine!r}; use one of {COMBINES}.")
     if cfg.scale_mask not in masks_lib.SCALE_MASKS:
@@ -256,8 +278,8 @@ class PerceiverS(nnx.Module):
     # Output axis unnamed (replicated): one width can't carry two mesh axes' worth of names.
     self.latent_init = Dense(s.embed_dim, s.embed_dim, ("embed", None), dtype=s.dtype,
                              param_dtype=s.param_dtype, rngs=rngs)
-    self.cross_layers = nnx.List([CrossAttentionLayer(s, length, rngs)
-                                  for length in self.key_lengths])
+    self.cross_layers = nnx.List([CrossAttentionLayer(s, length, scale, rngs)
+                                  for length, scale in zip(self.key_lengths, self.scales)])
     if self.scan_layers:
       @nnx.split_rngs(splits=cfg.num_latent_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})

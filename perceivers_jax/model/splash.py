@@ -10,7 +10,10 @@ key window also ends at the latent block's end, `masks.slice_sliding_window`). T
   padding:          SegmentIds (1 valid, 0 padding), so a padding query (segment 0) sees
                     padding keys only and its output is then zeroed, as the other kernels.
 Splash does not scale q: `attention.dot_product_attention` scales it before any kernel.
-The cached decoder's ring-buffer caches have no such slot structure: it needs another kernel.
+The cached decoder's ring-buffer caches have no such slot structure: it needs another kernel
+(`attention.resolve_impl` never gives splash to a cached call).
+Splash works in blocks of `BLOCK` (a multiple of the TPU's 128 lanes, also in interpret mode):
+N must be a multiple of it (`fits`), and the keys are left-padded up to one with padding keys.
 `interpret=True` runs the kernel on CPU in Pallas interpret mode (how the tests check it).
 """
 
@@ -20,6 +23,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+BLOCK = 128
+
+
+def fits(num_queries: int) -> bool:
+  """Can splash run a layer with `num_queries` queries (whole blocks of them)?"""
+  return num_queries > 0 and num_queries % BLOCK == 0
 
 
 def splash_mask(num_q: int, num_kv: int, num_heads: int, *,
@@ -39,20 +49,30 @@ def _kernel(num_q: int, num_kv: int, num_heads: int, scale: int, block: int, int
   sizes = dict(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                block_kv_dq=block)
-  return kernel_lib.make_splash_mha(
-      splash_mask(num_q, num_kv, num_heads, scale=scale), head_shards=1, q_seq_shards=1,
-      block_sizes=kernel_lib.BlockSizes(**sizes), interpret=interpret)
+  # The kernel holds its mask's block tables as arrays: made concrete even when the first call
+  # is traced, so that the cached kernel leaks no tracer into later traces.
+  with jax.ensure_compile_time_eval():
+    return kernel_lib.make_splash_mha(
+        splash_mask(num_q, num_kv, num_heads, scale=scale), head_shards=1, q_seq_shards=1,
+        block_sizes=kernel_lib.BlockSizes(**sizes), interpret=interpret)
 
 
 def splash_attention(q_BNHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array,
                      q_valid_BN: jax.Array, kv_valid_BT: jax.Array, *, scale: int = 0,
-                     block: int = 128, interpret: bool = False) -> jax.Array:
+                     interpret: bool = False) -> jax.Array:
   """softmax(q k^T) v over `splash_mask` and the padding, [B, N, H, K] in v's dtype.
 
-  q is used as given (already scaled). N and T must be multiples of `block`.
+  q is used as given (already scaled). N must be a multiple of `BLOCK` (`fits`); T is
+  left-padded to one (padding keys: what a left-padded window has in front anyway).
   """
+  if not fits(q_BNHK.shape[1]):
+    raise ValueError(f"splash attention needs a multiple of {BLOCK} queries, got "
+                     f"{q_BNHK.shape[1]} (config.model.num_latents).")
+  pad = -k_BTHK.shape[1] % BLOCK
+  left = lambda x: jnp.pad(x, ((0, 0), (pad, 0)) + ((0, 0),) * (x.ndim - 2))
+  k_BTHK, v_BTHK, kv_valid_BT = left(k_BTHK), left(v_BTHK), left(kv_valid_BT)
   num_q, num_kv, num_heads = q_BNHK.shape[1], k_BTHK.shape[1], q_BNHK.shape[2]
-  kernel = _kernel(num_q, num_kv, num_heads, scale, min(block, num_q, num_kv), interpret)
+  kernel = _kernel(num_q, num_kv, num_heads, scale, BLOCK, interpret)
 
   def one_row(q_NHK, k_THK, v_THK, q_valid_N, kv_valid_T):
     heads_major = lambda x: jnp.swapaxes(x, 0, 1)  # splash takes [H, length, K]

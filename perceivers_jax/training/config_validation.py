@@ -15,6 +15,7 @@ from perceivers_jax.model import attention
 from perceivers_jax.model import masks
 from perceivers_jax.model import param_groups
 from perceivers_jax.model import perceivers as model_lib
+from perceivers_jax.model import splash
 from perceivers_jax.parallel import mesh as mesh_lib
 from perceivers_jax.training import optimizer as optimizer_lib
 
@@ -63,6 +64,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     _fail("model.num_latents", model.num_latents,
           f"N must be <= config.model.max_length (L={model.max_length}).")
   _check_choice(config, "model.attention_impl", attention.ATTENTION_IMPLS)
+  if model.attention_impl == "splash":  # off a TPU: Pallas interpret mode, for tests only
+    if not splash.fits(model.num_latents):
+      _fail("model.attention_impl", "splash",
+            f"splash needs config.model.num_latents (N={model.num_latents}) to be a multiple "
+            f"of {splash.BLOCK}; use auto.")
+    if config.data.padding_side != "left":
+      _fail("model.attention_impl", "splash",
+            "splash's slot masks need config.data.padding_side='left'; use auto.")
   _check_choice(config, "model.remat_policy", model_lib.REMAT_POLICIES)
   _check_choice(config, "model.scale_mask", masks.SCALE_MASKS)
   _check_choice(config, "model.combine", model_lib.COMBINES)

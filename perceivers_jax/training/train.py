@@ -78,7 +78,10 @@ class NonFiniteError(config_base.InputError, FloatingPointError):
 
 
 def _model_fn(config: ml_collections.ConfigDict) -> Callable[[], nnx.Module]:
-  return lambda: model_lib.PerceiverS(config.model, rngs=nnx.Rngs(config.seed))
+  # Training and evaluation windows come from the input pipeline, padded on data.padding_side.
+  return lambda: model_lib.PerceiverS(
+      config.model, rngs=nnx.Rngs(config.seed),
+      left_padded_windows=config.data.padding_side == "left")
 
 
 @dataclasses.dataclass
