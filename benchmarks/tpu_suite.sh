@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The TPU benchmark suite in one call (a TPU VM, one host; the same figures as gpu_suite.sh):
 # attention kernels against the XLA reference, then paper-size train steps at batch 1 and 8
-# (attention_impl=auto: the chunked kernel for the full scale, XLA for the windowed short
-# scale and the latents) and cached sampling at batch 1 and 16. Writes JSON files into $OUT
+# (attention_impl=auto: splash for both cross-attention scales and the latents in the train
+# step's forward; the cached sampler's chunked/XLA kernels) and cached sampling at batch 1
+# and 16. Writes JSON files into $OUT
 # or benchmarks/tpu_results/ and prints one table row per benchmark.
 #
 #   pip install -e '.[tpu,test]' && bash benchmarks/tpu_suite.sh
@@ -25,7 +26,9 @@ step() {  # step SECONDS NAME COMMAND...
 
 paper=(--config=configs/perceivers.py --config.model.attention_impl=auto
        --config.model.dtype=bfloat16)
-step 120 kernels_vs_xla python -m pytest -q tests/attention_test.py -k "chunked or windowed"
+# float32 matmuls at full precision, so the XLA reference is exact enough for the tolerances.
+step 240 kernels_vs_xla env JAX_DEFAULT_MATMUL_PRECISION=highest python -m pytest -q \
+  tests/attention_test.py tests/splash_test.py -k "chunked or windowed or splash"
 step 120 train_b1 python benchmarks/train_step.py "${paper[@]}" --config.train.batch_size=1 \
   --steps=10 --output="$out/train_b1.json"
 step 150 train_b8 python benchmarks/train_step.py "${paper[@]}" --config.train.batch_size=8 \

@@ -83,6 +83,19 @@ def test_bad_value_names_the_field(field, value, devices, message):
   assert message in str(error.value)
 
 
+def test_splash_needs_whole_blocks_of_latents_and_left_padded_windows():
+  config = load_config("tiny")
+  config.model.attention_impl = "splash"
+  config.model.num_latents = 64
+  with pytest.raises(config_validation.ConfigError, match="multiple of 128"):
+    config_validation.validate(config, num_devices=1)
+  config.model.num_latents = 128
+  config_validation.validate(config, num_devices=1)
+  config.data.padding_side = "right"
+  with pytest.raises(config_validation.ConfigError, match="padding_side='left'"):
+    config_validation.validate(config, num_devices=1)
+
+
 def test_mesh_shape_fills_the_free_axis():
   config = load_config("tiny")
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, -1, 2
