@@ -43,14 +43,17 @@ class MetricsWriter:
   def __init__(self, workdir: str, *, enabled: bool | None = None, resume_step: int | None = None):
     """`resume_step`: a training run (re)starting from that step first drops the records of
     later steps from metrics.jsonl (an interrupted run logged them; they are redone), so the
-    file holds each step once."""
+    file holds each step once; TensorBoard gets a purge marker (SessionLog START at
+    resume_step + 1), so it discards the earlier event files' records of the redone steps."""
     self._enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
     self._jsonl = None
     if self._enabled:
       workdir = epath.Path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
-      self._tb = tensorboardX.SummaryWriter(logdir=str(workdir / "tensorboard"))
+      self._tb = tensorboardX.SummaryWriter(
+          logdir=str(workdir / "tensorboard"),
+          purge_step=None if resume_step is None else resume_step + 1)
       path = workdir / "metrics.jsonl"
       if resume_step is not None and path.exists():
         _drop_records_after(path, resume_step)
