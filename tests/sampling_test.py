@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -346,3 +347,33 @@ def test_rerun_writes_only_the_missing_samples(loaded, tmp_path, capsys):
   assert not run(dataclasses.replace(settings, batch_size=4))
   with pytest.raises(sampling.SamplingError, match=r"^--seed=9: .* --seed=4 \(run.json\)"):
     run(dataclasses.replace(settings, seed=9))
+
+
+def test_attention_impl_is_chosen_at_load_not_taken_from_config_json(workdir, tmp_path, caplog):
+  """A config.json saying `cudnn` samples on CPU with --attention_impl=auto or xla (no
+  fallback warning: the flag replaces the stored kernel); an export records the choice."""
+  cudnn = tmp_path / "cudnn"
+  shutil.copytree(workdir, cudnn)
+  config = json.loads((cudnn / "config.json").read_text())
+  config["model"]["attention_impl"] = "cudnn"
+  (cudnn / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+  for impl in ("auto", "xla"):
+    caplog.clear()
+    _cli(f"--workdir={cudnn}", f"--output_dir={tmp_path / impl}", "--num_samples=2",
+         "--batch_size=2", "--num_tokens=20", f"--attention_impl={impl}")
+    assert len((tmp_path / impl / job.MANIFEST).read_text().splitlines()) == 2
+    assert "attention_impl='cudnn'" not in caplog.text
+  model, loaded_config, _ = sampling.load_model(str(cudnn), attention_impl="chunked")
+  assert loaded_config.model.attention_impl == "chunked"
+  assert {layer.attention.impl for layer in model.cross_layers} == {"chunked"}
+  with pytest.raises(sampling.SamplingError, match="--attention_impl='splash!'"):
+    sampling.read_config(str(cudnn), "splash!")
+  # Choice: an export's config.json records --attention_impl (default auto: backend-neutral).
+  manifest = export.export(str(cudnn), str(tmp_path / "export"))
+  assert manifest["config"]["model"]["attention_impl"] == "auto"
+  exported = export.load_config(tmp_path / "export" / "config.json")
+  assert exported.model.attention_impl == "auto"
+  export.export(str(cudnn), str(tmp_path / "export_xla"), attention_impl="xla")
+  assert sampling.read_config(str(tmp_path / "export_xla")).model.attention_impl == "xla"
+  with pytest.raises(ValueError, match="--attention_impl='splash!'"):
+    export.export(str(cudnn), str(tmp_path / "bad"), attention_impl="splash!")

@@ -7,7 +7,8 @@ r"""perceivers-sample: generate MIDI pieces from a trained PerceiverS.
   perceivers-sample --checkpoint=/tmp/tiny/checkpoints/400 --output_dir=/tmp/again \
       --num_samples=8 --batch_size=4 --num_tokens=2048 --top_p=0.95 --sample_index=5
 
-The model config comes from the workdir's config.json. Each sample i writes sample_{i:04d}.mid,
+The model config comes from the workdir's config.json; --attention_impl (default auto: the
+best kernel for this backend) replaces its model.attention_impl. Each sample i writes sample_{i:04d}.mid,
 .npy (tokens), .png (piano roll) and .json (its seed, settings, checkpoint and the command
 regenerating it alone: the same flags plus --sample_index=i give the same tokens);
 samples.jsonl lists them all and index.html is the folder's listening page.
@@ -26,6 +27,7 @@ from absl import flags
 
 from perceivers_jax.cli import distributed
 from perceivers_jax.cli import logs
+from perceivers_jax.model import attention
 from perceivers_jax.sampling import sampling
 
 flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags.
@@ -39,6 +41,9 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the samples go (all
 _SAMPLE_INDEX = flags.DEFINE_multi_integer(
     "sample_index", [], "Generate only these samples (repeatable); same other flags as the "
     "original run reproduce them exactly.")
+_ATTENTION_IMPL = flags.DEFINE_enum(
+    "attention_impl", "auto", attention.ATTENTION_IMPLS,
+    "Attention kernel, replacing config.json's model.attention_impl (auto: chosen per backend).")
 
 
 def _define_setting_flag(field: dataclasses.Field) -> flags.FlagHolder:
@@ -66,11 +71,12 @@ def main(argv: list[str]) -> None:
   try:
     settings = sampling.SampleSettings.from_flag_values({f.name: f.value for f in _SETTINGS})
     workdir, step = sampling.resolve_path(path, _STEP.value)
-    config = sampling.read_config(workdir)
+    config = sampling.read_config(workdir, _ATTENTION_IMPL.value)
     # Every request error surfaces here, the same on every host, before anything is restored
     # or compiled.
     sampling.check_settings(settings, config.model, indices)
-    model, config, step = sampling.load_model(workdir, step)
+    model, config, step = sampling.load_model(workdir, step,
+                                              attention_impl=_ATTENTION_IMPL.value)
     sampling.sample_to_dir(model, config, settings, _OUTPUT_DIR.value, checkpoint_step=step,
                            checkpoint_path=workdir, sample_indices=indices)
   except (FileNotFoundError, sampling.SamplingError) as e:

@@ -170,13 +170,20 @@ def sample_keys(seed: int, sample_indices: Sequence[int]) -> jax.Array:
 # -- loading -------------------------------------------------------------------------------------
 
 
-def read_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The config saved in `path`/config.json by training (or by an export)."""
+def read_config(path: str | os.PathLike,
+                attention_impl: str | None = None) -> ml_collections.ConfigDict:
+  """The config saved in `path`/config.json by training (or by an export).
+
+  `attention_impl` (if given) overrides its model.attention_impl (`export.load_config`).
+  """
   file = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(file):
     raise FileNotFoundError(f"--checkpoint/--workdir {path}: no {CONFIG_FILE} there; pass a "
                             "training workdir, one of its checkpoints/STEP folders or an export.")
-  return export.load_config(file)
+  try:
+    return export.load_config(file, attention_impl)
+  except ValueError as e:
+    raise SamplingError(str(e)) from e
 
 
 def resolve_path(path: str, step: int | None = None) -> tuple[str, int | None]:
@@ -215,7 +222,8 @@ def _model_from(config: ml_collections.ConfigDict, params: Any,
 
 
 def load_model(path: str | os.PathLike, step: int | None = None, *,
-               mesh: Mesh | None = None) -> tuple[model_lib.PerceiverS, ml_collections.ConfigDict,
+               mesh: Mesh | None = None,
+               attention_impl: str | None = None) -> tuple[model_lib.PerceiverS, ml_collections.ConfigDict,
                                                   int]:
   """(model, config, step) from a training workdir: checkpoint `step` (default: the latest).
 
@@ -223,9 +231,10 @@ def load_model(path: str | os.PathLike, step: int | None = None, *,
   its manifest.json; `step` must then be None or the exported step). Only the parameters are
   read (`export`'s partial restore, never the optimizer state), straight into the shardings
   of `mesh` (default: a data-only mesh over every device, parameters replicated).
+  `attention_impl` (if given) replaces config.json's model.attention_impl.
   """
   workdir, step = resolve_path(os.fspath(path), step)
-  config = read_config(workdir)
+  config = read_config(workdir, attention_impl)
   is_export = os.path.isfile(os.path.join(workdir, EXPORT_MANIFEST))
   step = _exported_step(workdir, step) if is_export else export.saved_step(workdir, config, step)
   trainer = _sampling_trainer(config, mesh or sampling_mesh())

@@ -6,7 +6,9 @@ An export directory holds
                  export dtype: `--format=orbax` (default) writes an Orbax checkpoint of the
                  pure params dict, as in training checkpoints; `--format=safetensors` writes
                  one safetensors file with flat names (below) for use outside this package;
-  config.json    the training config;
+  config.json    the training config, its model.attention_impl set to the export's
+                 `attention_impl` (default "auto": the kernel is a runtime choice, so an
+                 export is backend-neutral; the text is kept verbatim when it already says so);
   manifest.json  format (FORMATS: which of the two), step, parameter count, dtype, source
                  workdir, sha256 of config.json, the sha256 of every parameter file
                  (params_sha256, by path inside the export) and the config itself.
@@ -42,6 +44,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import safetensors.numpy
 
+from perceivers_jax.model import attention
 from perceivers_jax.model import param_groups
 from perceivers_jax.parallel import mesh as mesh_lib
 from perceivers_jax.state import checkpointing
@@ -55,9 +58,24 @@ MANIFEST = "manifest.json"
 DTYPES = ("float32", "bfloat16")
 
 
-def load_config(path: epath.PathLike) -> ml_collections.ConfigDict:
-  """A config.json written by training or export, with its tuples restored."""
+def check_attention_impl(attention_impl: str | None) -> None:
+  """Raises ValueError naming --attention_impl unless it is None or in ATTENTION_IMPLS."""
+  if attention_impl is not None and attention_impl not in attention.ATTENTION_IMPLS:
+    raise ValueError(f"--attention_impl={attention_impl!r}: use one of "
+                     f"{attention.ATTENTION_IMPLS}.")
+
+
+def load_config(path: epath.PathLike, attention_impl: str | None = None
+                ) -> ml_collections.ConfigDict:
+  """A config.json written by training or export, with its tuples restored.
+
+  `attention_impl` (if given) replaces model.attention_impl: the kernel is chosen where the
+  model runs, not stored with its parameters (which are the same for every kernel).
+  """
+  check_attention_impl(attention_impl)
   config = ml_collections.ConfigDict(json.loads(epath.Path(path).read_text()))
+  if attention_impl is not None:
+    config.model.attention_impl = attention_impl
   config.model.cross_attention_scales = tuple(config.model.cross_attention_scales)
   if "freeze" in config.train:
     config.train.freeze = tuple(config.train.freeze)
@@ -185,18 +203,30 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _with_attention_impl(config_text: str, attention_impl: str) -> str:
+  """`config_text` (a training config.json) saying model.attention_impl=`attention_impl`."""
+  config = json.loads(config_text)
+  if config["model"].get("attention_impl") == attention_impl:
+    return config_text
+  config["model"]["attention_impl"] = attention_impl
+  return json.dumps(config, indent=2, sort_keys=True)
+
+
 def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "float32",
-           file_format: str = "orbax", overwrite: bool = False) -> dict[str, Any]:
+           file_format: str = "orbax", overwrite: bool = False,
+           attention_impl: str = "auto") -> dict[str, Any]:
   """Writes the params of checkpoint `step` (default: latest) of `workdir` to `output`.
 
   `file_format`: "orbax" or "safetensors" (FORMATS). `output` must not exist unless
-  `overwrite`, which replaces it once the new export is complete. Returns the manifest.
+  `overwrite`, which replaces it once the new export is complete. The export's config.json
+  records `attention_impl` as model.attention_impl. Returns the manifest.
   Raises FileNotFoundError / FileExistsError / ValueError naming what is wrong.
   """
   if dtype not in DTYPES:
     raise ValueError(f"--dtype={dtype!r}: use one of {DTYPES}.")
   if file_format not in FORMATS:
     raise ValueError(f"--format={file_format!r}: use one of {tuple(FORMATS)}.")
+  check_attention_impl(attention_impl)
   config_path = epath.Path(workdir) / "config.json"
   if not config_path.exists():
     raise FileNotFoundError(f"{config_path} not found: --workdir must be a training workdir.")
@@ -204,8 +234,8 @@ def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "
   if out.exists() and not overwrite:
     raise FileExistsError(f"--output={output} exists: choose a new directory, or pass "
                           "--overwrite to replace it.")
-  config_text = config_path.read_text()
-  config = load_config(config_path)
+  config_text = _with_attention_impl(config_path.read_text(), attention_impl)
+  config = load_config(config_path, attention_impl)
   step = saved_step(workdir, config, step)
 
   params = restore_params(workdir, step, _abstract_params(config, dtype))
