@@ -313,12 +313,15 @@ class PerceiverS(nnx.Module):
                    embedded_BLD: jax.Array | None = None,
                    latent_start_B: jax.Array | None = None,
                    keys_values: Sequence[tuple[jax.Array, jax.Array]] | None = None,
+                   layer_kv_positions: Sequence[jax.Array] | None = None,
                    min_key_position_B: jax.Array | None = None,
                    deterministic: bool, remat: bool = True) -> jax.Array:
     """All cross-attention layers (cascade or sum) over the inputs.
 
     Keys/values come from `embedded_BLD` (training: recomputed under remat) or, per layer,
-    from `keys_values` (a decoder's cache). With `embedded_BLD` and `latent_start_B` (the
+    from `keys_values` (a decoder's cache; `layer_kv_positions` gives, per layer, the
+    positions its cache holds, -1 for empty slots, in place of kv_positions_BL/kv_valid_BL:
+    a sliding layer's cache may be a shorter ring). With `embedded_BLD` and `latent_start_B` (the
     latent block's first slot, positions contiguous), a windowed `sliding` layer of scale W
     projects and scores only the N + W - 1 inputs its latents can see
     (`masks.slice_sliding_window`); the result equals the masked computation over all L.
@@ -341,6 +344,9 @@ class PerceiverS(nnx.Module):
       kv_positions, kv_valid = kv_positions_BL, kv_valid_BL
       if keys_values is not None:
         inputs = keys_values[index]
+        if layer_kv_positions is not None:
+          kv_positions = layer_kv_positions[index]
+          kv_valid = kv_positions >= 0
       else:
         inputs = (embedded_BLD, kv_positions_BL)
         if self.windowed[index] and latent_start_B is not None:

@@ -1,9 +1,10 @@
 """Cached autoregressive sampling (SPEC 4), the whole loop in one jitted program.
 
 Caches:
-  * cross-attention keys/values of every input, per cross-attention layer, in a ring buffer
-    of L slots, written in turn by all rows together (a slot's stored position says what it
-    holds, so nothing rolls);
+  * per cross-attention layer, the keys/values of the inputs its latents can see, in a ring
+    buffer written in turn by all rows together (a slot's stored position says what it
+    holds, so nothing rolls): L slots for a full scale, W + F - 1 for a sliding scale W
+    (`ring_sizes`), which is all that layer stores and reads;
   * per latent layer, the keys/values of up to N latents.
 Caches are head-major, in the model dtype: keys [B, H, L, K], values [B, H, K, L], so both
 cached matmuls contract the cache's minor axis (XLA's CPU fallback matmul, which [B, H, L, K]
@@ -150,10 +151,12 @@ class Cache:
   last_position_B: jax.Array  # int32[B]: position of each row's newest input
   num_inputs: jax.Array  # int32[]: inputs written per row; the next goes to slot num_inputs % L
   input_tokens_BL: jax.Array  # ring buffer of tokens
-  input_positions_BL: jax.Array  # position held by each slot, -1 if empty
-  # Per cross layer [B, H, L, K] and [B, H, K, L], unit B or H left out (_unit_axes_dropped).
+  # Per cross layer, its ring of R slots (`ring_sizes`): keys [B, H, R, K], values [B, H, K, R]
+  # (unit B or H left out: _unit_axes_dropped) and the position [B, R] held by each slot, -1
+  # if empty.
   cross_keys: tuple[jax.Array, ...]
   cross_values: tuple[jax.Array, ...]
+  cross_positions: tuple[jax.Array, ...]
   latent_keys: jax.Array  # [layers, B, H, N, K]
   latent_values: jax.Array  # [layers, B, H, K, N]
   latent_positions_BN: jax.Array  # -1 for empty latent slots
@@ -162,9 +165,19 @@ class Cache:
   latent_start_B: jax.Array  # int32[B]: first latent's position since the last reset
 
 
-def init_cache(model: model_lib.PerceiverS, batch_size: int) -> Cache:
-  """An empty cache for `model`."""
+def ring_sizes(model: model_lib.PerceiverS, num_reset_latents: int) -> tuple[int, ...]:
+  """Slots of each cross layer's ring: L for a full scale; for a sliding scale W the newest
+  W + F - 1 inputs (at most L), since no step adds more than F latents and the oldest of them
+  sees only the W - 1 inputs before it."""
+  length = model.max_length
+  return tuple(min(scale + num_reset_latents - 1, length) if scale else length
+               for scale in model.scales)
+
+
+def init_cache(model: model_lib.PerceiverS, batch_size: int, num_reset_latents: int) -> Cache:
+  """An empty cache for `model`, resets keeping `num_reset_latents` latents (F)."""
   length, n = model.max_length, model.num_latents
+  rings = ring_sizes(model, num_reset_latents)
   heads, head_dim = model.num_heads, model.head_dim
   layers = model.num_latent_layers
   kv = lambda *shape: jnp.zeros(shape, model.dtype)
@@ -172,11 +185,11 @@ def init_cache(model: model_lib.PerceiverS, batch_size: int) -> Cache:
   return Cache(
       last_position_B=zeros_B - 1, num_inputs=jnp.int32(0),
       input_tokens_BL=jnp.zeros((batch_size, length), jnp.int32),
-      input_positions_BL=jnp.full((batch_size, length), -1, jnp.int32),
-      cross_keys=tuple(kv(*_unit_axes_dropped(batch_size, heads), length, head_dim)
-                       for _ in model.scales),
-      cross_values=tuple(kv(*_unit_axes_dropped(batch_size, heads), head_dim, length)
-                         for _ in model.scales),
+      cross_keys=tuple(kv(*_unit_axes_dropped(batch_size, heads), ring, head_dim)
+                       for ring in rings),
+      cross_values=tuple(kv(*_unit_axes_dropped(batch_size, heads), head_dim, ring)
+                         for ring in rings),
+      cross_positions=tuple(jnp.full((batch_size, ring), -1, jnp.int32) for ring in rings),
       latent_keys=kv(layers, batch_size, heads, n, head_dim),
       latent_values=kv(layers, batch_size, heads, head_dim, n),
       latent_positions_BN=jnp.full((batch_size, n), -1, jnp.int32),
@@ -201,10 +214,19 @@ def _unit_axes_dropped(batch: int, heads: int) -> tuple[int, ...]:
   return tuple(d for d in (batch, heads) if d > 1)
 
 
-def _write(cache: jax.Array, new_BHxy: jax.Array, start: tuple) -> jax.Array:
-  """`cache` with the new entries [B, H, ...] written at `start` of its two minor axes."""
-  new = new_BHxy.reshape(cache.shape[:-2] + new_BHxy.shape[-2:]).astype(cache.dtype)
-  return jax.lax.dynamic_update_slice(cache, new, (0,) * (cache.ndim - 2) + start)
+def _ring_write(ring_x: jax.Array, new_x: jax.Array, first: jax.Array, axis: int) -> jax.Array:
+  """`ring_x` with the entries of `new_x` (slot axis `axis`, leading axes reshaped to the
+  ring's) written in turn from slot `first` % R. At most R entries: R fill the whole ring
+  (rolled into place: the prompt's), fewer must not wrap past its end (T = 1, or the first
+  write), so a step is one dynamic_update_slice, in place."""
+  ring, count = ring_x.shape[axis], new_x.shape[axis]
+  new_x = new_x.reshape(ring_x.shape[:-2] + new_x.shape[-2:]).astype(ring_x.dtype)
+  start = [0] * ring_x.ndim
+  if count == ring:
+    new_x = jnp.roll(new_x, first % ring, axis=axis)
+  else:
+    start[axis] = first % ring
+  return jax.lax.dynamic_update_slice(ring_x, new_x, tuple(start))
 
 
 def _cache_views(k_BHTK: jax.Array, v_BHKT: jax.Array, batch: int,
@@ -215,30 +237,32 @@ def _cache_views(k_BHTK: jax.Array, v_BHKT: jax.Array, batch: int,
 
 
 def append_inputs(model: model_lib.PerceiverS, cache: Cache, tokens_BT: jax.Array) -> Cache:
-  """Writes T new inputs per row (T <= L): tokens and cross keys/values.
+  """Writes T new inputs per row (T <= L): tokens and, into each cross layer's ring, the
+  keys/values of the newest T (at most R) of them.
 
-  Every row writes the same T ring slots, the next ones after `cache.num_inputs` (a slot's
+  Every row writes the same ring slots, the next ones after `cache.num_inputs` (a slot's
   stored position says what it holds), so the write is one dynamic_update_slice, in place,
-  not a per-row scatter. The T slots must not wrap past the ring's end: T = 1, or the first
-  write. PAD tokens (a shorter prompt's left padding) are written as empty slots.
+  not a per-row scatter (`_ring_write`: T = 1, or the first write). PAD tokens (a shorter
+  prompt's left padding) are written as empty slots.
   """
-  count = tokens_BT.shape[1]
-  slot = cache.num_inputs % model.max_length
+  count, written = tokens_BT.shape[1], cache.num_inputs
   cache = cache.replace(last_position_B=cache.last_position_B + count,
-                        num_inputs=cache.num_inputs + count)
+                        num_inputs=written + count)
   positions_BT = _newest_positions(cache, count)
   embedded_BTD = model.embed_inputs(tokens_BT)
-  keys, values = [], []
-  for layer, k_cache, v_cache in zip(model.cross_layers, cache.cross_keys, cache.cross_values):
-    k_BTHK, v_BTHK = layer.key_value(embedded_BTD, positions_BT)
-    keys.append(_write(k_cache, jnp.transpose(k_BTHK, _KEY_AXES), (slot, 0)))
-    values.append(_write(v_cache, jnp.transpose(v_BTHK, _VALUE_AXES), (0, slot)))
   stored_BT = jnp.where(tokens_BT != tokens.PAD_ID, positions_BT, -1)
-  return cache.replace(
-      input_tokens_BL=jax.lax.dynamic_update_slice(cache.input_tokens_BL, tokens_BT, (0, slot)),
-      input_positions_BL=jax.lax.dynamic_update_slice(cache.input_positions_BL, stored_BT,
-                                                      (0, slot)),
-      cross_keys=tuple(keys), cross_values=tuple(values))
+  keys, values, positions = [], [], []
+  for layer, k_cache, v_cache, p_cache in zip(model.cross_layers, cache.cross_keys,
+                                              cache.cross_values, cache.cross_positions):
+    keep = min(count, p_cache.shape[1])  # a short ring keeps only the newest inputs
+    first = written + count - keep
+    k_BTHK, v_BTHK = layer.key_value(embedded_BTD[:, -keep:], positions_BT[:, -keep:])
+    keys.append(_ring_write(k_cache, jnp.transpose(k_BTHK, _KEY_AXES), first, -2))
+    values.append(_ring_write(v_cache, jnp.transpose(v_BTHK, _VALUE_AXES), first, -1))
+    positions.append(_ring_write(p_cache, stored_BT[:, -keep:], first, 1))
+  return cache.replace(input_tokens_BL=_ring_write(cache.input_tokens_BL, tokens_BT, written, 1),
+                       cross_keys=tuple(keys), cross_values=tuple(values),
+                       cross_positions=tuple(positions))
 
 
 def _latent_layers_step(model, cache: Cache, x_BTD, positions_BT):
@@ -299,11 +323,11 @@ def add_latents(model: model_lib.PerceiverS, cache: Cache, count: int, *,
   tokens_BT = cache.input_tokens_BL[:, (cache.num_inputs - count + jnp.arange(count))
                                     % model.max_length]
   x_BTD = model.initial_latents(model.embed_inputs(tokens_BT))
-  kv_positions_BL = cache.input_positions_BL
-  x_BTD = model.cross_attend(x_BTD, positions_BT, kv_positions_BL, kv_positions_BL >= 0,
+  x_BTD = model.cross_attend(x_BTD, positions_BT, None, None,
                              keys_values=tuple(
                                  _cache_views(k, v, batch, model.num_heads)
                                  for k, v in zip(cache.cross_keys, cache.cross_values)),
+                             layer_kv_positions=cache.cross_positions,
                              min_key_position_B=cache.horizon_B - model.max_length,
                              deterministic=True, remat=False)
   x_BTD, cache = _latent_layers_step(model, cache, x_BTD, positions_BT)
@@ -325,7 +349,7 @@ def prefill(model: model_lib.PerceiverS, prompt_BP: jax.Array, prompt_lengths_B:
   _check_model(model)
   batch, width = prompt_BP.shape
   kept = prompt_BP[:, -model.max_length:]
-  cache = init_cache(model, batch)
+  cache = init_cache(model, batch, num_reset_latents)
   # Row b's kept columns hold positions prompt_length_b - kept_width .. prompt_length_b - 1.
   cache = cache.replace(last_position_B=prompt_lengths_B.astype(jnp.int32) - kept.shape[1] - 1)
   cache = append_inputs(model, cache, kept)
