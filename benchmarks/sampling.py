@@ -40,6 +40,7 @@ import numpy as np
 
 from perceivers_jax.data import tokens
 from perceivers_jax.model import perceivers as model_lib
+from perceivers_jax.parallel import mesh as mesh_lib
 from perceivers_jax.parallel import partitioning
 from perceivers_jax.sampling import decode
 from perceivers_jax.sampling import sampling
@@ -75,7 +76,7 @@ def baseline_decode(rev: str, directory: str):
 
 def build_model(config) -> model_lib.PerceiverS:
   """Random parameters, created on the device (jitted init); EOS made unreachable."""
-  mesh = sampling.sampling_mesh(jax.devices()[:1])
+  mesh = mesh_lib.data_mesh(jax.devices()[:1])
   model = partitioning.create_sharded(
       lambda: model_lib.PerceiverS(config.model, rngs=nnx.Rngs(0)), mesh,
       config.logical_axis_rules)

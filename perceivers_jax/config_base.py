@@ -104,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
       # parameters (only) start this run when its own workdir has no checkpoint yet.
       init_from="",
       # Parameter groups that get zero updates, e.g. ("embed", "cross_layers"); names in
-      # perceivers_jax/param_groups.py.
+      # perceivers_jax/model/param_groups.py.
       freeze=(),
   ))
 

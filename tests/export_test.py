@@ -20,6 +20,7 @@ from perceivers_jax.parallel import mesh as mesh_lib
 from perceivers_jax.sampling import sampling
 from perceivers_jax.state import checkpointing
 from perceivers_jax.state import export
+from perceivers_jax.state import model_state
 from perceivers_jax.training import train
 import tiny_model
 
@@ -44,7 +45,7 @@ head["kernel"] = jax.device_put(jax.random.normal(jax.random.key(1), head["kerne
                                 head["kernel"].sharding)
 assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state["params"]))
 train._write_config(c, sys.argv[2])  # pylint: disable=protected-access
-ckpt = checkpointing.Checkpointer(train.checkpoint_dir(sys.argv[2]), c.checkpoint)
+ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(sys.argv[2]), c.checkpoint)
 data_iter = iter(grain.MapDataset.range(4).to_iter_dataset())
 ckpt.save(2, state, data_iter, force=True)
 ckpt.close()
@@ -67,7 +68,7 @@ def workdir(tmp_path_factory):
 def test_export_restores_on_one_device(workdir, tmp_path):
   assert jax.device_count() == 1
   manifest = export.export(str(workdir), str(tmp_path / "f32"))
-  config, params, loaded_manifest = export.load_exported(str(tmp_path / "f32"))
+  config, params, loaded_manifest = model_state.load_exported(str(tmp_path / "f32"))
   assert loaded_manifest == manifest
   assert manifest["step"] == 2 and manifest["dtype"] == "float32"
   assert manifest["source_workdir"] == str(workdir)
@@ -78,13 +79,12 @@ def test_export_restores_on_one_device(workdir, tmp_path):
   assert not (tmp_path / "f32" / "params" / "opt_state").exists()
 
   # The exported values are the checkpoint's parameters, read on one device.
-  local = export.for_local_devices(config)
-  reference = train.build_trainer(local, mesh_lib.make_mesh(local.mesh))
-  ckpt = checkpointing.Checkpointer(train.checkpoint_dir(str(workdir)), config.checkpoint,
+  reference = train.build_trainer(config, mesh_lib.data_mesh())
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(workdir)), config.checkpoint,
                                     with_data_iter=False)
   state = ckpt.restore(2, reference.abstract_state)
   ckpt.close()
-  assert manifest["num_params"] == train.count_params(state["params"]) == reference.num_params
+  assert manifest["num_params"] == model_state.count_params(state["params"]) == reference.num_params
   jax.tree.map(np.testing.assert_array_equal, params, state["params"])
 
 
@@ -96,7 +96,7 @@ def test_cli_bfloat16_export(workdir, tmp_path):
       capture_output=True, text=True, timeout=300, check=True)
   summary = json.loads(result.stdout.strip().splitlines()[-1])
   assert summary["dtype"] == "bfloat16" and summary["step"] == 2
-  _, params, _ = export.load_exported(str(output))
+  _, params, _ = model_state.load_exported(str(output))
   leaves = jax.tree.leaves(params)
   assert all(leaf.dtype == np.dtype("bfloat16") for leaf in leaves)
   assert summary["num_params"] == sum(leaf.size for leaf in leaves)
@@ -110,7 +110,7 @@ def test_bad_requests_are_explained(workdir, tmp_path):
   export.export(str(workdir), str(tmp_path / "z"))
   (tmp_path / "z" / "config.json").write_text("{}")
   with pytest.raises(ValueError, match="does not match the sha256"):
-    export.load_exported(str(tmp_path / "z"))
+    model_state.load_exported(str(tmp_path / "z"))
 
 
 def test_existing_output_is_refused_or_replaced_whole(workdir, tmp_path):
@@ -130,8 +130,8 @@ def test_existing_output_is_refused_or_replaced_whole(workdir, tmp_path):
                  capture_output=True, text=True, timeout=300, check=True)
   assert sorted(os.listdir(output)) == ["config.json", "manifest.json", "params.safetensors"]
   assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary or old folder left behind.
-  _, _, manifest = export.load_exported(str(output))
-  assert manifest["format"] == export.SAFETENSORS_FORMAT
+  _, _, manifest = model_state.load_exported(str(output))
+  assert manifest["format"] == model_state.SAFETENSORS_FORMAT
   assert list(manifest["params_sha256"]) == ["params.safetensors"]
 
 
@@ -144,7 +144,7 @@ def test_a_failed_export_leaves_nothing_and_a_rerun_works(workdir, tmp_path, mon
   assert not (tmp_path / "st").exists()
   monkeypatch.undo()
   export.export(str(workdir), str(tmp_path / "st"), file_format="safetensors")
-  export.load_exported(str(tmp_path / "st"))
+  model_state.load_exported(str(tmp_path / "st"))
   assert sorted(os.listdir(tmp_path)) == ["st"]
 
 
@@ -159,18 +159,17 @@ def test_loading_checks_every_parameter_file(workdir, tmp_path):
   data[len(data) // 2] ^= 1
   (output / name).write_bytes(bytes(data))
   with pytest.raises(ValueError, match=f"{name} does not match its sha256 in manifest.json"):
-    export.load_exported(str(output))
+    model_state.load_exported(str(output))
   (output / name).unlink()
   with pytest.raises(ValueError, match=f"{name} is missing"):
-    export.load_exported(str(output))
+    model_state.load_exported(str(output))
 
 
 def _checkpoint_params(workdir: pathlib.Path):
   """(config, params of checkpoint 2 restored on this process's devices)."""
-  config = export.load_config(workdir / "config.json")
-  local = export.for_local_devices(config)
-  trainer = train.build_trainer(local, mesh_lib.make_mesh(local.mesh))
-  return config, export.restore_params(str(workdir), 2, trainer.abstract_state["params"])
+  config = model_state.load_config(workdir / "config.json")
+  trainer = train.build_trainer(config, mesh_lib.data_mesh())
+  return config, model_state.restore_params(str(workdir), 2, trainer.abstract_state["params"])
 
 
 def _fixed_batch():
@@ -184,7 +183,7 @@ def test_safetensors_export_gives_identical_logits(workdir, tmp_path):
   config, reference_params = _checkpoint_params(workdir)
   output = tmp_path / "st32"
   manifest = export.export(str(workdir), str(output), file_format="safetensors")
-  assert manifest["format"] == export.SAFETENSORS_FORMAT
+  assert manifest["format"] == model_state.SAFETENSORS_FORMAT
   assert json.loads((output / "manifest.json").read_text()) == manifest
   assert not (output / "params").exists()
 
@@ -198,9 +197,9 @@ def test_safetensors_export_gives_identical_logits(workdir, tmp_path):
   assert shapes["cross_layers.1.attention.query_kernel"] == (64, 2, 32)
   assert shapes["latent_layers.attention.query_kernel"] == (1, 64, 2, 32)
   assert shapes["embed.embedding"] == (391, 64)
-  assert metadata["format"] == export.SAFETENSORS_FORMAT and metadata["step"] == "2"
+  assert metadata["format"] == model_state.SAFETENSORS_FORMAT and metadata["step"] == "2"
 
-  loaded_config, params, loaded_manifest = export.load_exported(str(output))
+  loaded_config, params, loaded_manifest = model_state.load_exported(str(output))
   assert loaded_manifest == manifest and loaded_config.to_dict() == config.to_dict()
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
                jax.device_get(reference_params))
@@ -227,13 +226,13 @@ def test_cli_bfloat16_safetensors_matches_orbax(workdir, tmp_path):
        f"--output={output}", "--dtype=bfloat16", "--format=safetensors"],
       capture_output=True, text=True, timeout=300, check=True)
   summary = json.loads(result.stdout.strip().splitlines()[-1])
-  assert summary["format"] == export.SAFETENSORS_FORMAT and summary["dtype"] == "bfloat16"
+  assert summary["format"] == model_state.SAFETENSORS_FORMAT and summary["dtype"] == "bfloat16"
   with safetensors.safe_open(str(output / "params.safetensors"), framework="np") as f:
     assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
   export.export(str(workdir), str(tmp_path / "orbax16"), dtype="bfloat16")
 
-  _, params, _ = export.load_exported(str(output))
-  _, orbax_params, _ = export.load_exported(str(tmp_path / "orbax16"))
+  _, params, _ = model_state.load_exported(str(output))
+  _, orbax_params, _ = model_state.load_exported(str(tmp_path / "orbax16"))
   assert all(leaf.dtype == np.dtype("bfloat16") for leaf in jax.tree.leaves(params))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
                jax.device_get(orbax_params))

@@ -195,8 +195,8 @@ def test_nan_producing_rate_skips_updates_then_resumes_with_a_sane_rate(pieces_p
 
   def saved():
     trainer = train.build_trainer_for(config)
-    ckpt = checkpointing.Checkpointer(train.checkpoint_dir(str(tmp_path)), config.checkpoint,
-                                      with_data_iter=False)
+    ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(tmp_path)),
+                                      config.checkpoint, with_data_iter=False)
     out = {s: jax.device_get(ckpt.restore(s, trainer.abstract_state)["params"])
            for s in ckpt.all_steps()}
     ckpt.close()

@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 
+from perceivers_jax.parallel import mesh as mesh_lib
 from perceivers_jax.sampling import job
 from perceivers_jax.sampling import sampling
 from sampling_test import workdir  # pylint: disable=unused-import (the trained tiny workdir)
@@ -58,7 +59,7 @@ def _tokens(output_dir: pathlib.Path) -> dict[int, list[int]]:
 def test_killed_two_host_job_resumes_to_the_single_device_samples(workdir, tmp_path):
   # The reference: one process, one device, another batch size.
   model, config, step = sampling.load_model(
-      workdir, mesh=sampling.sampling_mesh(jax.devices()[:1]))
+      workdir, mesh=mesh_lib.data_mesh(jax.devices()[:1]))
   settings = sampling.SampleSettings(num_samples=NUM_SAMPLES, batch_size=3,
                                      num_tokens=NUM_TOKENS, seed=5)
   sampling.sample_to_dir(model, config, settings, tmp_path / "one", checkpoint_step=step,

@@ -145,7 +145,7 @@ def test_invalid_requests_fail_before_loading(argv, flag, workdir, maestro_paths
                                               monkeypatch):
   def never(*args, **kwargs):
     raise AssertionError("restored or compiled before validating the request")
-  monkeypatch.setattr(sampling, "_sampling_trainer", never)
+  monkeypatch.setattr(sampling.model_state, "build", never)
   monkeypatch.setattr(sampling.decode, "generate", never)
   argv = [a.format(workdir=workdir, primer=maestro_paths[0]) for a in argv]
   if not any(a.startswith("--workdir") for a in argv):
@@ -245,13 +245,14 @@ def test_batch_plan():
 _SHARDED = r"""
 import json, sys
 import jax, numpy as np
+from perceivers_jax.parallel import mesh as mesh_lib
 from perceivers_jax.sampling import decode
 from perceivers_jax.sampling import sampling
 prompt = np.array([2], np.int32)
 keys = jax.numpy.stack([sampling.sample_key(0, i) for i in range(3)])
 out = {}
 for name, devices in (("one", jax.devices()[:1]), ("two", jax.devices())):
-  model, _, _ = sampling.load_model(sys.argv[1], mesh=sampling.sampling_mesh(devices))
+  model, _, _ = sampling.load_model(sys.argv[1], mesh=mesh_lib.data_mesh(devices))
   leaf = jax.tree.leaves(model.head.kernel.get_value())[0]
   tokens, _ = sampling.generate(model, prompt, keys, num_tokens=20,
                                 sampling=decode.SamplingConfig())

@@ -42,6 +42,7 @@ def _unigram_entropy(train_pieces) -> float:
 
 
 def test_tiny_learns_below_unigram_entropy(pieces, tmp_path):
+  from perceivers_jax.training import evaluation  # pylint: disable=g-import-not-at-top
   from perceivers_jax.training import train  # pylint: disable=g-import-not-at-top
   arrays, _ = pieces
   config = _tiny_module().get_config()
@@ -71,7 +72,7 @@ def test_tiny_learns_below_unigram_entropy(pieces, tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["120", "60"]
 
   # --mode=eval on the workdir reproduces the final evaluation from the checkpoint.
-  again = train.evaluate(config, str(tmp_path), eval_source=eval_source)
+  again = evaluation.evaluate(config, str(tmp_path), eval_source=eval_source)
   assert again["nll"] == pytest.approx(metrics["nll"], rel=1e-6)
 
 
@@ -217,7 +218,7 @@ def _saved_params(train, config, workdir):
   """{step: params} of every checkpoint in `workdir`, restored on this process's devices."""
   from perceivers_jax.state import checkpointing  # pylint: disable=g-import-not-at-top
   trainer = train.build_trainer_for(config)
-  ckpt = checkpointing.Checkpointer(train.checkpoint_dir(workdir), config.checkpoint,
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), config.checkpoint,
                                     with_data_iter=False)
   saved = {s: jax.device_get(ckpt.restore(s, trainer.abstract_state)["params"])
            for s in ckpt.all_steps()}

@@ -21,11 +21,7 @@ layer is not a group (it is a slice of each array).
 
 from typing import Any, Iterable, Sequence
 
-from flax import nnx
 import jax
-import ml_collections
-
-from perceivers_jax.model import perceivers as model_lib
 
 GROUPS = ("embed", "latent_init", "cross_layers", "latent_layers", "final_norm", "head")
 
@@ -50,12 +46,6 @@ def flatten(params: Any) -> dict[str, Any]:
 def map_with_names(fn, params: Any) -> Any:
   """`params` with each leaf replaced by fn(flat_name, leaf)."""
   return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(flat_name(path), leaf), params)
-
-
-def abstract_params(model_config: ml_collections.ConfigDict) -> Any:
-  """ShapeDtypeStructs of the parameters `model_config` builds (nothing allocated)."""
-  model = nnx.eval_shape(lambda: model_lib.PerceiverS(model_config, rngs=nnx.Rngs(0)))
-  return nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
 
 
 def in_group(name: str, group: str) -> bool:

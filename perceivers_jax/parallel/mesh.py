@@ -68,6 +68,11 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
                        devices=devices)
 
 
+def data_mesh(devices=None) -> Mesh:
+  """A data-only mesh over `devices` (default: all): parameters replicated, batch rows split."""
+  return make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)), devices)
+
+
 def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
   """(data, fsdp, tensor) sizes with the one -1 axis filled in; raises ConfigError if impossible."""
   sizes = [mesh_config[axis] for axis in MESH_AXES]

@@ -12,6 +12,7 @@ on a tensor axis of 2) is replicated instead of failing.
 """
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, Iterator, Sequence
 
 import flax.core.spmd
@@ -21,6 +22,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 LogicalAxes = Sequence[str | None]
 Rules = Sequence[tuple[str, Any]]
+
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a global batch's rows are split over.
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """The sharding of a [B, L] batch array: rows over BATCH_AXES, positions whole."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
 
 
 def logical_param(init: Callable[..., jax.Array], axes: LogicalAxes) -> Callable[..., jax.Array]:
@@ -105,6 +113,23 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
   """Activates `mesh` and `rules` for `constrain` (enter it around tracing the step)."""
   with jax.set_mesh(mesh), flax.core.spmd.logical_axis_rules(tuple(rules)):
     yield
+
+
+@dataclasses.dataclass(frozen=True)
+class InMesh:
+  """A jitted function called (and lowered) with the mesh and logical-axis rules active, as
+  `constrain` needs while jax traces."""
+  fn: Any
+  mesh: Mesh
+  rules: tuple
+
+  def __call__(self, *args):
+    with activation_sharding(self.mesh, self.rules):
+      return self.fn(*args)
+
+  def lower(self, *args):
+    with activation_sharding(self.mesh, self.rules):
+      return self.fn.lower(*args)
 
 
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 from flax import nnx
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 import ml_collections
 import numpy as np
 
@@ -47,11 +47,10 @@ from perceivers_jax.sampling import decode
 from perceivers_jax.sampling import job
 from perceivers_jax.sampling import listening_page
 from perceivers_jax.sampling.job import SamplingError
-from perceivers_jax.state import export
-from perceivers_jax.training import train
+from perceivers_jax.state import model_state
 
-CONFIG_FILE = "config.json"
-EXPORT_MANIFEST = export.MANIFEST  # marks a `perceivers-export` directory.
+CONFIG_FILE = model_state.CONFIG_FILE
+EXPORT_MANIFEST = model_state.MANIFEST  # marks a `perceivers-export` directory.
 DATA_AXIS = "data"
 
 
@@ -174,14 +173,14 @@ def read_config(path: str | os.PathLike,
                 attention_impl: str | None = None) -> ml_collections.ConfigDict:
   """The config saved in `path`/config.json by training (or by an export).
 
-  `attention_impl` (if given) overrides its model.attention_impl (`export.load_config`).
+  `attention_impl` (if given) overrides its model.attention_impl (`model_state.load_config`).
   """
   file = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(file):
     raise FileNotFoundError(f"--checkpoint/--workdir {path}: no {CONFIG_FILE} there; pass a "
                             "training workdir, one of its checkpoints/STEP folders or an export.")
   try:
-    return export.load_config(file, attention_impl)
+    return model_state.load_config(file, attention_impl)
   except ValueError as e:
     raise SamplingError(str(e)) from e
 
@@ -200,25 +199,9 @@ def resolve_path(path: str, step: int | None = None) -> tuple[str, int | None]:
   return path, step
 
 
-def sampling_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A data-only mesh (parameters replicated, rows split) over `devices` (default: all)."""
-  config = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  return mesh_lib.make_mesh(config, devices)
-
-
-def _sampling_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> train.Trainer:
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.mesh = ml_collections.ConfigDict(dict(mesh.shape))
-  return train.build_trainer(config, mesh)
-
-
-def _model_from(config: ml_collections.ConfigDict, params: Any,
-                rest: nnx.State) -> model_lib.PerceiverS:
-  """The model of `config` holding `params` (a pure dict, as in the training state)."""
-  abstract = nnx.eval_shape(lambda: model_lib.PerceiverS(config.model, rngs=nnx.Rngs(0)))
-  graphdef, param_state, _ = nnx.split(abstract, nnx.Param, ...)
-  nnx.replace_by_pure_dict(param_state, params)
-  return nnx.merge(graphdef, param_state, rest)
+def _model_state(config: ml_collections.ConfigDict, mesh: Mesh | None) -> model_state.ModelState:
+  """`config`'s model on `mesh` (default: a data-only mesh over every device)."""
+  return model_state.build(config, mesh or mesh_lib.data_mesh())
 
 
 def load_model(path: str | os.PathLike, step: int | None = None, *,
@@ -229,21 +212,24 @@ def load_model(path: str | os.PathLike, step: int | None = None, *,
 
   `path` may also be workdir/checkpoints/STEP, or a `perceivers-export` directory (found by
   its manifest.json; `step` must then be None or the exported step). Only the parameters are
-  read (`export`'s partial restore, never the optimizer state), straight into the shardings
-  of `mesh` (default: a data-only mesh over every device, parameters replicated).
-  `attention_impl` (if given) replaces config.json's model.attention_impl.
+  read (`model_state`'s partial restore, never the optimizer state), straight into the
+  shardings of `mesh` (default: a data-only mesh over every device, parameters replicated);
+  no optimizer is built. `attention_impl` (if given) replaces config.json's
+  model.attention_impl.
   """
   workdir, step = resolve_path(os.fspath(path), step)
   config = read_config(workdir, attention_impl)
   is_export = os.path.isfile(os.path.join(workdir, EXPORT_MANIFEST))
-  step = _exported_step(workdir, step) if is_export else export.saved_step(workdir, config, step)
-  trainer = _sampling_trainer(config, mesh or sampling_mesh())
-  abstract_params = trainer.abstract_state["params"]
   if is_export:
-    _, params, _ = export.load_exported(workdir, abstract_params)
+    step = _exported_step(workdir, step)
   else:
-    params = export.restore_params(workdir, step, abstract_params)
-  return _model_from(config, params, trainer.init_rest()), config, step
+    step = model_state.saved_step(workdir, config, step)
+  model = _model_state(config, mesh)
+  if is_export:
+    _, params, _ = model_state.load_exported(workdir, model.abstract_params)
+  else:
+    params = model_state.restore_params(workdir, step, model.abstract_params)
+  return model.merge(params, model.init_rest()), config, step
 
 
 def _exported_step(path: str, step: int | None) -> int:
@@ -257,9 +243,8 @@ def _exported_step(path: str, step: int | None) -> int:
 def untrained_model(config: ml_collections.ConfigDict, *,
                     mesh: Mesh | None = None) -> model_lib.PerceiverS:
   """The model `config` initialises (config.seed), laid out like `load_model`'s."""
-  trainer = _sampling_trainer(config, mesh or sampling_mesh())
-  state, rest = trainer.init_fn()
-  return _model_from(config, state["params"], rest)
+  model = _model_state(config, mesh)
+  return model.merge(*model.init())
 
 
 # -- generation ----------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 from absl import logging
+from etils import epath
 import grain
 import jax
 from jax.experimental import multihost_utils
@@ -20,6 +21,13 @@ import orbax.checkpoint as ocp
 
 STATE = "state"
 DATA_ITER = "data_iter"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Where the Orbax checkpoints of `workdir` live (local paths made absolute, as Orbax needs)."""
+  if "://" not in workdir:
+    workdir = os.path.abspath(workdir)
+  return str(epath.Path(workdir) / "checkpoints")
 
 
 class Checkpointer:

@@ -6,6 +6,9 @@ Every failure raises `ConfigError` naming the field, its value and what would fi
 
 from collections.abc import Sequence
 
+from absl import logging
+import jax
+from jax.sharding import Mesh
 import ml_collections
 
 from perceivers_jax import config_base
@@ -17,6 +20,7 @@ from perceivers_jax.model import param_groups
 from perceivers_jax.model import perceivers as model_lib
 from perceivers_jax.model import splash
 from perceivers_jax.parallel import mesh as mesh_lib
+from perceivers_jax.state import model_state
 from perceivers_jax.training import optimizer as optimizer_lib
 
 ON_NONFINITE = ("stop", "skip")
@@ -48,6 +52,15 @@ def _get(config: ml_collections.ConfigDict, field: str):
                         "perceivers_jax.config_base.base_config().")
     node = node[part]
   return node
+
+
+def job_mesh(config: ml_collections.ConfigDict) -> Mesh:
+  """Validates `config` for this job's devices, then builds its mesh (config.mesh)."""
+  validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  mesh = mesh_lib.make_mesh(config.mesh)
+  logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size,
+               jax.devices()[0].device_kind)
+  return mesh
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int,
@@ -152,7 +165,7 @@ def _check_freeze(config: ml_collections.ConfigDict) -> None:
     _fail("train.freeze", freeze, 'must be a tuple of group names, e.g. ("embed", "cross_layers").')
   if not freeze:
     return
-  names = param_groups.flatten(param_groups.abstract_params(config.model))
+  names = param_groups.flatten(model_state.param_shapes(config.model))
   unknown = param_groups.unknown_groups(names, freeze)
   if unknown:
     hint = (" On the command line write a tuple: --config.train.freeze=\"('embed','head')\"."
@@ -160,6 +173,6 @@ def _check_freeze(config: ml_collections.ConfigDict) -> None:
     _fail("train.freeze", tuple(freeze),
           f"{', '.join(map(repr, unknown))} names no parameter group of this model; use "
           f"{', '.join(param_groups.GROUPS)} or a dotted prefix of a parameter name such as "
-          f"{next(iter(names))!r} (see perceivers_jax/param_groups.py).{hint}")
+          f"{next(iter(names))!r} (see perceivers_jax/model/param_groups.py).{hint}")
   if all(any(param_groups.in_group(n, g) for g in freeze) for n in names):
     _fail("train.freeze", tuple(freeze), "freezes every parameter: nothing left to train.")

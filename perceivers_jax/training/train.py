@@ -1,16 +1,15 @@
-"""Training and evaluation: sharded state, the jitted step, the loop, checkpoints, metrics.
+"""Training: the sharded train state, the jitted step, the loop, checkpoints, metrics.
 
 `train_and_evaluate(config, workdir)` trains (resuming from the latest checkpoint in
 `workdir`, or fine-tuning from config.train.init_from while there is none), evaluates
-periodically on the validation split's sequential windows and saves on an interval and on
-preemption. `evaluate(config, workdir)` is the one-off evaluation of the
-latest checkpoint. The dry run (sizes and compiled memory) is `dry_run.py`; FLOPs and MFU
-are `flops.py`.
+periodically on the validation split's sequential windows (`evaluation.py`, which also holds
+the one-off evaluation of a checkpoint) and saves on an interval and on preemption. The dry
+run (sizes and compiled memory) is `dry_run.py`; FLOPs and MFU are `flops.py`.
 
 State layout (what the checkpoints hold): {"step": int32, "params": nested dict of arrays (the
-model's nnx.Param values as a pure dict), "opt_state": optax state}. Parameters are created
-directly in their shardings (nnx.eval_shape -> partitioning.state_shardings -> jax.jit with
-out_shardings), never whole on one host.
+model's nnx.Param values as a pure dict), "opt_state": optax state}. The model, its abstract
+parameters and their shardings come from `state/model_state.py`; parameters are created
+directly in their shardings (jax.jit with out_shardings), never whole on one host.
 
 Fine-tuning: config.train.init_from (an export directory, either format, or a training
 workdir) supplies the parameters only (fresh optimizer state, step 0) of a run whose workdir
@@ -28,11 +27,8 @@ skipped updates in train/skipped_updates. No checkpoint ever holds a non-finite 
 
 import dataclasses
 import functools
-import json
-import math
-import os
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable
 
 from absl import logging
 from etils import epath
@@ -41,18 +37,17 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ml_collections
-import numpy as np
 import optax
 
 from perceivers_jax import config_base
 from perceivers_jax.data import input_pipeline
 from perceivers_jax.model import losses
 from perceivers_jax.model import param_groups
-from perceivers_jax.model import perceivers as model_lib
-from perceivers_jax.parallel import mesh as mesh_lib
 from perceivers_jax.parallel import partitioning
 from perceivers_jax.state import checkpointing
+from perceivers_jax.state import model_state
 from perceivers_jax.training import config_validation
+from perceivers_jax.training import evaluation
 from perceivers_jax.training import flops
 from perceivers_jax.training import metrics_writer
 from perceivers_jax.training import optimizer as optimizer_lib
@@ -61,10 +56,6 @@ State = dict[str, Any]
 Batch = dict[str, Any]
 
 BATCH_KEYS = ("inputs", "positions", "targets")
-BATCH_AXES = ("data", "fsdp")
-# Target-position buckets of the evaluation NLL: [0, 512), [512, 1k), [1k, 2k), ... [16k, 32k),
-# [32k, inf).
-POSITION_BUCKETS = (0,) + tuple(512 * 2**i for i in range(7)) + (math.inf,)
 
 
 class NonFiniteError(config_base.InputError, FloatingPointError):
@@ -74,14 +65,7 @@ class NonFiniteError(config_base.InputError, FloatingPointError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Model, state and step functions.
-
-
-def _model_fn(config: ml_collections.ConfigDict) -> Callable[[], nnx.Module]:
-  # Training and evaluation windows come from the input pipeline, padded on data.padding_side.
-  return lambda: model_lib.PerceiverS(
-      config.model, rngs=nnx.Rngs(config.seed),
-      left_padded_windows=config.data.padding_side == "left")
+# State and step functions.
 
 
 @dataclasses.dataclass
@@ -89,6 +73,7 @@ class Trainer:
   """Everything built from a config and a mesh: shardings and the jitted functions."""
   config: ml_collections.ConfigDict
   mesh: Mesh
+  model: model_state.ModelState  # the model, its abstract parameters and their shardings.
   abstract_state: State  # ShapeDtypeStructs carrying the target shardings.
   abstract_rest: nnx.State  # the model's non-parameter state (RNG streams), replicated.
   state_shardings: State
@@ -102,7 +87,7 @@ class Trainer:
 
   @property
   def num_params(self) -> int:
-    return count_params(self.abstract_state["params"])
+    return self.model.num_params
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -111,24 +96,12 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all()
 
 
-def count_params(params: Any) -> int:
-  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
 def _rng_stream_names(rest: nnx.State) -> tuple[str, ...]:
   names = set()
   for _, var in nnx.to_flat_state(rest):
     if isinstance(var, nnx.RngKey):
       names.add(var.tag)
   return tuple(sorted(names))
-
-
-def _merge(trainer_parts, params: Any, rest: nnx.State) -> nnx.Module:
-  graphdef, template = trainer_parts
-  param_state = jax.tree.map(lambda x: x, template)  # fresh Variables to fill in.
-  nnx.replace_by_pure_dict(param_state, params)
-  # Fresh Variables at the current trace level (NNX refuses ones created under another trace).
-  return nnx.merge(graphdef, param_state, jax.tree.map(lambda x: x, rest))
 
 
 def _split_microbatches(batch: Batch, num_micro: int, mesh: Mesh) -> Batch:
@@ -140,7 +113,8 @@ def _split_microbatches(batch: Batch, num_micro: int, mesh: Mesh) -> Batch:
   def split(x):
     b = x.shape[0]
     x = x.reshape(b // num_micro, num_micro, *x.shape[1:])
-    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
+    x = jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, PartitionSpec(partitioning.BATCH_AXES)))
     return jnp.swapaxes(x, 0, 1)
   return {k: split(v) for k, v in batch.items()}
 
@@ -162,26 +136,26 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
   """Abstract state, shardings and jitted init/train/eval functions for `config` on `mesh`."""
   rules = tuple(config.logical_axis_rules)
   schedule = optimizer_lib.make_schedule(config.train)
-  model_fn = _model_fn(config)
-
-  abstract_model = nnx.eval_shape(model_fn)
-  graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+  # Training and evaluation windows come from the input pipeline, padded on data.padding_side.
+  left_padded = config.data.padding_side == "left"
+  model = model_state.build(config, mesh, left_padded_windows=left_padded)
+  create_model = model_state.model_fn(config, left_padded_windows=left_padded)
   optimizer = optimizer_lib.make_optimizer(config.train)
   # Configs saved before fine-tuning existed have no train.freeze.
   freeze = tuple(config.train.get("freeze", ()))
-  frozen = param_groups.frozen_mask(nnx.to_pure_dict(abstract_params), freeze) if freeze else None
+  frozen = param_groups.frozen_mask(model.abstract_params, freeze) if freeze else None
   if frozen is not None:
     optimizer = _with_frozen_groups(optimizer, frozen)
-  param_shardings = nnx.to_pure_dict(partitioning.state_shardings(abstract_params, mesh, rules))
+  param_shardings, rest_shardings = model.param_shardings, model.rest_shardings
   replicated = NamedSharding(mesh, PartitionSpec())
-  rest_shardings = jax.tree.map(lambda _: replicated, abstract_rest)
+
+  def state_from_params(params):
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": optimizer.init(params)}
 
   def init_fn():
-    _, params, rest = nnx.split(model_fn(), nnx.Param, ...)
-    params = nnx.to_pure_dict(params)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params,
-             "opt_state": optimizer.init(params)}
-    return state, rest
+    params, rest = model_state.split(create_model())
+    return state_from_params(params), rest
 
   abstract_state, _ = jax.eval_shape(init_fn)
   opt_shardings = optax.tree_utils.tree_map_params(
@@ -191,9 +165,8 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
       state_shardings)
-  batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
-  parts = (graphdef, abstract_params)
-  rng_streams = _rng_stream_names(abstract_rest)
+  batch_sharding = partitioning.batch_sharding(mesh)
+  rng_streams = _rng_stream_names(model.abstract_rest)
   num_micro = config.train.microbatches
   dropout_seed = config.seed + 1
 
@@ -201,13 +174,13 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     """`rest` with every RNG stream reset from `key`: dropout depends only on (seed, step)."""
     if not rng_streams:
       return rest
-    model = _merge(parts, params, rest)
-    nnx.reseed(model, policy="match_shape", **{name: key for name in rng_streams})
-    return nnx.split(model, nnx.Param, ...)[2]
+    merged = model.merge(params, rest)
+    nnx.reseed(merged, policy="match_shape", **{name: key for name in rng_streams})
+    return model_state.split(merged)[1]
 
   def loss_fn(params, rest, batch):
-    logits_BNV = _merge(parts, params, rest)(batch["inputs"], batch["positions"],
-                                             deterministic=False)
+    logits_BNV = model.merge(params, rest)(batch["inputs"], batch["positions"],
+                                           deterministic=False)
     sums = losses.sum_losses(losses.token_losses(logits_BNV, batch, config.model.num_latents,
                                                  config.train.z_loss))
     return sums["nll"] + sums["z_loss"], sums  # a sum; divided by the global count below.
@@ -257,59 +230,19 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     }
     return new_state, metrics
 
-  def eval_step(params, rest, batch):
-    model = _merge(parts, params, rest)
-    logits_BNV = model(batch["inputs"], batch["positions"], deterministic=True)
-    per = losses.token_losses(logits_BNV, batch, config.model.num_latents, 0.0)
-    out = losses.sum_losses(per)
-    del out["z_loss"]
-    positions_BN = per["positions_BN"]  # -1 where there is no target.
-    for low, high in zip(POSITION_BUCKETS[:-1], POSITION_BUCKETS[1:]):
-      in_bucket_BN = (positions_BN >= low) & (positions_BN < high)
-      out[f"bucket_{low}_nll"] = jnp.where(in_bucket_BN, per["nll_BN"], 0.0).sum()
-      out[f"bucket_{low}_count"] = in_bucket_BN.sum().astype(jnp.float32)
-    return out
-
-  def init_rest():
-    return nnx.split(model_fn(), nnx.Param, ...)[2]
-
-  def state_from_params(params):
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": optimizer.init(params)}
-
-  in_mesh = functools.partial(_InMesh, mesh=mesh, rules=rules)
+  in_mesh = functools.partial(partitioning.InMesh, mesh=mesh, rules=rules)
   return Trainer(
-      config=config, mesh=mesh, abstract_state=abstract_state,
-      abstract_rest=jax.tree.map(
-          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_rest),
+      config=config, mesh=mesh, model=model, abstract_state=abstract_state,
+      abstract_rest=model.abstract_rest,
       state_shardings=state_shardings, batch_sharding=batch_sharding, schedule=schedule,
       init_fn=in_mesh(jax.jit(init_fn, out_shardings=(state_shardings, rest_shardings))),
-      init_rest=in_mesh(jax.jit(init_rest, out_shardings=rest_shardings)),
+      init_rest=model.init_rest,
       state_from_params=in_mesh(jax.jit(state_from_params, in_shardings=(param_shardings,),
                                         out_shardings=state_shardings, donate_argnums=(0,))),
       train_step=in_mesh(jax.jit(
           train_step, in_shardings=(state_shardings, rest_shardings, batch_sharding),
           out_shardings=(state_shardings, replicated), donate_argnums=(0,))),
-      eval_step=in_mesh(jax.jit(
-          eval_step, in_shardings=(param_shardings, rest_shardings, batch_sharding),
-          out_shardings=replicated)))
-
-
-@dataclasses.dataclass(frozen=True)
-class _InMesh:
-  """A jitted function called (and lowered) with the mesh and logical-axis rules active, as
-  `partitioning.constrain` needs while jax traces."""
-  fn: Any
-  mesh: Mesh
-  rules: tuple
-
-  def __call__(self, *args):
-    with partitioning.activation_sharding(self.mesh, self.rules):
-      return self.fn(*args)
-
-  def lower(self, *args):
-    with partitioning.activation_sharding(self.mesh, self.rules):
-      return self.fn.lower(*args)
+      eval_step=evaluation.make_eval_step(model, batch_sharding))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,63 +256,18 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_size: int,
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation.
-
-
-def run_evaluation(trainer: Trainer, params: Any, rest: nnx.State,
-                   batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
-  """NLL (nats, bits), accuracy and NLL per target-position bucket over this host's `batches`
-  (every host runs the same number of batches; sums are global)."""
-  totals: dict[str, float] = {}
-  num_batches = 0
-  start = time.perf_counter()
-  for local in batches:
-    batch = input_pipeline.to_global_arrays(local, trainer.batch_sharding)
-    sums = trainer.eval_step(params, rest, batch)
-    for name, value in jax.device_get(sums).items():
-      totals[name] = totals.get(name, 0.0) + float(value)
-    num_batches += 1
-  count = totals.get("count", 0.0)
-  if not count:
-    raise ValueError("Evaluation saw no targets: is the validation split empty?")
-  nll = totals["nll"] / count
-  metrics = {"nll": nll, "bits_per_token": nll / math.log(2),
-             "accuracy": totals["correct"] / count, "targets": count, "batches": num_batches,
-             "seconds": time.perf_counter() - start}
-  for low, high in zip(POSITION_BUCKETS[:-1], POSITION_BUCKETS[1:]):
-    bucket_count = totals[f"bucket_{low}_count"]
-    if bucket_count:
-      name = f"nll_pos_{low}_{'inf' if math.isinf(high) else int(high)}"
-      metrics[name] = totals[f"bucket_{low}_nll"] / bucket_count
-  return metrics
-
-
-def eval_batches(config: ml_collections.ConfigDict, eval_source: Any) -> Iterable[Batch]:
-  """This host's sequential validation windows (re-iterable; config.eval.max_batches applied)."""
-  return input_pipeline.make_eval_batches(config, eval_source, process_index=jax.process_index(),
-                                          process_count=jax.process_count())
-
-
-# ----------------------------------------------------------------------------------------------
 # Setup shared by train / eval / dry run.
 
 
 def build_trainer_for(config: ml_collections.ConfigDict) -> Trainer:
   """Validates `config` for this job's devices, then builds its mesh and Trainer."""
-  config_validation.validate(config, num_devices=jax.device_count(),
-                             process_count=jax.process_count())
-  mesh = mesh_lib.make_mesh(config.mesh)
-  logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size,
-               jax.devices()[0].device_kind)
-  return build_trainer(config, mesh)
+  return build_trainer(config, config_validation.job_mesh(config))
 
 
 def pretrained_params(trainer: Trainer, source: str) -> Any:
   """The parameters of `source` (config.train.init_from: an export or a training workdir) in
   `trainer`'s shardings and dtypes; ValueError naming a parameter whose shape differs."""
-  # export builds its abstract params with this module's Trainer, so it imports train.
-  from perceivers_jax.state import export  # pylint: disable=g-import-not-at-top
-  params, description = export.load_params(source, trainer.abstract_state["params"])
+  params, description = model_state.load_params(source, trainer.model.abstract_params)
   logging.info("Fine-tuning from the parameters of %s (fresh optimizer, step 0).", description)
   return params
 
@@ -389,13 +277,6 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
-def checkpoint_dir(workdir: str) -> str:
-  """Where the Orbax checkpoints of `workdir` live (local paths made absolute, as Orbax needs)."""
-  if "://" not in workdir:
-    workdir = os.path.abspath(workdir)
-  return str(epath.Path(workdir) / "checkpoints")
 
 
 class _NonFiniteGuard:
@@ -466,12 +347,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     train_source = input_pipeline.open_data_source(config, config.data.train_split)
   if eval_source is None:
     eval_source = input_pipeline.open_data_source(config, config.data.eval_split)
-  validation_batches = eval_batches(config, eval_source)
+  validation_batches = evaluation.eval_batches(config, eval_source)
   train_iter = input_pipeline.make_train_iterator(
       config, train_source, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
 
-  ckpt = checkpointing.Checkpointer(checkpoint_dir(workdir), config.checkpoint,
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), config.checkpoint,
                                     clean_partial_saves=True)
   latest = ckpt.latest_step()
   if latest is None and config.train.get("init_from"):
@@ -526,7 +407,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
       if step % config.eval.every_steps == 0 or is_last:
         guard.settle()
-        eval_metrics = run_evaluation(trainer, state["params"], rest, validation_batches)
+        eval_metrics = evaluation.run_evaluation(trainer, state["params"], rest,
+                                                 validation_batches)
         writer.write_scalars(step, eval_metrics, prefix="eval/")
         writer.log_progress(step, num_steps, {f"eval_{k}": eval_metrics[k] for k in (
             "nll", "bits_per_token", "accuracy")})
@@ -546,24 +428,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     watcher.close()
   return eval_metrics
 
-
-def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-             eval_source: Any = None, step: int | None = None) -> dict[str, float]:
-  """Evaluates checkpoint `step` (default: the latest) of `workdir` on config.data.eval_split."""
-  trainer = build_trainer_for(config)
-  ckpt = checkpointing.Checkpointer(checkpoint_dir(workdir), config.checkpoint,
-                                    with_data_iter=False)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint under {ckpt.directory}: train first (--mode=train).")
-  state = ckpt.restore(step, trainer.abstract_state)
-  ckpt.close()
-  rest = trainer.init_rest()
-  if eval_source is None:
-    eval_source = input_pipeline.open_data_source(config, config.data.eval_split)
-  metrics = run_evaluation(trainer, state["params"], rest, eval_batches(config, eval_source))
-  writer = metrics_writer.MetricsWriter(workdir)
-  writer.write_scalars(step, metrics, prefix="eval_once/")
-  writer.log_progress(step, config.train.num_steps, metrics)
-  writer.close()
-  return metrics

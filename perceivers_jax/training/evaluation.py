@@ -1,0 +1,126 @@
+"""The evaluation pass: NLL, accuracy and NLL per target-position bucket on validation windows.
+
+`make_eval_step` jits the summed losses of one batch for a model state (the Trainer holds
+one); `run_evaluation` runs it over this host's sequential validation windows
+(`eval_batches`); `evaluate(config, workdir)` is the one-off evaluation of a saved checkpoint
+(`perceivers-train --mode=eval`), which restores the parameters only.
+"""
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+import ml_collections
+import numpy as np
+
+from perceivers_jax.data import input_pipeline
+from perceivers_jax.model import losses
+from perceivers_jax.parallel import partitioning
+from perceivers_jax.state import model_state
+from perceivers_jax.training import config_validation
+from perceivers_jax.training import metrics_writer
+
+Batch = dict[str, Any]
+EvalStep = Callable[[Any, nnx.State, Batch], dict[str, jax.Array]]
+
+# Target-position buckets of the evaluation NLL: [0, 512), [512, 1k), [1k, 2k), ... [16k, 32k),
+# [32k, inf).
+POSITION_BUCKETS = (0,) + tuple(512 * 2**i for i in range(7)) + (math.inf,)
+
+
+class Evaluator(Protocol):
+  """What `run_evaluation` needs (a Trainer is one)."""
+  eval_step: EvalStep
+  batch_sharding: NamedSharding
+
+
+def make_eval_step(model: model_state.ModelState, batch_sharding: NamedSharding) -> EvalStep:
+  """The jitted (params, rest, batch) -> summed NLL, accuracy, count and per-bucket NLL."""
+  num_latents = model.config.model.num_latents
+
+  def eval_step(params, rest, batch):
+    logits_BNV = model.merge(params, rest)(batch["inputs"], batch["positions"],
+                                           deterministic=True)
+    per = losses.token_losses(logits_BNV, batch, num_latents, 0.0)
+    out = losses.sum_losses(per)
+    del out["z_loss"]
+    positions_BN = per["positions_BN"]  # -1 where there is no target.
+    for low, high in zip(POSITION_BUCKETS[:-1], POSITION_BUCKETS[1:]):
+      in_bucket_BN = (positions_BN >= low) & (positions_BN < high)
+      out[f"bucket_{low}_nll"] = jnp.where(in_bucket_BN, per["nll_BN"], 0.0).sum()
+      out[f"bucket_{low}_count"] = in_bucket_BN.sum().astype(jnp.float32)
+    return out
+
+  jitted = jax.jit(eval_step,
+                   in_shardings=(model.param_shardings, model.rest_shardings, batch_sharding),
+                   out_shardings=NamedSharding(model.mesh, PartitionSpec()))
+  return partitioning.InMesh(jitted, model.mesh, tuple(model.config.logical_axis_rules))
+
+
+def run_evaluation(evaluator: Evaluator, params: Any, rest: nnx.State,
+                   batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
+  """NLL (nats, bits), accuracy and NLL per target-position bucket over this host's `batches`
+  (every host runs the same number of batches; sums are global)."""
+  totals: dict[str, float] = {}
+  num_batches = 0
+  start = time.perf_counter()
+  for local in batches:
+    batch = input_pipeline.to_global_arrays(local, evaluator.batch_sharding)
+    sums = evaluator.eval_step(params, rest, batch)
+    for name, value in jax.device_get(sums).items():
+      totals[name] = totals.get(name, 0.0) + float(value)
+    num_batches += 1
+  count = totals.get("count", 0.0)
+  if not count:
+    raise ValueError("Evaluation saw no targets: is the validation split empty?")
+  nll = totals["nll"] / count
+  metrics = {"nll": nll, "bits_per_token": nll / math.log(2),
+             "accuracy": totals["correct"] / count, "targets": count, "batches": num_batches,
+             "seconds": time.perf_counter() - start}
+  for low, high in zip(POSITION_BUCKETS[:-1], POSITION_BUCKETS[1:]):
+    bucket_count = totals[f"bucket_{low}_count"]
+    if bucket_count:
+      name = f"nll_pos_{low}_{'inf' if math.isinf(high) else int(high)}"
+      metrics[name] = totals[f"bucket_{low}_nll"] / bucket_count
+  return metrics
+
+
+def eval_batches(config: ml_collections.ConfigDict, eval_source: Any) -> Iterable[Batch]:
+  """This host's sequential validation windows (re-iterable; config.eval.max_batches applied)."""
+  return input_pipeline.make_eval_batches(config, eval_source, process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelEvaluator:
+  """An Evaluator for a model state alone (no optimizer is built)."""
+  eval_step: EvalStep
+  batch_sharding: NamedSharding
+
+
+def _model_evaluator(model: model_state.ModelState) -> _ModelEvaluator:
+  sharding = partitioning.batch_sharding(model.mesh)
+  return _ModelEvaluator(make_eval_step(model, sharding), sharding)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+             eval_source: Any = None, step: int | None = None) -> dict[str, float]:
+  """Evaluates checkpoint `step` (default: the latest) of `workdir` on config.data.eval_split."""
+  model = model_state.build(config, config_validation.job_mesh(config),
+                            left_padded_windows=config.data.padding_side == "left")
+  step = model_state.saved_step(workdir, config, step)
+  params = model_state.restore_params(workdir, step, model.abstract_params)
+  if eval_source is None:
+    eval_source = input_pipeline.open_data_source(config, config.data.eval_split)
+  metrics = run_evaluation(_model_evaluator(model), params, model.init_rest(),
+                           eval_batches(config, eval_source))
+  writer = metrics_writer.MetricsWriter(workdir)
+  writer.write_scalars(step, metrics, prefix="eval_once/")
+  writer.log_progress(step, config.train.num_steps, metrics)
+  writer.close()
+  return metrics
