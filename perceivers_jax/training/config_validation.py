@@ -72,7 +72,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     _check_positive(config, f"model.{field}")
   if model.vocab_size < tokens.VOCAB_SIZE:
     _fail("model.vocab_size", model.vocab_size,
-          f"the token vocabulary has {tokens.VOCAB_SIZE} ids (perceivers_jax/tokens.py).")
+          f"the token vocabulary has {tokens.VOCAB_SIZE} ids (perceivers_jax/data/tokens.py).")
   if model.num_latents > model.max_length:
     _fail("model.num_latents", model.num_latents,
           f"N must be <= config.model.max_length (L={model.max_length}).")
