@@ -134,7 +134,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *,
 
 
 def build_local(config: ml_collections.ConfigDict) -> ModelState:
-  """`build` on a data-only mesh over this process's devices (parameters replicated)."""
+  """`build` on a data-only mesh over every device (parameters replicated)."""
   return build(config, mesh_lib.data_mesh())
 
 
