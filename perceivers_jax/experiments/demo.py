@@ -49,7 +49,7 @@ from perceivers_jax.data import tokens as tokens_lib
 from perceivers_jax.evaluation import report as report_lib
 from perceivers_jax.sampling import listening_page
 from perceivers_jax.sampling import sampling
-from perceivers_jax.training import evaluation
+from perceivers_jax.training import evaluation as evaluation_lib
 from perceivers_jax.training import train
 
 # Maestro_1..8 train, 9 validation, 10 test: the held-out pieces are the last two.
@@ -150,8 +150,8 @@ def untrained_validation_metrics(config: ml_collections.ConfigDict) -> dict[str,
   trainer = train.build_trainer_for(config)
   state, rest = trainer.init_fn()
   source = input_pipeline.open_data_source(config, config.data.eval_split)
-  return evaluation.run_evaluation(trainer, state["params"], rest,
-                                   evaluation.eval_batches(config, source))
+  return evaluation_lib.run_evaluation(trainer, state["params"], rest,
+                                       evaluation_lib.eval_batches(config, source))
 
 
 # -- samples and reference -----------------------------------------------------------------------
@@ -290,7 +290,7 @@ def run_demo(options: DemoOptions) -> pathlib.Path:
   _stage(f"2/6 training {config.train.num_steps} steps (resumes from {out / 'train'})")
   workdir = out / "train"
   train.train_and_evaluate(config, str(workdir))
-  trained = evaluation.evaluate(config, str(workdir))
+  trained = evaluation_lib.evaluate(config, str(workdir))
   untrained = untrained_validation_metrics(config)
   plot_training_curve(workdir, out / "training_curve.png")
   print(f"validation NLL: untrained {untrained['nll']:.3f}, trained {trained['nll']:.3f} nats/token")
