@@ -27,6 +27,7 @@ from data_prep import fetch_maestro_samples
 from perceivers_jax.data import tokens as tokens_lib
 from perceivers_jax.evaluation import distances
 from perceivers_jax.evaluation import features
+from perceivers_jax.evaluation import piece_sets
 from perceivers_jax.evaluation import repetition
 from perceivers_jax.evaluation import report
 
@@ -71,8 +72,8 @@ def main(argv: list[str]) -> None:
   generated = [_transpose(_crop(base[i % 10], rng.uniform(0.5, 1.0)), i // 10 - 4)
                for i in range(n)]
 
-  ref_set, seconds = _timed(report.load_set, "reference", reference)
-  gen_set, seconds_gen = _timed(report.load_set, "generated", generated)
+  ref_set, seconds = _timed(piece_sets.load_set, "reference", reference)
+  gen_set, seconds_gen = _timed(piece_sets.load_set, "generated", generated)
   rows.append(("tokens -> notes (both sets)", 2 * n,
                tuple(a + b for a, b in zip(seconds, seconds_gen))))
   notes = ref_set.notes + gen_set.notes

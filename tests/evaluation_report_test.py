@@ -12,6 +12,7 @@ import pytest
 from perceivers_jax.data import piano_roll
 from perceivers_jax.data import tokens as tokens_lib
 from perceivers_jax.evaluation import features
+from perceivers_jax.evaluation import piece_sets
 from perceivers_jax.evaluation import repetition
 from perceivers_jax.evaluation import report
 
@@ -179,27 +180,27 @@ def test_tfds_reference(monkeypatch):
       return records
 
   monkeypatch.setattr(tfds, "builder", FakeBuilder)
-  piece_set = report.load_set("reference", "tfds:maestro_performance/full:validation",
-                              data_dir="/data", max_pieces=3)
+  piece_set = piece_sets.load_set("reference", "tfds:maestro_performance/full:validation",
+                                  data_dir="/data", max_pieces=3)
   assert calls == [("maestro_performance/full", "/data"), "validation"]
   assert piece_set.piece_names == ["validation[0]", "validation[1]", "validation[2]"]
   assert len(piece_set.notes[0]) == 12
   with pytest.raises(ValueError, match="not built under /elsewhere.*perceivers-build-data"):
-    report.load_set("reference", "tfds:maestro_performance/full:validation",
-                    data_dir="/elsewhere")
+    piece_sets.load_set("reference", "tfds:maestro_performance/full:validation",
+                        data_dir="/elsewhere")
   with pytest.raises(ValueError, match="tfds:NAME:SPLIT"):
-    report.load_set("reference", "tfds:maestro_performance")
+    piece_sets.load_set("reference", "tfds:maestro_performance")
 
 
 def test_bad_sets_raise_clear_errors(tmp_path):
   with pytest.raises(ValueError, match=f"{tmp_path}: no .mid"):
     report.evaluate_sets(tmp_path, {"g": tmp_path}, tmp_path / "out")
   with pytest.raises(ValueError, match="not a folder"):
-    report.load_set("generated", tmp_path / "missing")
+    piece_sets.load_set("generated", tmp_path / "missing")
   with pytest.raises(ValueError, match=r"generated\[1\]: token ids must lie in"):
-    report.load_set("generated", [[tokens_lib.SOS_ID, tokens_lib.EOS_ID], [2, 999, 1]])
+    piece_sets.load_set("generated", [[tokens_lib.SOS_ID, tokens_lib.EOS_ID], [2, 999, 1]])
   with pytest.raises(ValueError, match=r"generated\[0\]: expected a 1-D integer token array"):
-    report.load_set("generated", [np.zeros((2, 2), np.int32)])
+    piece_sets.load_set("generated", [np.zeros((2, 2), np.int32)])
   result = subprocess.run(_evaluate_cli(f"--reference={tmp_path}", f"--output_dir={tmp_path}",
                                         "--generated=no_colon"), capture_output=True, text=True)
   assert result.returncode != 0 and "expected NAME:FOLDER" in result.stderr
@@ -214,5 +215,5 @@ def test_folder_counts_a_sample_written_as_mid_and_npy_once(tmp_path, maestro_pa
     np.save(folder / f"{name}.npy", tokens)
     tokens_lib.tokens_to_midi_file(tokens, folder / f"{name}.mid")
   (folder / "other.mid").symlink_to(maestro_paths[2])
-  piece_set = report.load_set("generated", folder)
+  piece_set = piece_sets.load_set("generated", folder)
   assert piece_set.piece_names == ["other.mid", "sample_0000.npy", "sample_0001.npy"]

@@ -25,6 +25,7 @@ from perceivers_jax.cli import logs
 from perceivers_jax.evaluation import distances
 from perceivers_jax.evaluation import features
 from perceivers_jax.evaluation import memorisation
+from perceivers_jax.evaluation import piece_sets
 from perceivers_jax.evaluation import report
 
 _REFERENCE = flags.DEFINE_string(
@@ -63,7 +64,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   train = _TRAIN.value
-  if train and not train.startswith(report.TFDS_PREFIX) and not os.path.isdir(train):
+  if train and not train.startswith(piece_sets.TFDS_PREFIX) and not os.path.isdir(train):
     raise app.UsageError(f"--train={train}: not a folder; pass a folder of MIDI/.npy files "
                          "or tfds:NAME:train")
   generated = parse_generated(_GENERATED.value)

@@ -5,12 +5,14 @@ r"""perceivers-export: a training checkpoint -> params-only export (+ config and
       [--attention_impl=auto|xla|cudnn|chunked]
 
 `--format=orbax` (default) writes an Orbax checkpoint under params/; `--format=safetensors`
-one params.safetensors file with flat names (listed in perceivers_jax/export.py) for use
+one params.safetensors file with flat names (listed in perceivers_jax/state/export.py) for use
 outside this package. The export's config.json records --attention_impl (default auto: the
-kernel is picked where the export runs) in place of the training config's. The export appears whole or not at all (written to a temporary sibling
-folder, then renamed); an existing --output is refused unless --overwrite replaces it. Either
-restores on any number of devices (`perceivers_jax.state.export.load_exported`), samples with
-`perceivers-sample --checkpoint=DIR` and starts fine-tuning with `--config.train.init_from=DIR`.
+kernel is picked where the export runs) in place of the training config's. The export appears
+whole or not at all (written to a temporary sibling folder, then renamed); an existing
+--output is refused unless --overwrite replaces it. Either restores on any number of devices
+(`perceivers_jax.state.model_state.load_exported`), samples with
+`perceivers-sample --checkpoint=DIR` and starts fine-tuning with
+`--config.train.init_from=DIR`.
 """
 
 import json

@@ -30,7 +30,7 @@ import numpy as np
 
 from perceivers_jax.data import tokens as tokens_lib
 from perceivers_jax.evaluation import features as features_lib
-from perceivers_jax.evaluation import report
+from perceivers_jax.evaluation import piece_sets
 
 IOI_QUANTUM_STEPS = 3  # 30 ms: chord spreads and tiny timing noise fall in one bin
 MAX_IOI_BINS = 67  # 67 * 30 ms ~ 2 s
@@ -188,23 +188,24 @@ def _summary(results: list[dict]) -> dict:
           f"pieces_with_runs_of_{MIN_RUN_NOTES}": int((longest >= MIN_RUN_NOTES).sum())}
 
 
-def evaluate_memorisation(train: report.SetSource, sets: Mapping[str, report.SetSource],
+def evaluate_memorisation(train: piece_sets.SetSource,
+                          sets: Mapping[str, piece_sets.SetSource],
                           output_dir: str | os.PathLike, *, data_dir: str | None = None,
                           max_pieces: int | None = None) -> dict:
   """Checks each set against the training pieces; writes memorisation.json and .md.
 
   `sets` should hold the held-out reference set too (the baseline); sources as
-  `report.load_set` reads them.
+  `piece_sets.load_set` reads them.
   """
   load = dict(data_dir=data_dir, max_pieces=max_pieces)
-  train_set = report.load_set("train", train, **load)
+  train_set = piece_sets.load_set("train", train, **load)
   corpus = Corpus(piece_steps(train_set.notes), train_set.piece_names)
   result = {"train": {"source": train_set.source, "num_pieces": len(train_set.notes),
                       "num_notes": corpus.num_notes},
             "config": {"ioi_quantum_ms": IOI_QUANTUM_STEPS * 1000 // tokens_lib.STEPS_PER_SECOND,
                        "min_run_notes": MIN_RUN_NOTES}, "sets": {}}
   for name, source in sets.items():
-    piece_set = report.load_set(name, source, **load)
+    piece_set = piece_sets.load_set(name, source, **load)
     pieces = corpus.check(piece_steps(piece_set.notes))
     for piece_name, notes, entry in zip(piece_set.piece_names, piece_set.notes, pieces):
       entry["piece"] = piece_name

@@ -1,39 +1,27 @@
 """Evaluates generated sets against a reference set: metrics.json, report.md and plots.
 
-`evaluate_sets` loads every set (MIDI files, token arrays, NoteSequences or a TFDS split),
-extracts the Table I features (features.py), compares each generated set with the
-reference (distances.py) and measures repetition (repetition.py).
+`evaluate_sets` loads every set (MIDI files, token arrays, NoteSequences or a TFDS split;
+piece_sets.py), extracts the Table I features (features.py), compares each generated set
+with the reference (distances.py) and measures repetition (repetition.py).
 """
 
-from collections.abc import Mapping, Sequence
-import dataclasses
+from collections.abc import Mapping
 import json
 import math
 import os
 import pathlib
-import warnings
 
 from absl import logging
 from matplotlib import figure
 import numpy as np
 import tqdm
 
-with warnings.catch_warnings():
-  # note_seq imports pydub for audio, which warns about ffmpeg; we never touch audio.
-  warnings.simplefilter("ignore", RuntimeWarning)
-  import note_seq
-
-from perceivers_jax import config_base
 from perceivers_jax.data import piano_roll
 from perceivers_jax.data import tokens as tokens_lib
 from perceivers_jax.evaluation import distances
 from perceivers_jax.evaluation import features as features_lib
+from perceivers_jax.evaluation import piece_sets
 from perceivers_jax.evaluation import repetition
-
-TFDS_PREFIX = "tfds:"
-# A set: a folder (searched recursively for .mid/.midi/.npy), "tfds:NAME:SPLIT", or a
-# sequence of paths, token arrays or NoteSequences.
-SetSource = str | os.PathLike | Sequence
 
 # Below this baseline OA a percentage change is meaningless (tiny denominators): n/a.
 MIN_BASELINE_OA = 0.01
@@ -41,117 +29,7 @@ _PLOT_FILES = ("distance_kde.png", "repetition_density.png", "token_autocorrelat
 PIANO_ROLL_PIECES = 4  # the first pieces of each set drawn in piano_rolls_{set}.png
 
 
-class EvaluationError(config_base.InputError, ValueError):
-  """A set that cannot be evaluated (missing, empty, not built); the message names it."""
-
-
-@dataclasses.dataclass
-class PieceSet:
-  """A loaded set: one entry per piece, and [{filename, reason}] of the unreadable files."""
-  name: str
-  source: str
-  piece_names: list[str]
-  notes: list[features_lib.Notes]
-  tokens: list[np.ndarray]
-  skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
-
-
-def _tfds_items(source: str, data_dir: str | None, max_pieces: int | None):
-  spec = source[len(TFDS_PREFIX):]
-  name, sep, split = spec.rpartition(":")
-  if not sep or not name or not split:
-    raise EvaluationError(f"{source!r}: expected tfds:NAME:SPLIT, "
-                     "e.g. tfds:maestro_performance/full:validation")
-  # Imported here: only tfds sources need TFDS and the builder (importing it registers it).
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from data_prep import maestro_performance  # pylint: disable=g-import-not-at-top,unused-import
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():  # evaluation reads a built dataset, it never builds one
-    raise EvaluationError(
-        f"{source!r}: not built under {builder.data_dir}; build it with `perceivers-build-data "
-        "--manual_dir=MAESTRO_DIR --data_dir=DATA_DIR` and pass --data_dir=DATA_DIR")
-  try:
-    data_source = builder.as_data_source(split=split)
-  except (KeyError, ValueError) as e:
-    raise EvaluationError(f"{source!r}: cannot open split {split!r} ({e})") from e
-  count = len(data_source) if max_pieces is None else min(max_pieces, len(data_source))
-  return [(f"{split}[{i}]", np.asarray(data_source[i]["tokens"])) for i in range(count)]
-
-
-def _folder_items(folder: pathlib.Path, max_pieces: int | None):
-  """One item per piece: `x.npy` (the exact tokens) stands for an `x.mid` beside it, as
-  `perceivers-sample` writes both."""
-  suffixes = features_lib.MIDI_SUFFIXES + features_lib.TOKEN_SUFFIXES
-  by_piece = {}
-  for p in sorted(folder.rglob("*")):
-    if p.is_file() and p.suffix.lower() in suffixes:
-      if p.suffix.lower() in features_lib.TOKEN_SUFFIXES or p.with_suffix("") not in by_piece:
-        by_piece[p.with_suffix("")] = p
-  paths = sorted(by_piece.values())
-  if not paths:
-    raise EvaluationError(f"{folder}: no {'/'.join(suffixes)} files in this folder; point the "
-                     "set at a folder of MIDI files or token arrays")
-  return [(str(p.relative_to(folder)), p) for p in paths[:max_pieces]]
-
-
-def _load_item(piece_name: str, item) -> tuple[features_lib.Notes, np.ndarray]:
-  if isinstance(item, (str, os.PathLike)):
-    return features_lib.load_piece(item)  # its errors name the file
-  if isinstance(item, note_seq.NoteSequence):
-    return features_lib.notes_from_sequence(item), tokens_lib.note_sequence_to_tokens(item)
-  # Otherwise numpy or jax arrays, or lists of ids.
-  return features_lib.notes_from_tokens(np.asarray(item), piece_name)
-
-
-def load_set(name: str, source: SetSource, *, data_dir: str | None = None,
-             max_pieces: int | None = None) -> PieceSet:
-  """Loads a set's pieces (notes and tokens), with a progress bar.
-
-  Args:
-    name: the set's name, for messages and the report.
-    source: a folder, "tfds:NAME:SPLIT" (a built TFDS dataset's random-access source;
-      records with a `tokens` field), or a sequence of paths, token arrays or
-      NoteSequences (taken as they are: sustain already folded, as
-      `tokens.load_note_sequence` gives).
-    data_dir: TFDS data directory for a tfds source.
-    max_pieces: keep only the first pieces (sorted paths, record order).
-  """
-  if isinstance(source, str) and source.startswith(TFDS_PREFIX):
-    items, label = _tfds_items(source, data_dir, max_pieces), source
-  elif isinstance(source, (str, os.PathLike)):
-    folder = pathlib.Path(source)
-    if not folder.is_dir():
-      raise EvaluationError(f"{folder} ({name} set): not a folder")
-    items, label = _folder_items(folder, max_pieces), str(folder)
-  else:
-    items = [(str(item) if isinstance(item, (str, os.PathLike)) else f"{name}[{i}]", item)
-             for i, item in enumerate(list(source)[:max_pieces])]
-    label = f"{len(items)} pieces given in memory"
-  if not items:
-    raise EvaluationError(f"the {name} set ({label}) is empty")
-  piece_set = PieceSet(name, label, [], [], [])
-  for piece_name, item in tqdm.tqdm(items, desc=f"{name}: loading", unit="piece"):
-    try:
-      notes, token_ids = _load_item(piece_name, item)
-    except (ValueError, OSError, EOFError) as e:
-      if not isinstance(item, (str, os.PathLike)):
-        raise  # pieces given in memory are the caller's to fix
-      # One unreadable file is skipped and reported, as the dataset builder does.
-      logging.warning("%s set: skipping %s: %s", name, piece_name, e)
-      piece_set.skipped.append({"filename": piece_name, "reason": " ".join(str(e).split())})
-      continue
-    if not len(notes):
-      logging.warning("%s set: %s has no notes; its features are all zero", name, piece_name)
-    piece_set.piece_names.append(piece_name)
-    piece_set.notes.append(notes)
-    piece_set.tokens.append(token_ids)
-  if not piece_set.notes:
-    raise EvaluationError(f"the {name} set ({label}): none of its {len(items)} files is "
-                          f"readable, e.g. {piece_set.skipped[0]['reason']}")
-  return piece_set
-
-
-def _set_features(piece_set: PieceSet, num_segments: int) -> dict[str, np.ndarray]:
+def _set_features(piece_set: piece_sets.PieceSet, num_segments: int) -> dict[str, np.ndarray]:
   per_piece = [features_lib.extract_features(n, num_segments)
                for n in tqdm.tqdm(piece_set.notes, desc=f"{piece_set.name}: features",
                                   unit="piece")]
@@ -171,7 +49,7 @@ def _finite_stat(values: np.ndarray, stat) -> float | None:
   return float(stat(finite)) if finite.size else None
 
 
-def _repetition(piece_set: PieceSet, max_lag: int) -> dict:
+def _repetition(piece_set: piece_sets.PieceSet, max_lag: int) -> dict:
   summaries = [repetition.repetition_summary(n) for n in piece_set.notes]
   densities = [repetition.repetition_density(n)[1] for n in piece_set.notes]
   num_bins = max((d.size for d in densities), default=0)
@@ -332,7 +210,8 @@ def _plot_curves(curves: Mapping[str, list], first_x: float, x_step: float, xlab
   fig.savefig(path, dpi=80)
 
 
-def evaluate_sets(reference: SetSource, generated: Mapping[str, SetSource],
+def evaluate_sets(reference: piece_sets.SetSource,
+                  generated: Mapping[str, piece_sets.SetSource],
                   output_dir: str | os.PathLike, *, kld: str = "shared_grid",
                   data_dir: str | None = None, max_pieces: int | None = None,
                   num_segments: int = features_lib.NUM_SEGMENTS,
@@ -340,7 +219,7 @@ def evaluate_sets(reference: SetSource, generated: Mapping[str, SetSource],
   """Compares each generated set with the reference; writes metrics.json, report.md, plots.
 
   Args:
-    reference: the reference set (see `load_set`), at least 2 pieces.
+    reference: the reference set (see `piece_sets.load_set`), at least 2 pieces.
     generated: {set name: source}, at least one set; the first is the baseline of the
       report's OA-change column.
     output_dir: created if missing.
@@ -363,10 +242,11 @@ def evaluate_sets(reference: SetSource, generated: Mapping[str, SetSource],
   output_dir = pathlib.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   load = dict(data_dir=data_dir, max_pieces=max_pieces)
-  reference_set = load_set("reference", reference, **load)
+  reference_set = piece_sets.load_set("reference", reference, **load)
   if len(reference_set.notes) < 2:
-    raise EvaluationError(f"the reference set ({reference_set.source}) needs at least 2 pieces "
-                     f"for intra-set distances, found {len(reference_set.notes)}")
+    raise piece_sets.EvaluationError(
+        f"the reference set ({reference_set.source}) needs at least 2 pieces "
+        f"for intra-set distances, found {len(reference_set.notes)}")
   reference_features = _set_features(reference_set, num_segments)
   reference_intra = {name: distances.intra_set_distances(values)
                      for name, values in reference_features.items()}
@@ -385,7 +265,7 @@ def evaluate_sets(reference: SetSource, generated: Mapping[str, SetSource],
   }
   comparisons, loaded = {}, [reference_set]
   for set_name, source in generated.items():
-    piece_set = load_set(set_name, source, **load)
+    piece_set = piece_sets.load_set(set_name, source, **load)
     loaded.append(piece_set)
     set_features = _set_features(piece_set, num_segments)
     comparison = {name: distances.compare_feature(reference_features[name],
