@@ -26,6 +26,7 @@ from perceivers_jax.sampling import decode
 from perceivers_jax.sampling import job
 from perceivers_jax.sampling import sampling
 from perceivers_jax.state import export
+from perceivers_jax.state import model_state
 from perceivers_jax.training import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -372,7 +373,7 @@ def test_attention_impl_is_chosen_at_load_not_taken_from_config_json(workdir, tm
   # Choice: an export's config.json records --attention_impl (default auto: backend-neutral).
   manifest = export.export(str(cudnn), str(tmp_path / "export"))
   assert manifest["config"]["model"]["attention_impl"] == "auto"
-  exported = export.load_config(tmp_path / "export" / "config.json")
+  exported = model_state.load_config(tmp_path / "export" / "config.json")
   assert exported.model.attention_impl == "auto"
   export.export(str(cudnn), str(tmp_path / "export_xla"), attention_impl="xla")
   assert sampling.read_config(str(tmp_path / "export_xla")).model.attention_impl == "xla"
