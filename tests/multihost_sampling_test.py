@@ -21,6 +21,7 @@ import numpy as np
 
 from perceivers_jax.parallel import mesh as mesh_lib
 from perceivers_jax.sampling import job
+from perceivers_jax.sampling import listening_page
 from perceivers_jax.sampling import sampling
 from sampling_test import workdir  # pylint: disable=unused-import (the trained tiny workdir)
 
@@ -95,7 +96,7 @@ def test_killed_two_host_job_resumes_to_the_single_device_samples(workdir, tmp_p
   # Exactly the 20 samples (no padding row written, nothing half-written left), each with the
   # tokens of the one-device run.
   expected = {f"sample_{i:04d}{s}" for i in range(NUM_SAMPLES) for s in job.SUFFIXES}
-  assert {p.name for p in out.iterdir()} == expected | {job.MANIFEST, job.RUN_FILE}
+  assert {p.name for p in out.iterdir()} == expected | {job.MANIFEST, job.RUN_FILE, listening_page.INDEX}
   assert _tokens(out) == reference
   manifest = [json.loads(line) for line in (out / job.MANIFEST).read_text().splitlines()]
   assert [entry["index"] for entry in manifest] == list(range(NUM_SAMPLES))

@@ -24,6 +24,7 @@ from perceivers_jax.cli import sample as sample_cli
 from perceivers_jax.data import tokens
 from perceivers_jax.sampling import decode
 from perceivers_jax.sampling import job
+from perceivers_jax.sampling import listening_page
 from perceivers_jax.sampling import sampling
 from perceivers_jax.state import export
 from perceivers_jax.state import model_state
@@ -316,7 +317,7 @@ def test_rerun_writes_only_the_missing_samples(loaded, tmp_path, capsys):
   names = {p.name for p in tmp_path.iterdir()}
   # 5 samples in batches of 2: the padded slot of the last batch is not written.
   assert names == {f"sample_{i:04d}{suffix}" for i in range(5) for suffix in job.SUFFIXES} | {
-      job.RUN_FILE, job.MANIFEST}
+      job.RUN_FILE, job.MANIFEST, listening_page.INDEX}
   before = {i: np.load(job.stem(tmp_path, i).with_suffix(".npy")) for i in range(5)}
   # What a killed run leaves: sample 3's sidecar half-written (a temporary file), sample 4
   # not started, no manifest.

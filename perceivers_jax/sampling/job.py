@@ -27,7 +27,7 @@ import tqdm
 RUN_FILE = "run.json"
 MANIFEST = "samples.jsonl"
 TMP_SUFFIX = ".tmp"  # a file being written; left over only by a killed run.
-SUFFIXES = (".mid", ".npy", ".json")  # a sample's files, the sidecar (.json) written last.
+SUFFIXES = (".mid", ".npy", ".png", ".json")  # a sample's files, the sidecar (.json) last.
 
 
 class SamplingError(ValueError):

@@ -377,7 +377,7 @@ def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
 def _write_sample(out: pathlib.Path, index: int, slot: int, prompt_P: np.ndarray,
                   generated_T: np.ndarray, settings: SampleSettings, checkpoint_step: int,
                   checkpoint_path: str) -> dict[str, Any]:
-  """Writes sample `index`'s .npy, .mid, then (completing it) .json, each atomically."""
+  """Writes sample `index`'s .npy, .mid, .png, then (completing it) .json, each atomically."""
   sequence, eos_reached = _trim(prompt_P, generated_T)
   stem = job.stem(out, index)
   job.atomic_write(stem.with_suffix(".npy"), lambda path: _save_npy(path, sequence))
