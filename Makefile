@@ -5,9 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_FLAGS ?=
+REPRODUCE_FLAGS ?=
 PYTEST_FLAGS ?=
 
-.PHONY: setup fetch-data test test-tools demo audio-tools clean
+.PHONY: setup fetch-data test test-tools demo reproduce audio-tools clean
 
 setup: $(VENV)/.installed
 
@@ -46,5 +47,9 @@ audio-tools:
 demo: fetch-data audio-tools
 	$(PY) -m perceivers_jax.cli.demo $(DEMO_FLAGS)
 
+# The paper's comparison of its three models at CPU size (about 30 minutes on 2 cores).
+reproduce: fetch-data
+	$(PY) -m perceivers_jax.cli.reproduce $(REPRODUCE_FLAGS)
+
 clean:
-	rm -rf $(VENV) .cache demo_output
+	rm -rf $(VENV) .cache demo_output reproduce_output

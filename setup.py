@@ -46,6 +46,7 @@ setuptools.setup(
             "perceivers-evaluate=perceivers_jax.cli.evaluate:run",
             "perceivers-export=perceivers_jax.cli.export:run",
             "perceivers-demo=perceivers_jax.cli.demo:run",
+            "perceivers-reproduce=perceivers_jax.cli.reproduce:run",
         ],
     },
 )
