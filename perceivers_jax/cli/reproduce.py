@@ -38,7 +38,6 @@ _SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 1024, "Tokens per sample.
 
 
 def main(argv: list[str]) -> None:
-  logs.quiet_library_info()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
@@ -51,17 +50,12 @@ def main(argv: list[str]) -> None:
       models=tuple(_MODELS.value), seeds=seeds, steps=_STEPS.value,
       num_samples=_NUM_SAMPLES.value, sample_tokens=_SAMPLE_TOKENS.value,
       command=shlex.join(["perceivers-reproduce"] + sys.argv[1:]))
-  try:
-    reproduce.check_options(options)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
-  reproduce.run_reproduce(options)
+  reproduce.run_reproduce(options)  # checks the options before any work
 
 
 def run() -> None:
   """Console-script entry point (`perceivers-reproduce`)."""
-  logs.show_flags_in_help(__name__)
-  app.run(main)
+  logs.run(main, __name__)
 
 
 if __name__ == "__main__":

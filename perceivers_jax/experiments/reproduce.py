@@ -66,18 +66,22 @@ class ReproduceOptions:
   command: str = ""  # how it was invoked, for the report
 
 
+class OptionsError(config_base.InputError, ValueError):
+  """A bad --models/--seeds/--steps/--num_samples/--sample_tokens value."""
+
+
 def check_options(options: ReproduceOptions) -> None:
   """One clear line per bad value, before any data or training work."""
   unknown = [m for m in options.models if m not in MODELS]
   if unknown or len(options.models) < 2 or len(set(options.models)) != len(options.models):
-    raise ValueError(f"--models={','.join(options.models)}: name at least two distinct models "
+    raise OptionsError(f"--models={','.join(options.models)}: name at least two distinct models "
                      f"of {','.join(MODELS)}")
   if not options.seeds or len(set(options.seeds)) != len(options.seeds):
-    raise ValueError(f"--seeds={options.seeds}: give one or more distinct integers")
+    raise OptionsError(f"--seeds={options.seeds}: give one or more distinct integers")
   if options.steps < 1:
-    raise ValueError(f"--steps={options.steps}: must be >= 1")
+    raise OptionsError(f"--steps={options.steps}: must be >= 1")
   if options.num_samples < 2 or options.sample_tokens < 16:
-    raise ValueError(f"--num_samples={options.num_samples} --sample_tokens="
+    raise OptionsError(f"--num_samples={options.num_samples} --sample_tokens="
                      f"{options.sample_tokens}: need >= 2 samples (intra-set distances) of "
                      ">= 16 tokens")
 
@@ -124,7 +128,7 @@ def run_stage(config: ml_collections.ConfigDict, settings: sampling.SampleSettin
     metrics = {"step": config.train.num_steps, **metrics}
     _write_json(eval_path, metrics)
   done = _read_json(samples_path)
-  wanted = {"step": metrics["step"], "settings": dataclasses.asdict(settings)}
+  wanted = {"step": metrics["step"], "settings": settings.flag_values()}
   if done != wanted:
     model, _, step = sampling.load_model(str(workdir))
     sampling.sample_to_dir(model, config, settings, folder / "samples", checkpoint_step=step,
@@ -274,7 +278,7 @@ def _table1_rows(table1: dict[str, dict], baseline: str) -> str:
 
 def write_report(out: pathlib.Path, options: ReproduceOptions, batch_size: int,
                  nll: dict[str, dict], gaps: dict[str, dict], table1: dict[str, dict],
-                 seconds: float) -> pathlib.Path:
+                 reference_pieces: int, seconds: float) -> pathlib.Path:
   models = list(nll)
   evaluation_md = (out / "evaluation" / "report.md").read_text(encoding="utf-8")
   evaluation_md = evaluation_md.split("\n", 1)[1].replace("](", "](evaluation/")
@@ -287,7 +291,8 @@ Command: `{options.command or 'perceivers-reproduce'}`
 {', '.join(map(str, options.seeds))}; trained on 8 MAESTRO pieces, validated on the 9th \
 (sequential effective windows: every target once), reference excerpts from the 9th and 10th. \
 Samples: {options.num_samples} per model and seed, {options.sample_tokens} tokens from SOS, \
-temperature {options.temperature}, top-p {options.top_p}. Total time {seconds / 60:.1f} min.
+temperature {options.temperature}, top-p {options.top_p}. This invocation: {seconds / 60:.1f} \
+min (a rerun skips the finished stages).
 
 ## Claim 1: the baseline's blind spot at early positions
 
@@ -308,7 +313,7 @@ only gaps that separate the seed ranges are read as real.
 
 Samples pooled over seeds; the per-seed column evaluates each seed's samples alone and \
 shows how far the mean OA moves with the seed. The paper reports about +40% average OA \
-for PerceiverS over Perceiver AR at full scale; {num_pieces_note(table1)}
+for PerceiverS over Perceiver AR at full scale; {num_pieces_note(table1, reference_pieces)}
 
 Plots: [repetition density over time](evaluation/repetition_density.png),
 [rho(k)](evaluation/token_autocorrelation.png), [KDE grid](evaluation/distance_kde.png).
@@ -321,11 +326,11 @@ Plots: [repetition density over time](evaluation/repetition_density.png),
   return path
 
 
-def num_pieces_note(table1: dict[str, dict]) -> str:
+def num_pieces_note(table1: dict[str, dict], reference_pieces: int) -> str:
   pieces = next(iter(table1.values()))["num_pieces"]
-  return (f"here each set has {pieces} pieces against a reference of as many excerpts of two "
-          "held-out performances, so OA changes of tens of percent are within what the seed "
-          "column shows.")
+  return (f"here each set has {pieces} pieces against {reference_pieces} reference excerpts of "
+          "two held-out performances, and the per-seed column shows how far the mean OA "
+          "moves with the seed alone.")
 
 
 def run_reproduce(options: ReproduceOptions) -> pathlib.Path:
@@ -349,10 +354,10 @@ def run_reproduce(options: ReproduceOptions) -> pathlib.Path:
   for (model, seed), config in configs.items():
     print(f"\n== {model}, seed {seed}: {options.steps} steps, evaluation, sampling", flush=True)
     folder = out / "runs" / model / f"seed_{seed}"
-    settings = sampling.SampleSettings(
+    settings = sampling.SampleSettings.from_flag_values(dict(
         num_samples=options.num_samples, batch_size=options.num_samples,
         num_tokens=options.sample_tokens, temperature=options.temperature,
-        top_p=options.top_p, seed=seed)
+        top_p=options.top_p, seed=seed))
     per_model[model][seed] = run_stage(config, settings, folder)
     samples[model, seed] = [str(folder / "samples" / f"sample_{i:04d}.npy")
                             for i in range(options.num_samples)]
@@ -383,6 +388,7 @@ def run_reproduce(options: ReproduceOptions) -> pathlib.Path:
                             "table1": table1[m]} for m in options.models},
              "early_position_gap_to_perceiver_ar": gaps}
   _write_json(out / "results.json", results)
-  path = write_report(out, options, batch_size, nll, gaps, table1, seconds)
+  path = write_report(out, options, batch_size, nll, gaps, table1,
+                      evaluation["reference"]["num_pieces"], seconds)
   print(f"\nDone in {seconds / 60:.1f} min: {path}", flush=True)
   return path
