@@ -11,6 +11,7 @@ import pytest
 
 from perceivers_jax.experiments import reproduce
 from perceivers_jax.sampling import sampling
+from perceivers_jax.training import evaluation
 from perceivers_jax.training import train
 
 _MODELS = ("perceiver_ar", "perceivers")
@@ -46,7 +47,7 @@ def test_nll_is_what_evaluate_gives_for_the_checkpoint(reproduce_run):
   for model in _MODELS:
     workdir = _stage(reproduce_run, model) / "train"
     config = sampling.read_config(workdir)
-    fresh = train.evaluate(config, str(workdir))  # what `perceivers-train --mode=eval` runs
+    fresh = evaluation.evaluate(config, str(workdir))  # what `perceivers-train --mode=eval` runs
     validation = results["models"][model]["validation"]
     assert validation["nll"]["per_seed"] == [pytest.approx(fresh["nll"], abs=1e-5)]
     buckets = {k: v for k, v in fresh.items() if k.startswith(reproduce.BUCKET_PREFIX)}
