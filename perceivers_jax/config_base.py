@@ -46,7 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
       # auto | xla | cudnn | chunked | splash: a runtime choice (model/attention.py:
       # resolve_impl); auto is cuDNN on GPU (bf16), splash on TPU for the forward over
       # left-padded windows, else chunked above one chunk of keys and xla below (the decoder's
-      # cached calls never run splash; `splash` off a TPU is Pallas interpret mode, for tests).
+      # cached calls never run splash and its one-query steps run xla; `splash` off a TPU is
+      # Pallas interpret mode, for tests).
       attention_impl="auto",
       attention_chunk_size=1024,  # keys per step of the chunked kernel (memory ~ chunk)
       # Sliding scales key only the N + W - 1 inputs they can see (False: all L, masked).

@@ -141,6 +141,17 @@ def test_auto_impl_per_backend(backend, dtype, kv_length, expected):
     resolve("flash")
 
 
+@pytest.mark.parametrize("backend, dtype", [("gpu", jnp.bfloat16), ("tpu", jnp.bfloat16),
+                                            ("cpu", jnp.float32)])
+def test_auto_runs_a_decoder_step_with_plain_xla_on_every_backend(backend, dtype):
+  resolve = lambda requested: attention.resolve_impl(
+      requested, backend=backend, dtype=dtype, kv_length=32768, chunk_size=1024, call="step",
+      num_queries=1)
+  assert resolve("auto") == "xla"  # one query: nothing to save, and no per-token cache copy
+  assert resolve("splash") == "xla"
+  assert resolve("chunked") == "chunked"  # an explicit kernel runs where it can
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
 def test_cudnn_matches_xla_on_gpu():
   q, k, v, mask = _random_problem(length=64)

@@ -247,8 +247,10 @@ def _hlo_copies():
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-def test_compiled_decode_loop_copies_no_cache_per_step(batch):
-  model = tiny_model.make_model(tiny_model.tiny_model_config(cross_attention_scales=(0,)))
+@pytest.mark.parametrize("impl", ["xla", "auto"])  # auto: the chunked kernel at resets (L > chunk)
+def test_compiled_decode_loop_copies_no_cache_per_step(batch, impl):
+  model = tiny_model.make_model(tiny_model.tiny_model_config(cross_attention_scales=(0,),
+                                                             attention_impl=impl))
   graphdef, state = nnx.split(model)
   compiled = decode._generate.lower(  # pylint: disable=protected-access
       graphdef, state, np.full((batch, 1), tokens.SOS_ID, np.int32), np.ones(batch, np.int32),

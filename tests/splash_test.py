@@ -71,6 +71,7 @@ def test_splash_masks_are_the_position_masks_on_left_padded_windows():
     ("window", 16, 32768, "chunked"),  # N does not fill splash's blocks
     ("cached", 1024, 32768, "chunked"),  # the decoder's ring-buffer caches: never splash
     ("cached", 1, 1024, "xla"),
+    ("step", 1, 32768, "xla"),  # the decoder's plain step
 ])
 def test_auto_on_tpu_runs_splash_for_window_forwards_only(call, num_queries, kv_length,
                                                           expected):
@@ -80,7 +81,7 @@ def test_auto_on_tpu_runs_splash_for_window_forwards_only(call, num_queries, kv_
   assert resolve("auto") == expected
   assert resolve("splash") == expected  # asked for, splash still only runs where it is exact
   # Off a TPU only an explicit request runs splash (in interpret mode).
-  assert resolve("auto", "cpu") == ("xla" if kv_length <= 1024 else "chunked")
+  assert resolve("auto", "cpu") == ("xla" if kv_length <= 1024 or call == "step" else "chunked")
   assert resolve("splash", "cpu") == ("splash" if expected == "splash" else resolve("auto", "cpu"))
 
 

@@ -15,7 +15,7 @@ Kernels (`KERNELS`):
            mode, a slow path for tests only.
 config.model.attention_impl names one of them or `auto`. The kernel is a runtime choice, not
 a property of the parameters: `resolve_impl` picks it per layer and per call (a window
-forward or a cached decoding call) when the model is built, for the backend it runs on, so a
+forward, a decoder reset over the caches, or a decoder step of one query) when the model is built, for the backend it runs on, so a
 model trained with `cudnn` or `splash` restores, samples and fine-tunes on any backend (with
 a log line saying what runs instead).
 Queries that see no key (padding latents) get zeros, never NaN.
@@ -34,9 +34,10 @@ from perceivers_jax.parallel import partitioning
 KERNELS = ("xla", "cudnn", "chunked", "splash")
 ATTENTION_IMPLS = ("auto",) + KERNELS
 # window: the model's forward over left-padded windows of contiguous positions, whose masks
-# are slot masks (`splash.py`): splash can run. cached: the decoder's calls over ring-buffer
-# caches, and windows that are not left-padded or whose mask is no slot mask: never splash.
-CALLS = ("window", "cached")
+# are slot masks (`splash.py`): splash can run. cached: the decoder's reset calls (F queries)
+# over ring-buffer caches, and windows that are not left-padded or whose mask is no slot
+# mask: never splash. step: the decoder's plain step, one new latent's query per row.
+CALLS = ("window", "cached", "step")
 _HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Finite stand-in for -inf, so fully masked rows stay finite in float32.
 _NEG = -1e30
@@ -44,9 +45,16 @@ _NEG = -1e30
 
 def auto_impl(*, backend: str, dtype, kv_length: int, chunk_size: int, call: str = "cached",
               num_queries: int = 0) -> str:
-  """`auto`: cuDNN on GPU in bf16/fp16; splash on TPU for window calls whose `num_queries`
-  fill its blocks (`splash.fits`); elsewhere the chunked kernel once the keys outnumber one
-  chunk (its memory grows with the chunk, not the keys) and plain XLA below that."""
+  """`auto`: plain XLA for a decoder step; cuDNN on GPU in bf16/fp16; splash on TPU for window
+  calls whose `num_queries` fill its blocks (`splash.fits`); elsewhere the chunked kernel once
+  the keys outnumber one chunk (its memory grows with the chunk, not the keys) and plain XLA
+  below that.
+
+  A step's scores are one row per head, so a fused or chunked kernel has no memory to save,
+  and XLA's two einsums read the caches where they lie: the chunked kernel's padding and
+  reshape, or cuDNN's [B, T, H, K] layout, would copy every cache each token."""
+  if call == "step":
+    return "xla"
   if backend == "gpu" and jnp.dtype(dtype) in _HALF_DTYPES:
     return "cudnn"
   if backend == "tpu" and call == "window" and splash.fits(num_queries):
@@ -77,8 +85,8 @@ def resolve_impl(requested: str, *, backend: str, dtype, kv_length: int, chunk_s
                     "(it needs an NVIDIA GPU and bfloat16/float16): using %r for %d keys.",
                     backend, jnp.dtype(dtype).name, choice, kv_length)
     return choice
-  if requested == "splash" and call == "cached":
-    return auto_impl(backend=backend, dtype=dtype, kv_length=kv_length, chunk_size=chunk_size)
+  if requested == "splash" and call != "window":
+    return choice
   if requested == "splash" and not splash.fits(num_queries):
     choice = auto_impl(backend=backend, dtype=dtype, kv_length=kv_length, chunk_size=chunk_size)
     logging.warning("config.model.attention_impl='splash' needs a multiple of %d queries "
@@ -183,14 +191,15 @@ def dot_product_attention(q_BNHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
 class Attention(nnx.Module):
   """Multi-head attention with rotary q/k; projections and kernel usable separately.
 
-  `impl` and `window_impl` are kernels of `KERNELS` (already resolved for this backend, see
-  `resolve_impl`) for cached calls and for window calls (`window=True`, `attend_inputs`);
+  `impl`, `step_impl` and `window_impl` are kernels of `KERNELS` (already resolved for this
+  backend, see `resolve_impl`) for cached calls, for cached calls of one query (a decoder
+  step) and for window calls (`window=True`, `attend_inputs`);
   `window_scale` is the layer's sliding scale (0: causal), which only splash reads.
   """
 
   def __init__(self, q_dim: int, kv_dim: int, *, num_heads: int, head_dim: int,
-               rotary_fraction: float, max_wavelength: float, impl: str, window_impl: str,
-               window_scale: int, chunk_size: int, dtype, param_dtype, rngs: nnx.Rngs):
+               rotary_fraction: float, max_wavelength: float, impl: str, step_impl: str,
+               window_impl: str, window_scale: int, chunk_size: int, dtype, param_dtype, rngs: nnx.Rngs):
     init = nnx.initializers.lecun_normal
     proj_init = partitioning.logical_param(init(in_axis=0, out_axis=(1, 2)),
                                            ("embed", "heads", "kv"))
@@ -213,6 +222,7 @@ class Attention(nnx.Module):
     self.rotary_fraction = rotary_fraction
     self.max_wavelength = max_wavelength
     self.impl = impl
+    self.step_impl = step_impl
     self.window_impl = window_impl
     self.window_scale = window_scale
     self.chunk_size = chunk_size
@@ -244,10 +254,14 @@ class Attention(nnx.Module):
              mask: masks_lib.Mask, *, window: bool = False) -> jax.Array:
     """Attention over (possibly cached) keys/values, then the output projection: [B, N, D].
 
-    `window`: a call of the model's forward over a window (`window_impl`), not a cached one.
+    `window`: a call of the model's forward over a window (`window_impl`), not a cached one
+    (`step_impl` for one query, `impl` for more).
     """
-    out_BNHK = dot_product_attention(q_BNHK, k_BLHK, v_BLHK, mask,
-                                     impl=self.window_impl if window else self.impl,
+    if window:
+      impl = self.window_impl
+    else:
+      impl = self.step_impl if q_BNHK.shape[1] == 1 else self.impl
+    out_BNHK = dot_product_attention(q_BNHK, k_BLHK, v_BLHK, mask, impl=impl,
                                      chunk_size=self.chunk_size, splash_scale=self.window_scale)
     return self._output(out_BNHK)
 

@@ -119,19 +119,20 @@ def _layer_norm(s: _Settings, rngs: nnx.Rngs) -> nnx.LayerNorm:
 def _attention(s: _Settings, kv_length: int, rngs: nnx.Rngs, *,
                scale: int = 0) -> attention_lib.Attention:
   """Attention of the N latents over `kv_length` keys (at scale `scale`, 0: causal), with
-  kernels chosen for this backend and length: one for cached calls, one for window calls.
-  A window call is a slot-masked one (splash can run) only over left-padded windows and with
-  a causal or `sliding` mask (a `final_block` window is no slot mask)."""
+  kernels chosen for this backend and length: for cached calls, decoder steps (one query)
+  and window calls. A window call is a slot-masked one (splash can run) only over
+  left-padded windows and with a causal or `sliding` mask (a `final_block` window is no slot
+  mask)."""
   slot_masked = s.left_padded_windows and (scale == 0 or s.scale_mask == "sliding")
-  impl, window_impl = (
+  impl, step_impl, window_impl = (
       attention_lib.resolve_impl(s.requested_impl, backend=jax.default_backend(),
                                  dtype=s.dtype, kv_length=kv_length, chunk_size=s.chunk_size,
-                                 call=call, num_queries=s.num_latents)
-      for call in ("cached", "window" if slot_masked else "cached"))
+                                 call=call, num_queries=1 if call == "step" else s.num_latents)
+      for call in ("cached", "step", "window" if slot_masked else "cached"))
   return attention_lib.Attention(
       s.embed_dim, s.embed_dim, num_heads=s.num_heads, head_dim=s.head_dim,
       rotary_fraction=s.rotary_fraction, max_wavelength=s.max_wavelength, impl=impl,
-      window_impl=window_impl, window_scale=scale, chunk_size=s.chunk_size, dtype=s.dtype,
+      step_impl=step_impl, window_impl=window_impl, window_scale=scale, chunk_size=s.chunk_size, dtype=s.dtype,
       param_dtype=s.param_dtype, rngs=rngs)
 
 
