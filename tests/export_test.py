@@ -244,3 +244,22 @@ def test_cli_bfloat16_safetensors_matches_orbax(workdir, tmp_path):
   assert logits_BNV.std() > 0.1
   np.testing.assert_array_equal(np.asarray(forward(nnx.split(model)[1], inputs_BL, positions_BL)),
                                 logits_BNV)
+
+
+def test_a_config_json_written_before_new_model_fields_loads_as_it_was_trained(workdir,
+                                                                                tmp_path):
+  """A workdir whose config.json predates layer_norm_epsilon, embedding_init and
+  windowed_scales samples with the epsilon of the code that wrote it (1e-6)."""
+  old = tmp_path / "old_run"
+  old.mkdir()
+  (old / "checkpoints").symlink_to(workdir / "checkpoints")
+  config = json.loads((workdir / "config.json").read_text())
+  for field in ("layer_norm_epsilon", "embedding_init", "windowed_scales"):
+    del config["model"][field]
+  (old / "config.json").write_text(json.dumps(config))
+  model, loaded, step = sampling.load_model(str(old))
+  assert step == 2
+  assert loaded.model.layer_norm_epsilon == 1e-6 and not loaded.model.windowed_scales
+  assert model.final_norm.epsilon == 1e-6
+  reference, _, _ = sampling.load_model(str(workdir))
+  assert reference.final_norm.epsilon == 1e-5

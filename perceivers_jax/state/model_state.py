@@ -30,6 +30,7 @@ import math
 import os
 from typing import Any, Callable
 
+from absl import logging
 from etils import epath
 from flax import nnx
 import jax
@@ -148,15 +149,37 @@ def check_attention_impl(attention_impl: str | None) -> None:
                      f"{attention.ATTENTION_IMPLS}.")
 
 
+# Model fields added after config.json files were first written, with the behaviour of the
+# code before each existed, so that such a file keeps computing what it computed then.
+_MODEL_FIELDS_BEFORE_THEY_EXISTED = dict(
+    layer_norm_epsilon=1e-6,  # flax's default, before Perceiver AR's 1e-5 became config
+    embedding_init="normal_0.02",
+    windowed_scales=False,  # masked full sliding scales: the same numbers, more work
+)
+
+
+def _fill_missing_model_fields(config: ml_collections.ConfigDict, path) -> None:
+  missing = {name: value for name, value in _MODEL_FIELDS_BEFORE_THEY_EXISTED.items()
+             if name not in config.model}
+  if missing:
+    logging.warning("%s predates config.model fields %s: using what the code that wrote it "
+                    "did (%s).", path, ", ".join(missing),
+                    ", ".join(f"{k}={v}" for k, v in missing.items()))
+    config.model.update(missing)
+
+
 def load_config(path: epath.PathLike, attention_impl: str | None = None
                 ) -> ml_collections.ConfigDict:
   """A config.json written by training or export, with its tuples restored.
 
   `attention_impl` (if given) replaces model.attention_impl: the kernel is chosen where the
-  model runs, not stored with its parameters (which are the same for every kernel).
+  model runs, not stored with its parameters (which are the same for every kernel). Model
+  fields a file predates get the behaviour of the code that wrote it
+  (`_MODEL_FIELDS_BEFORE_THEY_EXISTED`), with a warning.
   """
   check_attention_impl(attention_impl)
   config = ml_collections.ConfigDict(json.loads(epath.Path(path).read_text()))
+  _fill_missing_model_fields(config, path)
   if attention_impl is not None:
     config.model.attention_impl = attention_impl
   config.model.cross_attention_scales = tuple(config.model.cross_attention_scales)
