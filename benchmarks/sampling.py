@@ -55,6 +55,9 @@ _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per batch and module (best kept).")
 _BASELINE = flags.DEFINE_string("baseline", "", "Git revision whose decode module to time "
                                 "against today's, in alternation (empty: today's only).")
+_BASELINE_IMPL = flags.DEFINE_string("baseline_attention_impl", "", "The baseline's "
+                                     "model.attention_impl (empty: the config's), on a model "
+                                     "with the same parameters.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k filter (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Top-p filter (1 = off).")
@@ -111,13 +114,14 @@ def compiled_loop(module, model, batch: int, num_tokens: int, sampling_config):
       min_prompt_length=1, record_logits=False).compile()
 
 
-def measure(modules: dict, model, batch: int, num_tokens: int, sampling_config,
+def measure(modules: dict, batch: int, num_tokens: int, sampling_config,
             repeats: int) -> dict:
-  """Per module: compile cost, copies, and tokens/s of alternating timed runs."""
-  cache_bytes = (batch * model.num_heads * model.num_latents * model.head_dim
-                 * jnp.dtype(model.dtype).itemsize)
+  """Per (module, model) of `modules`: compile cost, copies, and tokens/s of alternating
+  timed runs."""
   result = {}
-  for label, module in modules.items():
+  for label, (module, model) in modules.items():
+    cache_bytes = (batch * model.num_heads * model.num_latents * model.head_dim
+                   * jnp.dtype(model.dtype).itemsize)
     compiled = compiled_loop(module, model, batch, num_tokens, sampling_config)
     memory = compiled.memory_analysis()
     start = time.perf_counter()
@@ -126,7 +130,7 @@ def measure(modules: dict, model, batch: int, num_tokens: int, sampling_config,
                          copies=hlo_copies.cache_copies(compiled.as_text(), cache_bytes),
                          temp_bytes=int(getattr(memory, "temp_size_in_bytes", 0)))
   for repeat in range(repeats):
-    for label, module in modules.items():
+    for label, (module, model) in modules.items():
       result[label]["times"].append(_run(module, model, batch, num_tokens, sampling_config,
                                          repeat + 1))
   for r in result.values():
@@ -145,11 +149,17 @@ def main(argv) -> None:
   model = build_model(config)
   num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   with tempfile.TemporaryDirectory() as directory:
-    modules = {"today": decode}
+    modules = {"today": (decode, model)}
     if _BASELINE.value:
-      modules = {f"baseline {_BASELINE.value}": baseline_decode(_BASELINE.value, directory),
-                 "today": decode}
-    results = {int(b): measure(modules, model, int(b), _NUM_TOKENS.value, sampling_config,
+      baseline_model = model
+      if _BASELINE_IMPL.value:
+        baseline_config = config.copy_and_resolve_references()
+        baseline_config.model.attention_impl = _BASELINE_IMPL.value
+        baseline_model = build_model(baseline_config)
+      modules = {f"baseline {_BASELINE.value}": (baseline_decode(_BASELINE.value, directory),
+                                                 baseline_model),
+                 "today": (decode, model)}
+    results = {int(b): measure(modules, int(b), _NUM_TOKENS.value, sampling_config,
                                _REPEATS.value) for b in _BATCH_SIZES.value}
   device = jax.devices()[0]
 

@@ -58,6 +58,12 @@ CONFIG_FILE = "config.json"
 # -- the model and its layout --------------------------------------------------------------------
 
 
+def windows_are_left_padded(config: ml_collections.ConfigDict) -> bool:
+  """Whether the input pipeline pads training/evaluation windows on the left
+  (config.data.padding_side): the model's forwards over them then have slot masks."""
+  return config.data.padding_side == "left"
+
+
 def model_fn(config: ml_collections.ConfigDict, *, left_padded_windows: bool = False,
              ) -> Callable[[], model_lib.PerceiverS]:
   """Builds the model of `config`, initialised from config.seed (`left_padded_windows`: its

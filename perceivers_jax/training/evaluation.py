@@ -112,7 +112,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              eval_source: Any = None, step: int | None = None) -> dict[str, float]:
   """Evaluates checkpoint `step` (default: the latest) of `workdir` on config.data.eval_split."""
   model = model_state.build(config, config_validation.job_mesh(config),
-                            left_padded_windows=config.data.padding_side == "left")
+                            left_padded_windows=model_state.windows_are_left_padded(config))
   step = model_state.saved_step(workdir, config, step)
   params = model_state.restore_params(workdir, step, model.abstract_params)
   if eval_source is None:

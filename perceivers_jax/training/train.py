@@ -136,8 +136,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
   """Abstract state, shardings and jitted init/train/eval functions for `config` on `mesh`."""
   rules = tuple(config.logical_axis_rules)
   schedule = optimizer_lib.make_schedule(config.train)
-  # Training and evaluation windows come from the input pipeline, padded on data.padding_side.
-  left_padded = config.data.padding_side == "left"
+  left_padded = model_state.windows_are_left_padded(config)
   model = model_state.build(config, mesh, left_padded_windows=left_padded)
   create_model = model_state.model_fn(config, left_padded_windows=left_padded)
   optimizer = optimizer_lib.make_optimizer(config.train)
