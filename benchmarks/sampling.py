@@ -8,13 +8,16 @@ key cache) that run per plain decode step and per latent reset (`hlo_copies.py`)
 
 With --baseline=REV, the decode module of git revision REV is imported from a temporary file
 beside today's, and both run in this process, timed in alternation (A/B, best and median of
---repeats), so the two columns share the machine's load. Prints a table and writes JSON.
+--repeats), so the two columns share the machine's load; --baseline_attention_impl gives the
+baseline a model with the same parameters and another attention_impl. Prints a table and
+writes JSON.
 
   python benchmarks/sampling.py                                   # configs/tiny.py, CPU, ~1 min
-  python benchmarks/sampling.py --baseline=main --config.model.max_length=4096 \\
-      --config.model.num_latents=256 --config.model.embed_dim=256 \\
-      --config.model.num_latent_layers=4 --config.model.cross_attention_scales=0,256 \\
-      --num_tokens=384                                          # RESULTS.md's decode table
+  python benchmarks/sampling.py --baseline=be0673f --baseline_attention_impl=xla \\
+      --config.model.max_length=4096 --config.model.num_latents=256 \\
+      --config.model.embed_dim=256 --config.model.num_heads=4 --config.model.head_dim=64 \\
+      --config.model.num_latent_layers=4 "--config.model.cross_attention_scales=(0,256)" \\
+      --num_tokens=320 --repeats=3                              # RESULTS.md's decode table
   python benchmarks/sampling.py --config=configs/perceivers.py --num_tokens=2048   # GPU
 
 SPEC 6 reference (google-research/perceiver-ar, paper size, H200): 411 tokens/s at batch 1,
