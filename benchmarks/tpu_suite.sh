@@ -33,6 +33,7 @@ step 120 train_b1 python benchmarks/train_step.py "${paper[@]}" --config.train.b
   --steps=10 --output="$out/train_b1.json"
 step 150 train_b8 python benchmarks/train_step.py "${paper[@]}" --config.train.batch_size=8 \
   --steps=10 --output="$out/train_b8.json"
-step 150 sampling python benchmarks/sampling.py --config=configs/perceivers.py \
-  --batch_sizes=1,16 --num_tokens=512 --output="$out/sampling.json"
+# 1,280 tokens from SOS: past the first latent reset (N = 1,024), as the CPU decode table.
+step 160 sampling python benchmarks/sampling.py --config=configs/perceivers.py \
+  --batch_sizes=1,16 --num_tokens=1280 --output="$out/sampling.json"
 exit "$status"
