@@ -1,0 +1,54 @@
+"""benchmarks/gpu_suite.sh and tpu_suite.sh stay ready to run in one call: valid bash, the
+GPU suite's time limits within 8 minutes, and every flag they pass defined by its script."""
+
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SUITES = [ROOT / "benchmarks" / "gpu_suite.sh", ROOT / "benchmarks" / "tpu_suite.sh"]
+
+
+def _steps(suite: pathlib.Path) -> list[tuple[int, str, list[str]]]:
+  """(time limit s, name, command words) of each `step SECONDS NAME COMMAND...` line."""
+  text = re.sub(r"\\\n\s*", " ", suite.read_text())
+  return [(int(m.group(1)), m.group(2), m.group(3).split())
+          for m in re.finditer(r"^step (\d+) (\w+) (.*)$", text, re.M)]
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda p: p.name)
+def test_suite_is_valid_bash(suite):
+  subprocess.run(["bash", "-n", str(suite)], check=True)
+  if shutil.which("shellcheck") is None:
+    pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+  result = subprocess.run(["shellcheck", "-s", "bash", str(suite)], capture_output=True,
+                          text=True)
+  assert result.returncode == 0, result.stdout
+
+
+def test_gpu_suite_fits_one_eight_minute_call():
+  steps = _steps(SUITES[0])
+  assert [name for _, name, _ in steps] == ["cudnn_vs_xla", "train_b1", "train_b8", "sampling"]
+  assert sum(limit for limit, _, _ in steps) <= 8 * 60
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda p: p.name)
+def test_every_flag_a_suite_passes_is_defined(suite):
+  """`python benchmarks/X.py --flag=...` steps: each --flag (config overrides aside) is one
+  of X.py's absl flags, so a renamed flag fails here, not on the accelerator."""
+  checked = 0
+  for _, name, words in _steps(suite):
+    if words[:2] != ["python", words[1]] or not words[1].startswith("benchmarks/"):
+      continue
+    helpfull = subprocess.run([sys.executable, words[1], "--helpfull"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300, check=False).stdout
+    for word in words[2:]:
+      flag = re.match(r"--([\w.]+)", word)
+      if flag and not flag.group(1).startswith("config"):
+        assert f"--{flag.group(1)}" in helpfull, f"{suite.name} step {name}: {word}"
+        checked += 1
+  assert checked >= 5
