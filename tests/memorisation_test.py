@@ -138,3 +138,30 @@ def test_cli_train_flag_writes_the_check(maestro_paths, tmp_path):
   assert copied["longest_run"] == copied["num_notes"] > 300 and copied["copied_share"] == 1.0
   assert copied["training_piece"] == maestro_paths[2].name and copied["training_note"] == 0
   assert result["sets"]["reference"]["longest_run_max"] < memorisation.MIN_RUN_NOTES
+
+
+def test_a_continuations_primer_is_not_counted_as_copied(maestro_paths, tmp_path):
+  """Samples primed with a training piece's opening (sidecar prompt_tokens, as
+  perceivers-sample writes): one continues it verbatim (every generated note copied), one
+  continues with a held-out piece (nothing generated is copied)."""
+  train, reference, generated = (tmp_path / name for name in ("train", "reference", "g"))
+  for folder, indices in ((train, (2, 3)), (reference, (0,)), (generated, ())):
+    folder.mkdir()
+    for i in indices:
+      (folder / maestro_paths[i].name).symlink_to(maestro_paths[i])
+  opening = tokens.midi_file_to_tokens(maestro_paths[2])[:1500]
+  held_out = tokens.midi_file_to_tokens(maestro_paths[9])[:800]
+  np.save(generated / "verbatim.npy", opening)
+  np.save(generated / "new.npy", np.concatenate([opening[:700], held_out]))
+  for name in ("verbatim", "new"):
+    (generated / f"{name}.json").write_text(json.dumps({"prompt_tokens": 700}))
+  result = memorisation.evaluate_memorisation(train, {"g": generated, "reference": reference},
+                                              tmp_path / "out")
+  new, verbatim = result["sets"]["g"]["pieces"]  # sorted by file name
+  primer = int(np.sum((opening[:700] >= tokens.NOTE_ON_START)
+                      & (opening[:700] < tokens.NOTE_OFF_START)))
+  assert new["primer_notes"] == verbatim["primer_notes"] == primer > 100
+  assert verbatim["longest_run"] == verbatim["num_notes"] - primer
+  assert verbatim["copied_share"] == 1.0
+  assert new["longest_run"] < memorisation.MIN_RUN_NOTES and new["copied_share"] == 0.0
+  assert result["sets"]["reference"]["pieces"][0]["primer_notes"] == 0

@@ -10,6 +10,9 @@ Per piece, with the matching statistics ms[i] (the longest prefix of the piece's
 from i that occurs anywhere in the training pieces):
   longest_run: max ms + 1 notes, and where in which training piece it is;
   copied_share: the share of its notes inside shared runs of >= MIN_RUN_NOTES notes.
+A continuation's primer was given, not generated: its notes (those of the first
+`prompt_tokens` tokens of a `perceivers-sample` sidecar) are left out of both figures, so a
+primer taken from a training piece is not counted as copied.
 The held-out reference set gets the same figures, as the baseline of what chance and
 common idioms (scales, repeated chords) give.
 
@@ -150,25 +153,33 @@ class Corpus:
       best, where = np.where(better, common, best), np.where(better, c, where)
     return best, where
 
-  def check(self, pieces: Sequence[np.ndarray]) -> list[dict]:
-    """Per piece (as `note_steps`): longest shared run and share of notes in long runs."""
+  def check(self, pieces: Sequence[np.ndarray],
+            primer_notes: Sequence[int] | None = None) -> list[dict]:
+    """Per piece (as `note_steps`): longest shared run and share of notes in long runs,
+    counting only notes from `primer_notes[i]` on (its first notes are a given primer)."""
     query = _Text.join(pieces, first_sentinel=-1 - len(self.names))
     ms, where = self.matching_statistics(query)
     results = []
-    for piece, start in zip(pieces, query.starts):
+    for i, (piece, start) in enumerate(zip(pieces, query.starts)):
       num_notes = len(piece) + 1
+      first = primer_notes[i] if primer_notes else 0
       run, at = ms[start:start + len(piece)], where[start:start + len(piece)]
+      # Notes after the primer in the run of notes i .. i + run[i].
+      steps = np.arange(len(piece))
+      generated = np.maximum(steps + run + 1 - np.maximum(steps, first), 0)
       covered = np.zeros(num_notes + 1, np.int64)
-      long_runs = np.flatnonzero(run >= MIN_RUN_NOTES - 1)
+      long_runs = np.flatnonzero(generated >= MIN_RUN_NOTES)
       np.add.at(covered, long_runs, 1)
       np.add.at(covered, long_runs + run[long_runs] + 1, -1)
-      best = int(np.argmax(run)) if len(piece) else 0
+      best = int(np.argmax(generated)) if len(piece) else 0
       source = int(at[best]) if len(piece) else 0
       train_piece = int(np.searchsorted(self.text.starts, source, side="right") - 1)
       results.append({
           "num_notes": num_notes,
-          "longest_run": int(run[best]) + 1 if len(piece) else 1,
-          "copied_share": float(np.mean(np.cumsum(covered)[:num_notes] > 0)),
+          "primer_notes": first,
+          "longest_run": int(generated[best]) if len(piece) else int(first == 0),
+          "copied_share": (float(np.mean((np.cumsum(covered)[:num_notes] > 0)[first:]))
+                           if first < num_notes else 0.0),
           "longest_run_at_note": best,
           "training_piece": self.names[train_piece],
           "training_note": source - int(self.text.starts[train_piece]),
@@ -178,6 +189,26 @@ class Corpus:
 
 def piece_steps(notes: Sequence[features_lib.Notes]) -> list[np.ndarray]:
   return [note_steps(n.starts, n.pitches) for n in notes]
+
+
+def primer_notes(source: piece_sets.SetSource, piece_set: piece_sets.PieceSet) -> list[int]:
+  """Per piece of a folder set, the notes of its primer: the NOTE_ONs among the first
+  `prompt_tokens` tokens of the `perceivers-sample` sidecar beside it (x.json for x.npy or
+  x.mid); 0 without one (an unconditional sample, a real piece)."""
+  folder = pathlib.Path(source) if isinstance(source, (str, os.PathLike)) else None
+  counts = []
+  for name, token_ids in zip(piece_set.piece_names, piece_set.tokens):
+    sidecar = (folder / name).with_suffix(".json") if folder else None
+    prompt_tokens = 0
+    if sidecar and sidecar.is_file():
+      try:
+        prompt_tokens = int(json.loads(sidecar.read_text(encoding="utf-8"))["prompt_tokens"])
+      except (ValueError, KeyError, TypeError):
+        prompt_tokens = 0  # not a sample's sidecar
+    prompt = np.asarray(token_ids)[:prompt_tokens]
+    counts.append(int(np.sum((prompt >= tokens_lib.NOTE_ON_START)
+                             & (prompt < tokens_lib.NOTE_OFF_START))))
+  return counts
 
 
 def _summary(results: list[dict]) -> dict:
@@ -206,7 +237,7 @@ def evaluate_memorisation(train: piece_sets.SetSource,
                        "min_run_notes": MIN_RUN_NOTES}, "sets": {}}
   for name, source in sets.items():
     piece_set = piece_sets.load_set(name, source, **load)
-    pieces = corpus.check(piece_steps(piece_set.notes))
+    pieces = corpus.check(piece_steps(piece_set.notes), primer_notes(source, piece_set))
     for piece_name, notes, entry in zip(piece_set.piece_names, piece_set.notes, pieces):
       entry["piece"] = piece_name
       if not len(notes):  # no notes, no steps: nothing shared
@@ -220,7 +251,7 @@ def evaluate_memorisation(train: piece_sets.SetSource,
            f"{corpus.num_notes} notes). Notes compared by pitch interval and inter-onset time "
            f"({result['config']['ioi_quantum_ms']} ms bins; transpositions count, velocity "
            f"ignored). Copied share: notes inside runs of >= {MIN_RUN_NOTES} notes shared "
-           "with a training piece.", "",
+           "with a training piece. A continuation's primer notes are not counted.", "",
            f"| Set | pieces | median longest run | max longest run | mean copied share | "
            f"pieces with a run >= {MIN_RUN_NOTES} |", "|---|---|---|---|---|---|"]
   for name, entry in result["sets"].items():
