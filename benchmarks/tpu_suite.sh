@@ -11,18 +11,9 @@
 # Each step has its own time limit so one slow step cannot eat the others' time.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
-out="${OUT:-benchmarks/tpu_results}"
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-python -c 'import jax; print(jax.__version__, jax.devices())'
-
-status=0
-step() {  # step SECONDS NAME COMMAND...
-  local limit="$1" name="$2"
-  shift 2
-  echo "== $name"
-  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" || { echo "!! $name failed or timed out"; status=1; }
-}
+# shellcheck source=benchmarks/suite_steps.sh
+source benchmarks/suite_steps.sh
+suite_start tpu
 
 paper=(--config=configs/perceivers.py --config.model.attention_impl=auto
        --config.model.dtype=bfloat16)
@@ -36,4 +27,4 @@ step 150 train_b8 python benchmarks/train_step.py "${paper[@]}" --config.train.b
 # 1,280 tokens from SOS: past the first latent reset (N = 1,024), as the CPU decode table.
 step 160 sampling python benchmarks/sampling.py --config=configs/perceivers.py \
   --batch_sizes=1,16 --num_tokens=1280 --output="$out/sampling.json"
-exit "$status"
+suite_end

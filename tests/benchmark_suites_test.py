@@ -1,6 +1,7 @@
 """benchmarks/gpu_suite.sh and tpu_suite.sh stay ready to run in one call: valid bash, the
 GPU suite's time limits within 8 minutes, and every flag they pass defined by its script."""
 
+import os
 import pathlib
 import re
 import shutil
@@ -11,6 +12,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SUITES = [ROOT / "benchmarks" / "gpu_suite.sh", ROOT / "benchmarks" / "tpu_suite.sh"]
+STEPS = ROOT / "benchmarks" / "suite_steps.sh"  # what both source
 
 
 def _steps(suite: pathlib.Path) -> list[tuple[int, str, list[str]]]:
@@ -20,14 +22,29 @@ def _steps(suite: pathlib.Path) -> list[tuple[int, str, list[str]]]:
           for m in re.finditer(r"^step (\d+) (\w+) (.*)$", text, re.M)]
 
 
-@pytest.mark.parametrize("suite", SUITES, ids=lambda p: p.name)
+@pytest.mark.parametrize("suite", SUITES + [STEPS], ids=lambda p: p.name)
 def test_suite_is_valid_bash(suite):
   subprocess.run(["bash", "-n", str(suite)], check=True)
   if shutil.which("shellcheck") is None:
     pytest.skip("shellcheck not installed (apt-get install shellcheck)")
-  result = subprocess.run(["shellcheck", "-s", "bash", str(suite)], capture_output=True,
-                          text=True)
+  result = subprocess.run(["shellcheck", "-x", "-s", "bash", str(suite)], cwd=ROOT,
+                          capture_output=True, text=True)
   assert result.returncode == 0, result.stdout
+
+
+def test_a_failed_or_slow_step_is_reported_and_the_others_still_run(tmp_path):
+  script = (f"source {STEPS}; suite_start test; step 5 fine echo hello; "
+            "step 1 slow sleep 5; step 5 broken false; step 5 after echo still; suite_end")
+  env = dict(os.environ, OUT=str(tmp_path), PATH=f"{pathlib.Path(sys.executable).parent}:"
+             f"{os.environ['PATH']}")
+  result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+  assert result.returncode == 1, result.stdout + result.stderr
+  assert "!! slow failed or timed out" in result.stdout
+  assert "!! broken failed or timed out" in result.stdout
+  assert "!! fine" not in result.stdout and "!! after" not in result.stdout
+  assert (tmp_path / "fine.log").read_text() == "hello\n"
+  assert (tmp_path / "after.log").read_text() == "still\n"
 
 
 def test_gpu_suite_fits_one_eight_minute_call():
