@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from perceivers_jax.state import checkpointing
 
@@ -59,23 +60,15 @@ def test_state_only_checkpointer_reads_training_checkpoints(tmp_path):
   np.testing.assert_array_equal(restored["params"]["w"], _state(2.0)["params"]["w"])
 
 
-def test_sigterm_sets_the_stop_flag_and_handler_is_restored():
-  previous = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_sets_the_stop_flag_and_handlers_are_restored(signum):
+  """SIGTERM (preemption) and the first Ctrl-C only set the flag (a second Ctrl-C exits:
+  tests/faults_test.py)."""
+  previous = signal.getsignal(signum)
   watcher = checkpointing.PreemptionWatcher()
   assert not watcher.should_stop(1)
-  os.kill(os.getpid(), signal.SIGTERM)
+  os.kill(os.getpid(), signum)
   assert watcher.should_stop(2)
   watcher.close()
-  assert signal.getsignal(signal.SIGTERM) == previous
-
-
-def test_ctrl_c_sets_the_stop_flag_and_handlers_are_restored():
-  """The first Ctrl-C only sets the flag (a second one exits: tests/faults_test.py)."""
-  previous = signal.getsignal(signal.SIGINT)
-  watcher = checkpointing.PreemptionWatcher()
-  assert not watcher.should_stop(1)
-  os.kill(os.getpid(), signal.SIGINT)
-  assert watcher.should_stop(2)
-  watcher.close()
-  assert signal.getsignal(signal.SIGINT) == previous
+  assert signal.getsignal(signum) == previous
   assert signal.set_wakeup_fd(-1) == -1  # the wakeup fd was given back too.

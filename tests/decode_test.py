@@ -43,6 +43,31 @@ def _reset_rule(prompt_lengths, steps, reset_latents=N // 2):
   return starts_BS, starts_BS + N - 1
 
 
+def _uncached_logits(model, prompts, out, starts_BS=None, horizons_BS=None) -> np.ndarray:
+  """The uncached reference [B, S, V] of every step of `out` (see the module docstring of
+  decode): each step's window from its horizon, latents from its last reset (by default
+  the decoder's own `horizon` and `latent_start`)."""
+  starts_BS = out["latent_start"] if starts_BS is None else starts_BS
+  horizons_BS = out["horizon"] if horizons_BS is None else horizons_BS
+  rows, firsts = [], []
+  for row, prompt_row in enumerate(prompts):
+    sequence = np.concatenate([prompt_row, out["tokens"][row]])
+    for step in range(int(out["num_steps"])):
+      t = len(prompt_row) - 1 + step  # newest input when token `step` was sampled
+      first = max(int(horizons_BS[row, step]) - L + 1, 0)  # oldest input in context
+      rows.append(tiny_model.window(sequence[first:t + 1], first))
+      firsts.append(starts_BS[row, step])
+  inputs, positions = tiny_model.batch(rows)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def reference(state, inputs, positions, firsts):
+    return nnx.merge(graphdef, state)(inputs, positions, first_latent_position_B=firsts)[:, -1]
+
+  logits = np.asarray(reference(state, inputs, positions, jnp.asarray(firsts)))
+  return logits.reshape(len(prompts), int(out["num_steps"]), -1)
+
+
 @pytest.mark.parametrize("overrides", [
     dict(),  # scanned, cascade, scales (0, 8)
     dict(scan_layers=False, combine="sum", cross_attention_scales=(4, 0),
@@ -67,24 +92,8 @@ def test_cached_logits_equal_uncached_forward_between_resets(overrides):
   for row in range(len(PROMPT_LENGTHS)):
     assert len(np.unique(starts_BS[row])) == 11 and horizons_BS[row].max() > L
 
-  rows, firsts = [], []
-  for step in range(STEPS):
-    for row, prompt_row in enumerate(prompts):
-      sequence = np.concatenate([prompt_row, out["tokens"][row]])
-      t = len(prompt_row) - 1 + step  # newest input when token `step` was sampled
-      first = max(int(horizons_BS[row, step]) - L + 1, 0)  # oldest input in context
-      rows.append(tiny_model.window(sequence[first:t + 1], first))
-      firsts.append(starts_BS[row, step])
-  inputs, positions = tiny_model.batch(rows)
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def reference(state, inputs, positions, firsts):
-    return nnx.merge(graphdef, state)(inputs, positions, first_latent_position_B=firsts)[:, -1]
-
-  expected = np.asarray(reference(state, inputs, positions, jnp.asarray(firsts)))
-  cached = out["logits"].transpose(1, 0, 2).reshape(expected.shape)
-  np.testing.assert_allclose(cached, expected, atol=1e-5)
+  expected = _uncached_logits(model, prompts, out, starts_BS, horizons_BS)
+  np.testing.assert_allclose(out["logits"], expected, atol=1e-5)
 
 
 def test_sampling_filters():
@@ -192,28 +201,6 @@ def test_a_rows_tokens_depend_on_its_key_only():
   alone = np.asarray(decode.generate(model, prompt[:1], num_steps=20, keys_B=keys[2:])["tokens"])
   np.testing.assert_array_equal(together[2], alone[0])
   assert not np.array_equal(together[0], together[1])
-
-
-def _uncached_logits(model, prompts, out) -> np.ndarray:
-  """The uncached reference [B, S, V] of every step of `out` (see the module docstring of
-  decode): each step's window from its horizon, latents from its last reset."""
-  rows, firsts = [], []
-  for row, prompt_row in enumerate(prompts):
-    sequence = np.concatenate([prompt_row, out["tokens"][row]])
-    for step in range(int(out["num_steps"])):
-      t = len(prompt_row) - 1 + step  # newest input when token `step` was sampled
-      first = max(int(out["horizon"][row, step]) - L + 1, 0)  # oldest input in context
-      rows.append(tiny_model.window(sequence[first:t + 1], first))
-      firsts.append(out["latent_start"][row, step])
-  inputs, positions = tiny_model.batch(rows)
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def reference(state, inputs, positions, firsts):
-    return nnx.merge(graphdef, state)(inputs, positions, first_latent_position_B=firsts)[:, -1]
-
-  logits = np.asarray(reference(state, inputs, positions, jnp.asarray(firsts)))
-  return logits.reshape(len(prompts), int(out["num_steps"]), -1)
 
 
 def test_bfloat16_decoding_at_batch_4_past_two_resets_matches_float32():
