@@ -46,6 +46,7 @@ from perceivers_jax.model import perceivers as model_lib
 from perceivers_jax.parallel import mesh as mesh_lib
 from perceivers_jax.parallel import partitioning
 from perceivers_jax.sampling import decode
+from perceivers_jax.sampling import next_token
 from perceivers_jax.sampling import sampling
 import hlo_copies  # benchmarks/hlo_copies.py, beside this script
 
@@ -147,7 +148,7 @@ def main(argv) -> None:
   del argv
   config = _CONFIG.value
   m = config.model
-  sampling_config = decode.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
+  sampling_config = next_token.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
                                           _MIN_P.value)
   model = build_model(config)
   num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from perceivers_jax.data import tokens
-from perceivers_jax.sampling import decode
+from perceivers_jax.sampling import next_token
 from perceivers_jax.sampling import sampling
 from perceivers_jax.state import export
 from perceivers_jax.training import train
@@ -48,7 +48,7 @@ def test_cudnn_config_trains_exports_samples_and_finetunes_without_a_gpu(
   # Batch 1: bf16 decoding at batch >= 2 past a reset is issue 13's decoder half.
   out, _ = sampling.generate(model, np.array([tokens.SOS_ID], np.int32),
                              jax.random.split(jax.random.key(0), 1), num_tokens=30,
-                             sampling=decode.SamplingConfig())
+                             sampling=next_token.SamplingConfig())
   assert out.shape == (1, 30)
   finetune = _cudnn_config()
   finetune.train.init_from = str(tmp_path / "export")

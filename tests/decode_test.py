@@ -12,6 +12,7 @@ from flax import nnx
 import tiny_model
 from perceivers_jax.data import tokens
 from perceivers_jax.sampling import decode
+from perceivers_jax.sampling import next_token
 from tiny_model import L, N
 
 PROMPT_LENGTHS = (5, 3)  # left-padded to 5: rows sit at different positions
@@ -81,7 +82,7 @@ def test_cached_logits_equal_uncached_forward_between_resets(overrides):
   width = max(PROMPT_LENGTHS)
   prompt = np.stack([np.pad(p, (width - len(p), 0)) for p in prompts])
   out = decode.generate(model, prompt, num_steps=STEPS, keys_B=_keys(0, len(prompt)),
-                        sampling=decode.SamplingConfig(temperature=1.0),
+                        sampling=next_token.SamplingConfig(temperature=1.0),
                         record_logits=True)
   out = jax.tree.map(np.asarray, out)
   assert out["num_steps"] == STEPS and (out["tokens"] > 2).all()
@@ -98,26 +99,26 @@ def test_cached_logits_equal_uncached_forward_between_resets(overrides):
 
 def test_sampling_filters():
   logits = jnp.asarray([[0.0, 5.0, 9.0, 1.0, 2.0, 3.0, 4.0]])  # PAD=0, EOS=1, SOS=2
-  greedy = decode.SamplingConfig(temperature=0.0)
-  assert int(decode.sample(logits, jax.random.key(0), greedy)[0]) == 1  # SOS never sampled
-  top2 = decode.filter_logits(logits, decode.SamplingConfig(top_k=2))
+  greedy = next_token.SamplingConfig(temperature=0.0)
+  assert int(next_token.sample(logits, jax.random.key(0), greedy)[0]) == 1  # SOS never sampled
+  top2 = next_token.filter_logits(logits, next_token.SamplingConfig(top_k=2))
   np.testing.assert_array_equal(np.isfinite(top2[0]), [0, 1, 0, 0, 0, 0, 1])
   # Softmax over {5, 4, 3, 2, 1} (PAD/SOS removed): p(EOS) = 0.64, p(6) = 0.24, p(5) = 0.09.
-  top_p = decode.filter_logits(logits, decode.SamplingConfig(top_p=0.8))
+  top_p = next_token.filter_logits(logits, next_token.SamplingConfig(top_p=0.8))
   np.testing.assert_array_equal(np.isfinite(top_p[0]), [0, 1, 0, 0, 0, 0, 1])
-  only_best = decode.filter_logits(logits, decode.SamplingConfig(top_p=0.1))
+  only_best = next_token.filter_logits(logits, next_token.SamplingConfig(top_p=0.1))
   np.testing.assert_array_equal(np.isfinite(only_best[0]), [0, 1, 0, 0, 0, 0, 0])
   keys = jax.random.split(jax.random.key(1), 200)
-  draws = jax.vmap(lambda k: decode.sample(logits, k, decode.SamplingConfig(top_k=2)))(keys)
+  draws = jax.vmap(lambda k: next_token.sample(logits, k, next_token.SamplingConfig(top_k=2)))(keys)
   assert set(np.unique(draws)) == {1, 6}
   with pytest.raises(ValueError, match="top_p"):
-    decode.SamplingConfig(top_p=0.0)
+    next_token.SamplingConfig(top_p=0.0)
 
 
 @pytest.mark.parametrize("min_p,temperature", [(0.3, 1.0), (0.05, 1.0), (0.3, 0.5), (1.0, 1.0)])
 def test_min_p_keeps_exactly_tokens_at_least_min_p_times_the_best(min_p, temperature):
   logits = jax.random.normal(jax.random.key(3), (4, 391)) * 3.0
-  kept = decode.filter_logits(logits, decode.SamplingConfig(temperature=temperature,
+  kept = next_token.filter_logits(logits, next_token.SamplingConfig(temperature=temperature,
                                                             min_p=min_p))
   reference = np.asarray(logits, np.float64) / temperature
   reference[:, [0, 2]] = -np.inf  # PAD and SOS are never sampled
@@ -127,7 +128,7 @@ def test_min_p_keeps_exactly_tokens_at_least_min_p_times_the_best(min_p, tempera
   np.testing.assert_array_equal(np.isfinite(kept), expected)
   assert expected.sum() >= 4  # at least the best token per row
   with pytest.raises(ValueError, match="min_p"):
-    decode.SamplingConfig(min_p=1.5)
+    next_token.SamplingConfig(min_p=1.5)
 
 
 def test_per_sequence_eos_stop():
@@ -164,7 +165,7 @@ def _music_model():
 def test_max_seconds_bounds_the_music_time_prompt_included():
   model = _music_model()
   prompt = np.asarray([[tokens.SOS_ID, tokens.TIME_SHIFT_START + 99]])  # 1 s already
-  sampling = decode.SamplingConfig(max_seconds=3.0)
+  sampling = next_token.SamplingConfig(max_seconds=3.0)
   out = jax.tree.map(np.asarray, decode.generate(model, prompt, num_steps=60, keys_B=_keys(0, 1),
                                                  sampling=sampling))
   row = out["tokens"][0][:out["num_steps"]]
@@ -179,7 +180,7 @@ def test_max_seconds_bounds_the_music_time_prompt_included():
 def test_end_seconds_raises_eos_smoothly_after_that_time():
   model = _music_model()
   prompt = np.full((16, 1), tokens.SOS_ID)
-  sampling = decode.SamplingConfig(end_seconds=2.0, end_eos_nats_per_second=4.0)
+  sampling = next_token.SamplingConfig(end_seconds=2.0, end_eos_nats_per_second=4.0)
   out = jax.tree.map(np.asarray, decode.generate(model, prompt, num_steps=200,
                                                  keys_B=_keys(1, 16), sampling=sampling))
   durations = []
@@ -242,7 +243,7 @@ def test_compiled_decode_loop_copies_no_cache_per_step(batch, impl):
   compiled = decode._generate.lower(  # pylint: disable=protected-access
       graphdef, state, np.full((batch, 1), tokens.SOS_ID, np.int32), np.ones(batch, np.int32),
       _keys(0, batch), np.zeros(batch, np.int32), num_steps=40,
-      sampling=decode.SamplingConfig(), num_reset_latents=N // 2, min_prompt_length=1,
+      sampling=next_token.SamplingConfig(), num_reset_latents=N // 2, min_prompt_length=1,
       record_logits=False).compile()
   latent_cache_bytes = batch * model.num_heads * N * model.head_dim * 4
   copies = _hlo_copies().cache_copies(compiled.as_text(), latent_cache_bytes)

@@ -1,7 +1,6 @@
 """README command 1, shortened: the demo end to end on the real MAESTRO pieces, then rerun."""
 
 import json
-import pathlib
 import subprocess
 import sys
 

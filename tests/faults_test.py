@@ -19,26 +19,18 @@ import numpy as np
 import pytest
 
 from perceivers_jax.data import tokens
+import slow_training_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HANG_MARKER = "HANGING-IN-SAVE"
 
-_RUN = r"""
-import importlib.util, os, sys, time
+_RUN = slow_training_run.script("""
 from absl import logging
 import grain
-import numpy as np
 from perceivers_jax.state import checkpointing
-from perceivers_jax.training import train
-spec = importlib.util.spec_from_file_location("tiny", sys.argv[1])
-tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)
-arrays = list(np.load(sys.argv[2]).values())
-c = tiny.get_config()
 c.model.max_length, c.model.num_latents, c.model.num_latent_layers = 128, 16, 1
 c.train.num_steps = 8
-c.log_every_steps = 1
 c.checkpoint.every_steps, c.checkpoint.keep = int(sys.argv[4]), 10
-c.eval.every_steps, c.eval.max_batches = 1000, 1
 logging.set_verbosity(logging.INFO)  # the resume and Ctrl-C lines, on stderr.
 logging.use_absl_handler()
 
@@ -58,21 +50,7 @@ def hanging_write(self, directory, *args, **kwargs):
 
 checkpointing.Checkpointer.save = noting_save
 grain.checkpoint.CheckpointHandler.save = hanging_write
-
-
-class SlowSource:
-  # Reads take 0.1 s, so a signal reliably lands mid-run; the tokens are unchanged.
-  def __len__(self):
-    return 2
-
-  def __getitem__(self, index):
-    time.sleep(0.1)
-    return {"tokens": arrays[index]}
-
-
-train.train_and_evaluate(c, sys.argv[3], train_source=SlowSource(),
-                         eval_source=[{"tokens": arrays[0][:300]}])
-"""
+""")
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +89,7 @@ class _Run:
     return lambda: any(text in line for line in self.lines)
 
 
-def _losses(workdir):
-  path = workdir / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [(r["step"], r["train/loss"]) for r in map(json.loads, path.read_text().splitlines())
-          if "train/loss" in r]
+_losses = slow_training_run.losses
 
 
 def _checkpoints(workdir):

@@ -12,7 +12,6 @@ import pytest
 from perceivers_jax.experiments import reproduce
 from perceivers_jax.sampling import sampling
 from perceivers_jax.training import evaluation
-from perceivers_jax.training import train
 
 _MODELS = ("perceiver_ar", "perceivers")
 _RUN = [sys.executable, "-m", "perceivers_jax.cli.reproduce", f"--models={','.join(_MODELS)}",

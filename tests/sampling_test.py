@@ -22,7 +22,7 @@ import pytest
 
 from perceivers_jax.cli import sample as sample_cli
 from perceivers_jax.data import tokens
-from perceivers_jax.sampling import decode
+from perceivers_jax.sampling import next_token
 from perceivers_jax.sampling import job
 from perceivers_jax.sampling import listening_page
 from perceivers_jax.sampling import sampling
@@ -167,7 +167,7 @@ def test_greedy_limits(loaded):
   def run(seed, **sampling_kwargs):
     keys = jax.numpy.stack([sampling.sample_key(seed, i) for i in range(2)])
     out, _ = sampling.generate(model, prompt, keys, num_tokens=40,
-                               sampling=decode.SamplingConfig(**sampling_kwargs))
+                               sampling=next_token.SamplingConfig(**sampling_kwargs))
     return out
 
   greedy = run(0, temperature=0.0)
@@ -248,7 +248,7 @@ _SHARDED = r"""
 import json, sys
 import jax, numpy as np
 from perceivers_jax.parallel import mesh as mesh_lib
-from perceivers_jax.sampling import decode
+from perceivers_jax.sampling import next_token
 from perceivers_jax.sampling import sampling
 prompt = np.array([2], np.int32)
 keys = jax.numpy.stack([sampling.sample_key(0, i) for i in range(3)])
@@ -257,7 +257,7 @@ for name, devices in (("one", jax.devices()[:1]), ("two", jax.devices())):
   model, _, _ = sampling.load_model(sys.argv[1], mesh=mesh_lib.data_mesh(devices))
   leaf = jax.tree.leaves(model.head.kernel.get_value())[0]
   tokens, _ = sampling.generate(model, prompt, keys, num_tokens=20,
-                                sampling=decode.SamplingConfig())
+                                sampling=next_token.SamplingConfig())
   out[name] = {"tokens": tokens.tolist(), "devices": len(leaf.sharding.device_set)}
 print("RESULT" + json.dumps(out))
 """
@@ -289,7 +289,7 @@ def test_max_seconds_bounds_every_written_piece(workdir, tmp_path):
 
 
 def test_flags_are_the_settings_fields():
-  """Each field of SampleSettings and of decode.SamplingConfig is a flag, with its default and
+  """Each field of SampleSettings and of next_token.SamplingConfig is a flag, with its default and
   help; flag values round-trip."""
   fields = sampling.SampleSettings.flag_fields()
   assert {"num_samples", "seed", "primer", "top_p", "end_eos_nats_per_second"} <= {
@@ -299,7 +299,7 @@ def test_flags_are_the_settings_fields():
     assert flag.default == field.default and flag.help == field.metadata["help"]
   settings = sampling.SampleSettings.from_flag_values(dict(
       num_samples=3, top_k=5, end_seconds=2.0, primer="x.mid", primer_seconds=1.5))
-  assert settings.sampling == decode.SamplingConfig(top_k=5, end_seconds=2.0)
+  assert settings.sampling == next_token.SamplingConfig(top_k=5, end_seconds=2.0)
   assert sampling.SampleSettings.from_flag_values(settings.flag_values()) == settings
   with pytest.raises(sampling.SamplingError, match=r"^--min_p=2: must be in \[0, 1\]"):
     sampling.SampleSettings.from_flag_values(dict(min_p=2))

@@ -95,6 +95,7 @@ import tiny_model  # noqa: E402
 from perceivers_jax.data import tokens  # noqa: E402
 from perceivers_jax.data import windows  # noqa: E402
 from perceivers_jax.sampling import decode  # noqa: E402
+from perceivers_jax.sampling import next_token  # noqa: E402
 
 # Scales [full, 48]: the windowed short scale keys N + W - 1 = 175 inputs and the full one
 # L = 320, both left-padded to whole blocks (256, 384) inside the splash call.
@@ -156,7 +157,7 @@ def test_splash_model_decodes_with_the_cached_kernel_and_matches_its_forward(mae
   prompt = _pieces(tuple(maestro_paths[:1]))[0][None, :200]
   out = jax.tree.map(np.asarray, decode.generate(
       splash_model, prompt, num_steps=3, keys_B=jax.random.split(jax.random.key(0), 1),
-      sampling=decode.SamplingConfig(), record_logits=True))
+      sampling=next_token.SamplingConfig(), record_logits=True))
   # Uncached reference: the splash model's own forward (splash kernels) over each window.
   rows, firsts = [], []
   for step in range(3):

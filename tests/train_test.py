@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from perceivers_jax.data import tokens
+import slow_training_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -149,43 +150,13 @@ def test_sharded_step_equals_single_device(pieces):
     assert out[name]["max_param_diff"] < 1e-5, out[name]  # ...identically in both layouts.
 
 
-_TRAIN_RUN = r"""
-import importlib.util, sys, time
-import numpy as np
-from perceivers_jax.training import train
-spec = importlib.util.spec_from_file_location("tiny", sys.argv[1])
-tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)
-arrays = list(np.load(sys.argv[2]).values())
-c = tiny.get_config()
+_TRAIN_RUN = slow_training_run.script("""
 c.model.max_length, c.model.num_latents, c.model.num_latent_layers = 256, 32, 1
 c.model.dropout_rate = 0.1  # resumed dropout masks must match too
 c.train.num_steps = 20
-c.log_every_steps = 1
 c.checkpoint.every_steps = 1000  # only the preemption save and the final one
-c.eval.every_steps, c.eval.max_batches = 1000, 1
-
-
-class SlowSource:
-  # Reads take 0.1 s, so SIGTERM reliably lands mid-run; the tokens are unchanged.
-  def __len__(self):
-    return 2
-
-  def __getitem__(self, index):
-    time.sleep(0.1)
-    return {"tokens": arrays[index]}
-
-
-train.train_and_evaluate(c, sys.argv[3], train_source=SlowSource(),
-                         eval_source=[{"tokens": arrays[2][:600]}])
-"""
-
-
-def _losses(workdir: pathlib.Path) -> list[tuple[int, float]]:
-  path = workdir / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [(r["step"], r["train/loss"]) for r in map(json.loads, path.read_text().splitlines())
-          if "train/loss" in r]
+""")
+_losses = slow_training_run.losses
 
 
 def test_sigterm_then_rerun_resumes_exactly(pieces, tmp_path):

@@ -21,7 +21,7 @@ reproduces its tokens exactly; the sidecar records everything needed.
 
 Decoding itself (caches, sliding window, latent resets) is `decode`'s: this module's loop
 adds only the per-row keys (`decode.generate` draws one key per step for the whole batch)
-around `decode.prefill` / `decode.decode_step` / `decode.sample`. With several devices the
+around `decode.prefill` / `decode.decode_step` / `next_token.sample`. With several devices the
 batch is split over a data-only mesh (parameters replicated; rows padded to a multiple of
 the device count).
 """
@@ -44,6 +44,7 @@ from perceivers_jax.data import tokens
 from perceivers_jax.model import perceivers as model_lib
 from perceivers_jax.parallel import mesh as mesh_lib
 from perceivers_jax.sampling import decode
+from perceivers_jax.sampling import next_token
 from perceivers_jax.sampling import job
 from perceivers_jax.sampling import listening_page
 from perceivers_jax.sampling.job import SamplingError
@@ -65,7 +66,7 @@ def _setting(default: Any, help_text: str) -> Any:
 @dataclasses.dataclass(frozen=True)
 class SampleSettings:
   """What to sample. The `perceivers-sample` flags are these fields and those of `sampling`
-  (`decode.SamplingConfig`, the one definition of the sampling controls and their ranges),
+  (`next_token.SamplingConfig`, the one definition of the sampling controls and their ranges),
   flattened; each field's `help` is its flag's. A new control is a new field, nothing else.
   """
   num_samples: int = _setting(1, "Number of samples K.")
@@ -80,13 +81,13 @@ class SampleSettings:
   max_note_seconds: float = _setting(
       tokens.DEFAULT_MAX_NOTE_SECONDS, "In the MIDI, a note whose NOTE_OFF never comes lasts at "
       "most this long (0 = until the piece ends).")
-  sampling: decode.SamplingConfig = dataclasses.field(default_factory=decode.SamplingConfig)
+  sampling: next_token.SamplingConfig = dataclasses.field(default_factory=next_token.SamplingConfig)
 
   @staticmethod
   def flag_fields() -> list[dataclasses.Field]:
-    """One field per flag: the settings' own, then `decode.SamplingConfig`'s."""
+    """One field per flag: the settings' own, then `next_token.SamplingConfig`'s."""
     own = [f for f in dataclasses.fields(SampleSettings) if f.name != "sampling"]
-    return own + list(dataclasses.fields(decode.SamplingConfig))
+    return own + list(dataclasses.fields(next_token.SamplingConfig))
 
   def flag_values(self) -> dict[str, Any]:
     """{flag name: value}, flattened as `flag_fields`."""
@@ -96,9 +97,9 @@ class SampleSettings:
   @classmethod
   def from_flag_values(cls, values: dict[str, Any]) -> "SampleSettings":
     """Settings from {flag name: value} (missing ones default); a bad range is a SamplingError."""
-    names = {f.name for f in dataclasses.fields(decode.SamplingConfig)}
+    names = {f.name for f in dataclasses.fields(next_token.SamplingConfig)}
     try:
-      sampling = decode.SamplingConfig(**{k: v for k, v in values.items() if k in names})
+      sampling = next_token.SamplingConfig(**{k: v for k, v in values.items() if k in names})
     except ValueError as e:
       raise SamplingError(f"--{e}") from e  # messages start with `field=value`.
     return cls(sampling=sampling, **{k: v for k, v in values.items() if k not in names})
@@ -269,7 +270,7 @@ def _rows_here(tokens_BT: jax.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def generate_rows(model: model_lib.PerceiverS, prompt_P: np.ndarray, keys_B: jax.Array, *,
-                  num_tokens: int, sampling: decode.SamplingConfig
+                  num_tokens: int, sampling: next_token.SamplingConfig
                   ) -> tuple[np.ndarray, np.ndarray, int]:
   """Continues `prompt_P` once per key, over every device of every process of the model's mesh.
 
@@ -298,7 +299,7 @@ def generate_rows(model: model_lib.PerceiverS, prompt_P: np.ndarray, keys_B: jax
 
 
 def generate(model: model_lib.PerceiverS, prompt_P: np.ndarray, keys_B: jax.Array, *,
-             num_tokens: int, sampling: decode.SamplingConfig) -> tuple[np.ndarray, int]:
+             num_tokens: int, sampling: next_token.SamplingConfig) -> tuple[np.ndarray, int]:
   """`generate_rows` in one process, which holds every row: (tokens int32[B, T], steps run)."""
   rows_R, tokens_RT, steps = generate_rows(model, prompt_P, keys_B, num_tokens=num_tokens,
                                            sampling=sampling)
