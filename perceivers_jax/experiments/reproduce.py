@@ -54,14 +54,15 @@ BUCKET_PREFIX = "nll_pos_"
 
 @dataclasses.dataclass
 class ReproduceOptions:
-  workdir: str = "reproduce_output"
-  config: ml_collections.ConfigDict | None = None  # default: configs/tiny.py
-  data_dir: str = ""  # an existing maestro_performance build; default: the 10 pieces
-  models: tuple[str, ...] = MODELS
-  seeds: tuple[int, ...] = (0, 1)
-  steps: int = 300
-  num_samples: int = 4  # per model and seed
-  sample_tokens: int = 1024
+  """What to run; the defaults are perceivers-reproduce's flags (cli/reproduce.py)."""
+  workdir: str
+  config: ml_collections.ConfigDict  # a PerceiverS config (scales [full, W])
+  data_dir: str  # an existing maestro_performance build; "": the 10 pieces
+  models: tuple[str, ...]
+  seeds: tuple[int, ...]
+  steps: int
+  num_samples: int  # per model and seed
+  sample_tokens: int
   temperature: float = 1.0
   top_p: float = 0.95
   command: str = ""  # how it was invoked, for the report
@@ -340,7 +341,7 @@ def run_reproduce(options: ReproduceOptions) -> pathlib.Path:
   start = time.perf_counter()
   out = pathlib.Path(options.workdir).resolve()
   out.mkdir(parents=True, exist_ok=True)
-  base = ml_collections.ConfigDict(options.config or demo.tiny_config())
+  base = ml_collections.ConfigDict(options.config)
   configs = {(m, s): model_config(base, m, s, options.steps)
              for m in options.models for s in options.seeds}
 
