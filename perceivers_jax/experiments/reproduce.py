@@ -175,7 +175,7 @@ def plot_nll_by_position(nll: dict[str, dict], path: pathlib.Path) -> None:
     ax.plot(x, mean, "o-", color=f"C{i}", label=LABELS[model])
     ax.fill_between(x, [summary["buckets"][b]["min"] for b in names],
                     [summary["buckets"][b]["max"] for b in names], color=f"C{i}", alpha=0.2)
-  ax.set_xticks(x, [bucket_label(b) for b in names])
+  ax.set_xticks(x, [bucket_label(b) for b in names], rotation=25, ha="right")
   ax.set_xlabel("target position in the piece")
   ax.set_ylabel("validation NLL (nats/token)")
   ax.set_title("Validation NLL by position (mean over seeds; band: min..max)")
