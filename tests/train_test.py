@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from perceivers_jax.data import tokens
+from perceivers_jax.training import nonfinite
 import slow_training_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -219,7 +220,7 @@ def test_diverging_run_stops_with_a_clear_message_and_only_finite_checkpoints(pi
   train.train_and_evaluate(config, str(tmp_path), **sources)
   config.train.learning_rate = 1e39  # inf in float32: the very next update is non-finite.
   config.train.num_steps = 6
-  with pytest.raises(train.NonFiniteError, match=(
+  with pytest.raises(nonfinite.NonFiniteError, match=(
       r"update of step 3: stopping .* last good checkpoint is step 2 in ")):
     train.train_and_evaluate(config, str(tmp_path), **sources)
   saved = _saved_params(train, config, str(tmp_path))

@@ -21,8 +21,9 @@ dropped before clipping and the grad_norm metric.
 Non-finite updates: the step checks its gradients and updated parameters and, where any is
 NaN or infinite, keeps the previous parameters and optimizer state (only the step counter and
 the data advance). config.train.on_nonfinite="stop" (default) then ends the run with
-NonFiniteError naming the step and the last good checkpoint; "skip" goes on and counts the
-skipped updates in train/skipped_updates. No checkpoint ever holds a non-finite parameter.
+a NonFiniteError naming the step and the last good checkpoint; "skip" goes on and counts the
+skipped updates in train/skipped_updates (`nonfinite.py`). No checkpoint ever holds a
+non-finite parameter.
 """
 
 import dataclasses
@@ -39,7 +40,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ml_collections
 import optax
 
-from perceivers_jax import config_base
 from perceivers_jax.data import input_pipeline
 from perceivers_jax.model import losses
 from perceivers_jax.model import param_groups
@@ -50,18 +50,13 @@ from perceivers_jax.training import config_validation
 from perceivers_jax.training import evaluation
 from perceivers_jax.training import flops
 from perceivers_jax.training import metrics_writer
+from perceivers_jax.training import nonfinite
 from perceivers_jax.training import optimizer as optimizer_lib
 
 State = dict[str, Any]
 Batch = dict[str, Any]
 
 BATCH_KEYS = ("inputs", "positions", "targets")
-
-
-class NonFiniteError(config_base.InputError, FloatingPointError):
-  """An update had non-finite gradients or parameters (config.train.on_nonfinite="stop"), or a
-  checkpoint to resume from holds non-finite parameters. The message names the step, the last
-  good checkpoint and the settings to change, so the CLI prints it as one line."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,12 +83,6 @@ class Trainer:
   @property
   def num_params(self) -> int:
     return self.model.num_params
-
-
-def all_finite(tree: Any) -> jax.Array:
-  """A bool scalar: every element of every floating leaf of `tree` is finite."""
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all()
 
 
 def _rng_stream_names(rest: nnx.State) -> tuple[str, ...]:
@@ -214,7 +203,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     new_params = optax.apply_updates(params, updates)
     # A non-finite update is never applied: the previous parameters and optimizer state stay
     # (donation lets XLA select in place). The loop stops or counts it (config.train.on_nonfinite).
-    finite = all_finite(grads) & all_finite(new_params)
+    finite = nonfinite.all_finite(grads) & nonfinite.all_finite(new_params)
     keep = lambda new, old: jnp.where(finite, new, old)
     new_state = {"step": step + 1, "params": jax.tree.map(keep, new_params, params),
                  "opt_state": jax.tree.map(keep, opt_state, state["opt_state"])}
@@ -278,61 +267,6 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-class _NonFiniteGuard:
-  """Reads each step's `nonfinite` flag one step late (so the device never waits) and stops
-  (NonFiniteError) or counts the skipped update, as config.train.on_nonfinite says.
-
-  The step itself never applies a non-finite update, so every state the loop holds, and hence
-  every checkpoint it writes, has finite parameters; `settle()` runs before each save and log so
-  that "stop" raises before a step after the bad update is saved or logged.
-  """
-
-  def __init__(self, mode: str, ckpt: checkpointing.Checkpointer):
-    self._mode, self._ckpt = mode, ckpt
-    self._pending = None  # (step, metrics) not yet read.
-    self.skipped = 0  # skipped updates since the last take_skipped().
-
-  def after_step(self, step: int, metrics: dict[str, jax.Array]) -> None:
-    self.settle()
-    self._pending = (step, metrics)
-
-  def settle(self) -> None:
-    if self._pending is None:
-      return
-    step, metrics = self._pending
-    self._pending = None
-    if not int(metrics["nonfinite"]):
-      return
-    if self._mode == "skip":
-      logging.warning("Non-finite gradients or parameters in the update of step %d: skipped "
-                      "(config.train.on_nonfinite=skip); the state stays that of step %d.",
-                      step, step - 1)
-      self.skipped += 1
-      return
-    self._ckpt.wait_until_finished()
-    latest = self._ckpt.latest_step()
-    good = (f"The last good checkpoint is step {latest} in {self._ckpt.directory} (every saved "
-            "step has finite parameters); rerunning resumes from it." if latest is not None
-            else "No checkpoint was saved yet; rerunning starts the run afresh.")
-    raise NonFiniteError(
-        f"Non-finite gradients or parameters in the update of step {step}: stopping "
-        f"(config.train.on_nonfinite=stop); the update was not applied and nothing after it is "
-        f"saved. {good} Lower config.train.learning_rate, raise config.train.warmup_steps or "
-        "check config.train.grad_clip_norm, or set config.train.on_nonfinite=skip to skip such "
-        "updates.")
-
-  def take_skipped(self) -> int:
-    skipped, self.skipped = self.skipped, 0
-    return skipped
-
-
-def _check_restored_finite(state: State, step: int, directory: str) -> None:
-  if not bool(jax.device_get(jax.jit(all_finite)(state["params"]))):
-    raise NonFiniteError(
-        f"Checkpoint step {step} in {directory} holds non-finite parameters (saved by a version "
-        "without this check): delete that step's folder to resume from an earlier one.")
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        train_source: Any = None, eval_source: Any = None) -> dict[str, float]:
   """Trains to config.train.num_steps, resuming from `workdir`; returns the last eval metrics.
@@ -361,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state, rest = trainer.init_fn()
   else:
     state = ckpt.restore(latest, trainer.abstract_state, train_iter)
-    _check_restored_finite(state, latest, ckpt.directory)
+    nonfinite.check_restored_finite(state, latest, ckpt.directory)
     rest = trainer.init_rest()
     logging.info("Resuming from step %d.", latest)
   step = start_step = int(jax.device_get(state["step"]))
@@ -369,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Steps after start_step that a killed run had logged are redone: their records are dropped.
   writer = metrics_writer.MetricsWriter(workdir, resume_step=start_step)
   watcher = checkpointing.PreemptionWatcher()
-  guard = _NonFiniteGuard(config.train.get("on_nonfinite", "stop"), ckpt)
+  guard = nonfinite.NonFiniteGuard(config.train.get("on_nonfinite", "stop"), ckpt)
   num_steps = config.train.num_steps
   peak = flops.peak_flops_per_device(config)
   if jax.process_index() == 0:
