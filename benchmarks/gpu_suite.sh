@@ -17,14 +17,6 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 source benchmarks/suite_steps.sh
 suite_start gpu
 
-paper=(--config=configs/perceivers.py --config.model.attention_impl=auto  # cuDNN here
-       --config.model.dtype=bfloat16)
 step 60 cudnn_vs_xla python -m pytest -q tests/attention_test.py -k cudnn
-step 110 train_b1 python benchmarks/train_step.py "${paper[@]}" --config.train.batch_size=1 \
-  --steps=10 --output="$out/train_b1.json"
-step 150 train_b8 python benchmarks/train_step.py "${paper[@]}" --config.train.batch_size=8 \
-  --steps=10 --output="$out/train_b8.json"
-# 1,280 tokens from SOS: past the first latent reset (N = 1,024), as the CPU decode table.
-step 160 sampling python benchmarks/sampling.py --config=configs/perceivers.py \
-  --batch_sizes=1,16 --num_tokens=1280 --output="$out/sampling.json"
+paper_benchmarks  # attention_impl=auto: cuDNN here (bf16)
 suite_end

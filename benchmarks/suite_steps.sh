@@ -4,6 +4,7 @@
 #                            benchmarks/NAME_results/; prints jax's version and devices
 #   step SECONDS NAME CMD... runs one benchmark under its own time limit (so one slow step
 #                            cannot eat the others' time), its output teed to $out/NAME.log
+#   paper_benchmarks         the paper-size figures both suites report (SPEC 6)
 #   suite_end                exits 1 if any step failed or timed out
 status=0
 suite_start() {
@@ -21,6 +22,17 @@ step() {
     echo "!! $name failed or timed out"
     status=1
   fi
+}
+paper_benchmarks() {
+  local paper=(--config=configs/perceivers.py --config.model.attention_impl=auto
+               --config.model.dtype=bfloat16)
+  step 110 train_b1 python benchmarks/train_step.py "${paper[@]}" --config.train.batch_size=1 \
+    --steps=10 --output="$out/train_b1.json"
+  step 150 train_b8 python benchmarks/train_step.py "${paper[@]}" --config.train.batch_size=8 \
+    --steps=10 --output="$out/train_b8.json"
+  # 1,280 tokens from SOS: past the first latent reset (N = 1,024), as the CPU decode table.
+  step 160 sampling python benchmarks/sampling.py --config=configs/perceivers.py \
+    --batch_sizes=1,16 --num_tokens=1280 --output="$out/sampling.json"
 }
 suite_end() {
   exit "$status"

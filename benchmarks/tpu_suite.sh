@@ -15,16 +15,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 source benchmarks/suite_steps.sh
 suite_start tpu
 
-paper=(--config=configs/perceivers.py --config.model.attention_impl=auto
-       --config.model.dtype=bfloat16)
 # float32 matmuls at full precision, so the XLA reference is exact enough for the tolerances.
 step 240 kernels_vs_xla env JAX_DEFAULT_MATMUL_PRECISION=highest python -m pytest -q \
   tests/attention_test.py tests/splash_test.py -k "chunked or windowed or splash"
-step 120 train_b1 python benchmarks/train_step.py "${paper[@]}" --config.train.batch_size=1 \
-  --steps=10 --output="$out/train_b1.json"
-step 150 train_b8 python benchmarks/train_step.py "${paper[@]}" --config.train.batch_size=8 \
-  --steps=10 --output="$out/train_b8.json"
-# 1,280 tokens from SOS: past the first latent reset (N = 1,024), as the CPU decode table.
-step 160 sampling python benchmarks/sampling.py --config=configs/perceivers.py \
-  --batch_sizes=1,16 --num_tokens=1280 --output="$out/sampling.json"
+paper_benchmarks  # attention_impl=auto: splash in the train step's forward here
 suite_end

@@ -18,7 +18,6 @@ import jax
 import numpy as np
 import pytest
 
-from perceivers_jax.data import tokens
 import slow_training_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -55,10 +54,7 @@ grain.checkpoint.CheckpointHandler.save = hanging_write
 
 @pytest.fixture(scope="module")
 def pieces_path(maestro_paths, tmp_path_factory):
-  arrays = [tokens.midi_file_to_tokens(p) for p in maestro_paths[:2]]
-  path = tmp_path_factory.mktemp("faults") / "pieces.npz"
-  np.savez(path, *arrays)
-  return arrays, path
+  return slow_training_run.save_pieces(maestro_paths[:2], tmp_path_factory.mktemp("faults"))
 
 
 class _Run:

@@ -4,11 +4,16 @@
 workdir, extra...); it trains configs/tiny.py, changed by the `settings` lines (Python over
 the config `c`, which may also patch modules before the run), on the first two pieces of the
 .npz (0.1 s per read) and evaluates on 300 tokens of its last piece. `losses(workdir)` reads
-back the (step, train loss) pairs it logged. Used by train_test and faults_test.
+back the (step, train loss) pairs it logged; `save_pieces` writes the .npz it reads. Used by
+train_test and faults_test.
 """
 
 import json
 import pathlib
+
+import numpy as np
+
+from perceivers_jax.data import tokens
 
 _HEAD = r"""
 import importlib.util, os, sys, time
@@ -49,3 +54,11 @@ def losses(workdir: pathlib.Path) -> list[tuple[int, float]]:
     return []
   return [(r["step"], r["train/loss"]) for r in map(json.loads, path.read_text().splitlines())
           if "train/loss" in r]
+
+
+def save_pieces(midi_paths, directory: pathlib.Path) -> tuple[list[np.ndarray], pathlib.Path]:
+  """(token arrays of `midi_paths`, the pieces.npz under `directory` holding them)."""
+  arrays = [tokens.midi_file_to_tokens(p) for p in midi_paths]
+  path = pathlib.Path(directory) / "pieces.npz"
+  np.savez(path, *arrays)
+  return arrays, path

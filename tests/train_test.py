@@ -30,10 +30,7 @@ def _tiny_module():
 @pytest.fixture(scope="module")
 def pieces(maestro_paths, tmp_path_factory):
   """Tokens of three real performances, saved for the subprocess tests too."""
-  arrays = [tokens.midi_file_to_tokens(p) for p in maestro_paths[:3]]
-  path = tmp_path_factory.mktemp("tokens") / "pieces.npz"
-  np.savez(path, *arrays)
-  return arrays, path
+  return slow_training_run.save_pieces(maestro_paths[:3], tmp_path_factory.mktemp("tokens"))
 
 
 def _unigram_entropy(train_pieces) -> float:

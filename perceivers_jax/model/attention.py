@@ -88,7 +88,6 @@ def resolve_impl(requested: str, *, backend: str, dtype, kv_length: int, chunk_s
   if requested == "splash" and call != "window":
     return choice
   if requested == "splash" and not splash.fits(num_queries):
-    choice = auto_impl(backend=backend, dtype=dtype, kv_length=kv_length, chunk_size=chunk_size)
     logging.warning("config.model.attention_impl='splash' needs a multiple of %d queries "
                     "(got %d): using %r for %d keys.", splash.BLOCK, num_queries, choice,
                     kv_length)
