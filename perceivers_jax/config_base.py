@@ -123,8 +123,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.log_every_steps = 50
 
-  # Mesh axes and how logical axes map onto them (MaxText style). One axis may be -1.
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Mesh axes and how logical axes map onto them (MaxText style). data/fsdp/tensor split the
+  # devices of a slice, dcn_* the slices of a multi-slice job (one -1 per level; BUILD.md
+  # section 4). Defaults: data parallelism within and across slices.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
+                                               dcn_data=-1, dcn_fsdp=1, dcn_tensor=1))
   config.logical_axis_rules = (
       ("batch", ("data", "fsdp")),
       ("length", None),
