@@ -321,6 +321,26 @@ def _generate(graphdef, state, prompt_BP, prompt_lengths_B, keys_B, elapsed_B, *
   return out
 
 
+def lower_generate(model: model_lib.PerceiverS, *, batch_size: int, prompt_length: int,
+                   num_steps: int, sampling: next_token.SamplingConfig,
+                   mesh: jax.sharding.Mesh, num_reset_latents: int | None = None,
+                   batch_axis: str = "data") -> jax.stages.Lowered:
+  """`generate`'s program for `batch_size` prompts of `prompt_length` tokens, rows split over
+  `mesh`'s `batch_axis`, lowered from shapes alone (`model` may hold ShapeDtypeStructs):
+  what the sampler's dry run compiles."""
+  n = model.num_latents
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axis))
+  row = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct((batch_size,) + shape, dtype,
+                                                             sharding=rows)
+  prompt_BP, lengths_B, keys_B, elapsed_B = (row(prompt_length), row(),
+                                              row(dtype=jax.random.key(0).dtype), row())
+  graphdef, state = nnx.split(model)
+  return _generate.lower(
+      graphdef, state, prompt_BP, lengths_B, keys_B, elapsed_B, num_steps=num_steps,
+      sampling=sampling, min_prompt_length=prompt_length, record_logits=False,
+      num_reset_latents=n // 2 if num_reset_latents is None else num_reset_latents)
+
+
 def generate(model: model_lib.PerceiverS, prompt_BP: jax.Array, *, num_steps: int,
              keys_B: jax.Array, sampling: next_token.SamplingConfig = next_token.SamplingConfig(),
              num_reset_latents: int | None = None, record_logits: bool = False,
