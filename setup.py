@@ -35,6 +35,8 @@ setuptools.setup(
         # Optional tf.data path; nothing else needs TensorFlow.
         "tf": ["tensorflow-cpu"],
         "gpu": ["jax[cuda12]"],
+        # TPU VMs; on any host also what compiles for TPU topologies (`make test` pins it to
+        # the installed jax: jax[tpu]==<jax.__version__>).
         "tpu": ["jax[tpu]"],
     },
     entry_points={

@@ -9,7 +9,9 @@ Used by the dry runs of training and sampling (`--dry_run`, `--compile_topology`
   kernels(hlo_text)            custom calls: Mosaic kernels (`tpu_custom_call`, by kernel
                                name, e.g. splash_mha_fwd...) and cuDNN's (`__cudnn$fmha...`);
   largest_buffers(hlo_text)    the largest arrays the program materialises and the model code
-                               that makes them.
+                               that makes them;
+  compile_report(lowered, ...) all of them for one program as the dry runs print it, and
+                               `does_not_fit`: one line when it exceeds the chip's HBM.
 Loops: a `while` whose condition compares its counter with one constant (what lax.scan and
 fori_loop compile to) runs that many times; a loop with a data-dependent end (the sampler's
 decode loop) is counted once per iteration of it, and reported as such.
@@ -19,6 +21,7 @@ import collections
 import json
 import math
 import re
+import time
 from typing import Any
 
 from perceivers_jax import config_base
@@ -221,18 +224,39 @@ def largest_buffers(hlo_text: str, top: int = 10) -> list[dict[str, Any]]:
           for shape in ranked]
 
 
-def summary(compiled, hbm_bytes: int | None = None) -> dict[str, Any]:
-  """Everything above for one compiled program, as the dry runs print it."""
-  text = compiled.as_text()
-  return {"compiled_memory_bytes_per_device": memory(compiled, hbm_bytes),
-          "xla_flops_per_device": flops(compiled),
-          "collectives": collectives(text), "kernels": kernels(text),
-          "largest_buffers": largest_buffers(text)}
+def compile_report(lowered, *, hbm_bytes: int | None, knobs: str,
+                   compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Compiles `lowered` and reports everything above (as the dry runs print it), with
+  `does_not_fit`: None, or one line when the peak exceeds the chip's HBM (from the memory
+  analysis, or from the compiler refusing the program: XLA:TPU runs out of HBM while
+  compiling) naming the largest buffers and `knobs`, what helps."""
+  start = time.perf_counter()
+  try:
+    executable = lowered.compile(compiler_options)
+  except Exception as e:  # pylint: disable=broad-except
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return {"compile_seconds": round(time.perf_counter() - start, 2),
+            "does_not_fit": _out_of_memory_line(str(e), knobs)}
+  report: dict[str, Any] = {"compile_seconds": round(time.perf_counter() - start, 2)}
+  text = executable.as_text()
+  report.update(compiled_memory_bytes_per_device=memory(executable, hbm_bytes),
+                xla_flops_per_device=flops(executable), collectives=collectives(text),
+                kernels=kernels(text), largest_buffers=largest_buffers(text))
+  report["does_not_fit"] = _too_big_line(report, knobs)
+  return report
 
 
-def does_not_fit(report: dict[str, Any], knobs: str) -> str | None:
-  """One line when the peak exceeds the chip's HBM: the peak, the largest buffers and
-  `knobs` (what helps); None when it fits or the HBM is unknown."""
+def _out_of_memory_line(message: str, knobs: str) -> str:
+  """XLA's out-of-memory error in one line: its usage line and largest allocations."""
+  lines = [line.strip() for line in message.splitlines()]
+  usage = next((line for line in lines if line.startswith("Used ")), lines[0])
+  shapes = [line[len("Shape: "):] for line in lines if line.startswith("Shape: ")][:3]
+  return (f"does not fit: {usage} per chip; largest buffers {', '.join(shapes) or 'unknown'}; "
+          f"{knobs}")
+
+
+def _too_big_line(report: dict[str, Any], knobs: str) -> str | None:
   memory_report = report.get("compiled_memory_bytes_per_device") or {}
   hbm = memory_report.get("hbm")
   if not hbm or memory_report["estimated_peak"] <= hbm:

@@ -19,9 +19,10 @@ from perceivers_jax import config_base
 
 _GIB = 2**30
 # libtpu's start-up asks the cloud metadata server which TPU it runs on: off a TPU VM these
-# say there is nothing to ask, so describing a topology is quiet and quick.
-_LIBTPU_QUIET_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5p-8",
-                     "TPU_WORKER_HOSTNAMES": "localhost"}
+# say there is nothing to ask, so describing a topology is quiet and quick; and several
+# processes may compile at once (libtpu otherwise locks /tmp/libtpu_lockfile for one).
+LIBTPU_QUIET_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5p-8",
+                    "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,7 @@ def quiet_libtpu() -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if not jax.config.jax_platforms:  # jax read JAX_PLATFORMS when it was imported
     jax.config.update("jax_platforms", "cpu")
-  for name, value in _LIBTPU_QUIET_ENV.items():
+  for name, value in LIBTPU_QUIET_ENV.items():
     os.environ.setdefault(name, value)
 
 

@@ -27,9 +27,11 @@ KNOBS = ("lower --batch_size (rows per device) or --num_tokens (the output buffe
 
 
 def dry_run(config: ml_collections.ConfigDict, settings: sampling.SampleSettings, *,
-            compile_topology: str | None = None, num_slices: int = 1) -> dict[str, Any]:
+            compile_topology: str | None = None, num_slices: int = 1,
+            compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
   """The decode loop of `settings` for `config`'s model, compiled for this host's devices
-  or for `num_slices` slices of the TPU target `compile_topology`; nothing is restored."""
+  or for `num_slices` slices of the TPU target `compile_topology` (`compiler_options` to
+  XLA); nothing is restored."""
   prompt_P = sampling.check_settings(settings, config.model)
   target = topology.target(compile_topology) if compile_topology else None
   devices = topology.target_devices(compile_topology, num_slices) if target else jax.devices()
@@ -50,9 +52,7 @@ def dry_run(config: ml_collections.ConfigDict, settings: sampling.SampleSettings
                                   num_steps=settings.num_tokens, sampling=settings.sampling,
                                   mesh=mesh, batch_axis=sampling.DATA_AXIS)
   report["lower_seconds"] = round(time.perf_counter() - start, 2)
-  start = time.perf_counter()
-  executable = lowered.compile()
-  report["compile_seconds"] = round(time.perf_counter() - start, 2)
-  report.update(compiled_lib.summary(executable, target.hbm_bytes if target else None))
-  report["does_not_fit"] = compiled_lib.does_not_fit(report, KNOBS)
+  report.update(compiled_lib.compile_report(
+      lowered, hbm_bytes=target.hbm_bytes if target else None, knobs=KNOBS,
+      compiler_options=compiler_options))
   return report

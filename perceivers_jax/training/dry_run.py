@@ -39,14 +39,17 @@ def _bytes_per_device(abstract_tree: Any) -> int:
 
 
 def dry_run(config: ml_collections.ConfigDict, *, compile_step: bool = True,
-            compile_topology: str | None = None, num_slices: int = 1) -> dict[str, Any]:
+            compile_topology: str | None = None, num_slices: int = 1,
+            compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
   """Sizes of `config` on this host's devices, or on `num_slices` slices of the TPU target
   `compile_topology` (e.g. "v5p-32"), from abstract shapes only (nothing trained).
+  `compiler_options` go to XLA (the tests lower its optimisation effort to compile faster).
 
-  Returns (and the CLI prints as one JSON line, `compiled.print_report`): parameter count, per-device bytes of
-  parameters and optimizer state, train FLOPs per step and, when `compile_step` (always for a
-  topology), the compiled step's memory per device, collectives, kernels and largest buffers
-  (`compiled.summary`) and `does_not_fit`, one line when its peak exceeds the chip's HBM.
+  Returns (and the CLI prints as one JSON line, `compiled.print_report`): parameter count,
+  per-device bytes of parameters and optimizer state, train FLOPs per step and, when
+  `compile_step` (always for a topology), the compiled step's memory per device,
+  collectives, kernels, largest buffers and `does_not_fit`, one line when it exceeds the
+  chip's HBM (`compiled.compile_report`).
   """
   target = topology.target(compile_topology) if compile_topology else None
   devices = topology.target_devices(compile_topology, num_slices) if target else jax.devices()
@@ -70,9 +73,7 @@ def dry_run(config: ml_collections.ConfigDict, *, compile_step: bool = True,
   lowered = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_rest, batch)
   report["lower_seconds"] = round(time.perf_counter() - start, 2)
   if compile_step or target:
-    start = time.perf_counter()
-    executable = lowered.compile()
-    report["compile_seconds"] = round(time.perf_counter() - start, 2)
-    report.update(compiled_lib.summary(executable, target.hbm_bytes if target else None))
-    report["does_not_fit"] = compiled_lib.does_not_fit(report, KNOBS)
+    report.update(compiled_lib.compile_report(
+        lowered, hbm_bytes=target.hbm_bytes if target else None, knobs=KNOBS,
+        compiler_options=compiler_options))
   return report
