@@ -8,7 +8,8 @@ topologies"). Needs libtpu (`pip install -e '.[tpu]'`; `make test` installs it).
 Per target: FSDP over each slice's chips (config.mesh.fsdp=-1, data=1), data parallel across
 slices (dcn_data), bf16 activations, the default remat (nothing_saveable), attention `auto`
 (splash). Rows per chip r: the train step is compiled at r = 1 and 2, the peak extrapolated
-linearly to the chip's HBM, and the predicted r compiled (one less while it does not fit);
+linearly to the chip's HBM, and the predicted r compiled (re-fitted through each miss until
+one fits);
 the table reports that last compile. `--effort` is XLA's exec_time_optimization_effort:
 -1 (the default here) compiles about 3x faster on this CPU, with a peak within about 10% of
 the default effort's (0) on v5p-8. Prints the table and writes
@@ -31,6 +32,8 @@ _TARGETS = flags.DEFINE_list("targets", ["v4-8", "v5e-16", "v5p-32", "v6e-8", "v
 _SLICES = flags.DEFINE_list("slices", ["1", "1", "1", "1", "2"], "Slices per target.")
 _CONFIG = flags.DEFINE_string("config", "configs/perceivers.py", "Config file.")
 _OUTPUT = flags.DEFINE_string("output", "benchmarks/tpu_compile_table.json", "JSON output.")
+_ROWS = flags.DEFINE_list("rows_per_chip", [], "Per target: compile at these rows per chip "
+                          "instead of searching for the largest that fits.")
 _EFFORT = flags.DEFINE_float("effort", -1.0, "XLA's exec_time_optimization_effort, -1 to 1.")
 
 
@@ -64,16 +67,22 @@ def _peak(report: dict) -> float:
   return memory["estimated_peak"] if memory else float("inf")
 
 
-def _largest_batch(name: str, slices: int) -> dict:
+def _largest_batch(name: str, slices: int, given_rows: int = 0) -> dict:
   hbm = topology.target(name).hbm_bytes
   options = {"exec_time_optimization_effort": _EFFORT.value} if _EFFORT.value else None
+  if given_rows:
+    final = _compile(name, slices, given_rows, options)
+    final["rows_per_chip"] = 0 if final["does_not_fit"] else given_rows
+    return final
   final = one = _compile(name, slices, 1, options)
   if _peak(one) <= hbm:
     per_row = max(_peak(_compile(name, slices, 2, options)) - _peak(one), 1)
     rows = max(1, int(1 + (hbm - _peak(one)) // per_row))
     final = _compile(name, slices, rows, options) if rows > 1 else one
-    while final["does_not_fit"] and rows > 1:
-      rows -= 1
+    while final["does_not_fit"] and rows > 1:  # the peak grew faster: re-fit through this miss
+      per_row = (_peak(final) - _peak(one)) / (rows - 1)
+      rows = max(1, min(rows - 1, int(1 + (hbm - _peak(one)) // per_row)) if per_row < float(
+          "inf") else rows * 3 // 4)
       final = _compile(name, slices, rows, options)
   final["rows_per_chip"] = final["batch_size"] // final["devices"] if not final["does_not_fit"] else 0
   return final
@@ -83,8 +92,9 @@ def main(argv):
   del argv
   topology.quiet_libtpu()
   results = []
-  for name, slices in zip(_TARGETS.value, (int(s) for s in _SLICES.value)):
-    report = _largest_batch(name, slices)
+  rows = [int(r) for r in _ROWS.value] or [0] * len(_TARGETS.value)
+  for name, slices, given_rows in zip(_TARGETS.value, (int(s) for s in _SLICES.value), rows):
+    report = _largest_batch(name, slices, given_rows)
     results.append({
         "target": name, "slices": slices, "chips": report["devices"], "mesh": report["mesh"],
         "largest_global_batch": report["batch_size"] if report["rows_per_chip"] else 0,

@@ -34,7 +34,7 @@ def test_largest_buffers_ranks_materialised_values_and_names_their_code():
   assert compiled.largest_buffers(_HLO)[2]["count"] == 1
 
 
-# A scanned layer (24 iterations) holding an all-reduce and a Mosaic kernel whose backend
+# A scanned layer (24 iterations, a u32 counter as XLA's collective-matmul loops have) holding an all-reduce and a Mosaic kernel whose backend
 # config spans lines, an async all-gather before it, and a data-dependent loop (a decoder's).
 _LOOPS_HLO = """HloModule jit_step
 
@@ -50,7 +50,7 @@ _LOOPS_HLO = """HloModule jit_step
 
 %cond (p: (s32[], f32[1024])) -> pred[] {
   %p = (s32[], f32[1024]{0}) parameter(0)
-  %constant.7 = s32[]{:T(128)} constant(24)
+  %constant.7 = u32[]{:T(128)} constant(24)
   ROOT %lt = pred[] compare(%i, %constant.7), direction=LT
 }
 

@@ -34,7 +34,7 @@ _SHAPE = re.compile(r"\b(pred|[sfu]\d+|bf16)\[([\d,]*)\]")
 _CALLED = re.compile(r"\b(?:calls|to_apply|true_computation|false_computation)=%([\w.-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _WHILE = re.compile(r"condition=%([\w.-]+), body=%([\w.-]+)")
-_CONSTANT = re.compile(r"\bs32\[\]\S* constant\((\d+)\)")
+_CONSTANT = re.compile(r"\b[su](?:32|64)\[\]\S* constant\((\d+)\)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
                 "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
