@@ -35,7 +35,8 @@ def test_largest_buffers_ranks_materialised_values_and_names_their_code():
 
 
 # A scanned layer (24 iterations, a u32 counter as XLA's collective-matmul loops have) holding an all-reduce and a Mosaic kernel whose backend
-# config spans lines, an async all-gather before it, and a data-dependent loop (a decoder's).
+# config spans lines, an async all-gather before it, an all-reduce over one-device groups
+# (moving nothing), and a data-dependent loop (a decoder's).
 _LOOPS_HLO = """HloModule jit_step
 
 %body (p: (s32[], f32[1024])) -> (s32[], f32[1024]) {
@@ -68,6 +69,7 @@ ENTRY %main (a: f32[256]) -> f32[1024] {
   %a = f32[256]{0} parameter(0)
   %all-gather-start.1 = (f32[256]{0}, f32[1024]{0}) all-gather-start(%a), channel_id=3, dimensions={0}
   %all-gather-done.1 = f32[1024]{0} all-gather-done(%all-gather-start.1)
+  %all-reduce.9 = f32[256]{0} all-reduce(%a), channel_id=4, replica_groups={{0},{1},{2},{3}}, to_apply=%add
   %while.1 = (s32[], f32[1024]{0}) while(%init), condition=%cond, body=%body
   %while.2 = (s32[], bf16[8,64]{1,0}) while(%init2), condition=%decode_cond, body=%decode_body
   ROOT %r = f32[1024]{0} get-tuple-element(%while.1), index=1

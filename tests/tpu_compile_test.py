@@ -83,10 +83,10 @@ def test_paper_train_step_compiles_for_four_chips_with_splash(four_chip_step):
   assert report["kernels"] == {"mosaic:splash_mha_fwd_segmented_residuals": 52,
                                "mosaic:splash_mha_dq_segmented_no_residuals": 26,
                                "mosaic:splash_mha_dkv_segmented_no_residuals": 26}
-  # Data parallelism: the gradients' all-reduce (float32, most of 4 bytes per parameter),
-  # nothing gathered.
+  # Data parallelism: the gradients' all-reduce (2 bytes per parameter: XLA sums the bf16
+  # gradients of the bf16 matmuls before their float32 update), nothing gathered.
   assert set(report["collectives"]) == {"all-reduce"}
-  assert report["collectives"]["all-reduce"]["bytes"] > 3.5 * report["num_params"]
+  assert report["collectives"]["all-reduce"]["bytes"] > 1.9 * report["num_params"]
   memory = report["compiled_memory_bytes_per_device"]
   assert memory["hbm"] == 95 * 2**30 and report["does_not_fit"] is None
   assert 3.9e9 < memory["argument"] < 4.0e9  # replicated parameters + Adam state

@@ -36,6 +36,7 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _WHILE = re.compile(r"condition=%([\w.-]+), body=%([\w.-]+)")
 _CONSTANT = re.compile(r"\b[su](?:32|64)\[\]\S* constant\((\d+)\)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_GROUPS = re.compile(r"replica_groups=\{((?:\{[^}]*\},?)*)\}")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
                 "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
@@ -135,11 +136,12 @@ def collectives(hlo_text: str) -> dict[str, dict[str, Any]]:
   """{kind: {count, bytes, in_unknown_loops}} per execution of the program: `bytes` sums each
   op's result size on one device (for an all-reduce the reduced buffer, for an all-gather
   what it gathers), times the iterations of the loops around it; async pairs count once
-  (at -start). `in_unknown_loops`: ops inside a data-dependent loop, counted once."""
+  (at -start), ops over one-device groups not at all. `in_unknown_loops`: ops inside a
+  data-dependent loop, counted once."""
   found: dict[str, dict[str, Any]] = {}
-  for opcode, _, result, _, count, unknown in _instructions(hlo_text):
+  for opcode, _, result, line, count, unknown in _instructions(hlo_text):
     kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
-    if kind not in COLLECTIVES:
+    if kind not in COLLECTIVES or _moves_nothing(line):
       continue
     entry = found.setdefault(kind, {"count": 0, "bytes": 0, "in_unknown_loops": 0})
     entry["count"] += count
@@ -148,6 +150,13 @@ def collectives(hlo_text: str) -> dict[str, dict[str, Any]]:
     entry["bytes"] += count * _shapes_bytes(result)
     entry["in_unknown_loops"] += int(unknown)
   return dict(sorted(found.items()))
+
+
+def _moves_nothing(line: str) -> bool:
+  """A collective over groups of one device each (a shard_map's transpose sums over mesh axes
+  of size 1 so): no data moves."""
+  groups = _GROUPS.search(line)
+  return bool(groups) and all("," not in g for g in re.findall(r"\{([^}]*)\}", groups.group(1)))
 
 
 def kernels(hlo_text: str) -> dict[str, int]:
