@@ -124,3 +124,25 @@ def test_unknown_topology_and_bad_slices_fail_in_one_line():
     topology.target_devices("v5p-7")
   with pytest.raises(config_base.InputError, match="compile_topology_num_slices=0"):
     topology.target_devices("v5p-8", 0)
+
+
+def _cli(name, *args):
+  import pathlib, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  return subprocess.run([sys.executable, "-m", f"perceivers_jax.cli.{name}", *args],
+                        capture_output=True, text=True, timeout=900,
+                        cwd=pathlib.Path(__file__).resolve().parent.parent)
+
+
+def test_cli_names_an_unknown_target_and_a_config_that_does_not_fit():
+  """One `error:` line each: a target that does not exist, and (compiled) a tiny model whose
+  batch of 16,384 rows per chip cannot fit a v5e chip's 16 GiB."""
+  unknown = _cli("train", "--config=configs/tiny.py", "--dry_run", "--compile_topology=v5p-7")
+  assert unknown.returncode == 1, unknown.stderr[-2000:]
+  assert unknown.stderr.strip().splitlines()[-1].startswith(
+      "error: --compile_topology=v5p-7: unknown target; use one of v4-8,")
+  too_big = _cli("train", "--config=configs/tiny.py", "--dry_run", "--compile_topology=v5e-4",
+                 "--config.train.batch_size=65536", "--config.eval.batch_size=65536")
+  last = too_big.stderr.strip().splitlines()[-1]
+  assert too_big.returncode == 1 and last.startswith("error: does not fit:"), too_big.stderr[-3000:]
+  assert "config.train.batch_size" in last and "config.mesh.fsdp" in last
+  assert "Traceback" not in too_big.stderr

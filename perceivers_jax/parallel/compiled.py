@@ -257,12 +257,14 @@ def compile_report(lowered, *, hbm_bytes: int | None, knobs: str,
 
 
 def _out_of_memory_line(message: str, knobs: str) -> str:
-  """XLA's out-of-memory error in one line: its usage line and largest allocations."""
-  lines = [line.strip() for line in message.splitlines()]
+  """XLA's out-of-HBM error in one line: its usage line and, when it lists them, its largest
+  allocations."""
+  lines = [line.strip() for line in message.splitlines() if line.strip()]
   usage = next((line for line in lines if line.startswith("Used ")), lines[0])
+  usage = usage.removeprefix("RESOURCE_EXHAUSTED:").strip().rstrip(".")
   shapes = [line[len("Shape: "):] for line in lines if line.startswith("Shape: ")][:3]
-  return (f"does not fit: {usage} per chip; largest buffers {', '.join(shapes) or 'unknown'}; "
-          f"{knobs}")
+  biggest = f"; largest buffers {', '.join(shapes)}" if shapes else ""
+  return f"does not fit: XLA per chip: {usage}{biggest}; {knobs}"
 
 
 def _too_big_line(report: dict[str, Any], knobs: str) -> str | None:
