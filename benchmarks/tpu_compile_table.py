@@ -8,8 +8,8 @@ topologies"). Needs libtpu (`pip install -e '.[tpu]'`; `make test` installs it).
 Per target: FSDP over each slice's chips (config.mesh.fsdp=-1, data=1), data parallel across
 slices (dcn_data), bf16 activations, the default remat (nothing_saveable), attention `auto`
 (splash). Rows per chip r: the train step is compiled at r = 1 and 2, the peak extrapolated
-linearly to the chip's HBM, and the predicted r compiled (re-fitted through each miss until
-one fits);
+linearly to the chip's HBM, and the predicted r compiled, re-fitted through each compile
+(down after a miss until one fits, up after a fit while the larger one fits);
 the table reports that last compile. `--effort` is XLA's exec_time_optimization_effort:
 -1 (the default here) compiles about 3x faster on this CPU, with a peak within about 10% of
 the default effort's (0) on v5p-8. Prints the table and writes
@@ -84,6 +84,14 @@ def _largest_batch(name: str, slices: int, given_rows: int = 0) -> dict:
       rows = max(1, min(rows - 1, int(1 + (hbm - _peak(one)) // per_row)) if per_row < float(
           "inf") else rows * 3 // 4)
       final = _compile(name, slices, rows, options)
+    while not final["does_not_fit"] and rows > 1:  # the peak grew slower: try further
+      more = int(1 + (hbm - _peak(one)) // ((_peak(final) - _peak(one)) / (rows - 1)))
+      if more <= rows:
+        break
+      bigger = _compile(name, slices, more, options)
+      if bigger["does_not_fit"]:
+        break
+      final, rows = bigger, more
   final["rows_per_chip"] = final["batch_size"] // final["devices"] if not final["does_not_fit"] else 0
   return final
 
