@@ -25,7 +25,8 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from perceivers_jax.parallel import topology  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from perceivers_jax.parallel import topology
 
 _TARGETS = flags.DEFINE_list("targets", ["v4-8", "v5e-16", "v5p-32", "v6e-8", "v5e-16"],
                              "TPU targets (parallel/topology.py names).")
@@ -92,7 +93,8 @@ def _largest_batch(name: str, slices: int, given_rows: int = 0) -> dict:
       if bigger["does_not_fit"]:
         break
       final, rows = bigger, more
-  final["rows_per_chip"] = final["batch_size"] // final["devices"] if not final["does_not_fit"] else 0
+  fits = not final["does_not_fit"]
+  final["rows_per_chip"] = final["batch_size"] // final["devices"] if fits else 0
   return final
 
 
@@ -111,8 +113,8 @@ def main(argv):
         "compile_seconds": report["compile_seconds"],
         "train_flops_per_step": report["train_flops_per_step"]})
     pathlib.Path(_OUTPUT.value).write_text(json.dumps(results, indent=2, sort_keys=True))
-  header = "| target | chips | mesh | largest global batch | peak / chip | collectives per step | compile s |"
-  print(header + "\n|" + "---|" * 7)
+  print("| target | chips | mesh | largest global batch | peak / chip | collectives per step "
+        "| compile s |\n|" + "---|" * 7)
   for r in results:
     collectives = ", ".join(f"{kind} x{c['count']} ({c['bytes'] / 1e9:.2f} GB)"
                             for kind, c in r["collectives"].items())

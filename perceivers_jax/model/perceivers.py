@@ -12,10 +12,11 @@ Layers expose their steps (`CrossAttentionLayer.key_value` / `attend`,
 `LatentLayer.project` / `finish`) so the cached decoder runs the same code; training uses
 `CrossAttentionLayer.attend_inputs` (the same function, keys/values computed inside the
 chunked kernel). A windowed `sliding` scale W keys only the N + W - 1 inputs its latents can
-see, padded to whole kernel blocks (`cross_key_lengths`); each layer's kernels are chosen for the backend when it is built
-(`attention.resolve_impl`): one for the forward over windows (`attend_inputs`,
-`LatentLayer.__call__`; splash on a TPU when the model is told its windows are left-padded,
-`left_padded_windows`) and one for the decoder's cached calls (never splash).
+see, padded to whole kernel blocks (`cross_key_lengths`); each layer's kernels are chosen for
+the model's backend when it is built (`attention.resolve_impl`): one for the forward over
+windows (`attend_inputs`, `LatentLayer.__call__`; splash on a TPU when the model is told its
+windows are left-padded, `left_padded_windows`) and one for the decoder's cached calls
+(never splash).
 """
 
 import functools

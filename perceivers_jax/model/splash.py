@@ -15,6 +15,8 @@ The cached decoder's ring-buffer caches have no such slot structure: it needs an
 Splash works in blocks of `BLOCK` (a multiple of the TPU's 128 lanes, also in interpret mode):
 N must be a multiple of it (`fits`), and the keys are left-padded up to one with padding keys.
 `interpret=True` runs the kernel on CPU in Pallas interpret mode (how the tests check it).
+`splash_attention` sees one device's rows: jax refuses to partition a Mosaic kernel, so
+`attention.dot_product_attention` calls it inside a shard_map (`partitioning.per_shard`).
 """
 
 import functools
