@@ -39,11 +39,12 @@ def compile_cudnn_attention(name: str, kv_length: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from jax import sharding  # pylint: disable=g-import-not-at-top
   from perceivers_jax.model import attention, masks  # pylint: disable=g-import-not-at-top
 
   devices = gpu_target.devices(name)
-  rows = NamedSharding(Mesh(np.array(devices), ("data",)), P("data"))
+  rows = sharding.NamedSharding(sharding.Mesh(np.array(devices), ("data",)),
+                                sharding.PartitionSpec("data"))
   batch, num_queries, heads, head_dim = 8, 128, 4, 64
 
   def loss(q_BNHK, k_BLHK, v_BLHK):
