@@ -265,24 +265,22 @@ def _note_model():
 
 
 def test_note_grammar_per_row_across_latent_resets():
-  """Row 0's primer leaves pitch 60 sounding, row 1's does not: with the grammar each row
-  alternates NOTE_OFF 60 / NOTE_ON 60 from its own state, through 10 latent resets; the
-  silent pitch 61 is never ended. Without it, the model's events decode to nothing."""
+  """Rows 0 and 3's primer leaves pitch 60 sounding, rows 1 and 2's does not: with the
+  grammar each row alternates NOTE_OFF 60 / NOTE_ON 60 from its own state, through 10 latent
+  resets, and the silent pitch 61 is never ended, though the model favours all three."""
   model = _note_model()
   on, off = tokens.NOTE_ON_START + 60, tokens.NOTE_OFF_START + 60
   shift = tokens.TIME_SHIFT_START + 9
-  prompt = np.asarray([[tokens.SOS_ID, on, shift, off, on], [0, tokens.SOS_ID, on, shift, off]])
-  grammar = jax.tree.map(np.asarray, decode.generate(
-      model, prompt, num_steps=STEPS, keys_B=_keys(0, 2),
-      sampling=next_token.SamplingConfig(note_grammar=True)))
+  sounding, silent = [tokens.SOS_ID, on, shift, off, on], [tokens.SOS_ID, on, shift, off, shift]
+  # 4 rows of 5 tokens, default sampling (grammar on): test_per_sequence_eos_stop's program.
+  prompt = np.asarray([sounding, silent, silent, sounding])
+  grammar = jax.tree.map(np.asarray, decode.generate(model, prompt, num_steps=STEPS,
+                                                     keys_B=_keys(0, 4)))
   assert grammar["num_steps"] == STEPS
   assert len(np.unique(grammar["latent_start"][0])) == 11  # the prefill's block + 10 resets
-  np.testing.assert_array_equal(grammar["tokens"][0], [off, on] * (STEPS // 2))
-  np.testing.assert_array_equal(grammar["tokens"][1], [on, off] * (STEPS // 2))
-  free = np.asarray(decode.generate(model, prompt, num_steps=STEPS, keys_B=_keys(0, 2),
-                                    sampling=next_token.SamplingConfig(note_grammar=False))[
-                                        "tokens"])
-  assert (free == tokens.NOTE_OFF_START + 61).any()
+  sounding_first, silent_first = [off, on] * (STEPS // 2), [on, off] * (STEPS // 2)
+  np.testing.assert_array_equal(grammar["tokens"],
+                                [sounding_first, silent_first, silent_first, sounding_first])
 
 
 def test_prompt_onsets_are_the_notes_a_real_piece_leaves_sounding(maestro_paths):
