@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 DEMO_FLAGS ?=
 REPRODUCE_FLAGS ?=
 PYTEST_FLAGS ?=
+CUDA_PLUGIN := .cache/jax_cuda_plugin
 
 .PHONY: setup fetch-data test test-tools demo reproduce audio-tools clean
 
@@ -22,7 +23,7 @@ $(VENV)/.installed: setup.py
 fetch-data: setup
 	$(PY) -m data_prep.fetch_maestro_samples
 
-test: fetch-data test-tools $(VENV)/.libtpu
+test: fetch-data test-tools $(VENV)/.libtpu $(CUDA_PLUGIN)/.installed
 	$(PY) -m pytest $(PYTEST_FLAGS) tests
 
 # libtpu beside the CPU jaxlib, pinned to the installed jax (what `.[tpu]` gives on a TPU VM):
@@ -30,6 +31,16 @@ test: fetch-data test-tools $(VENV)/.libtpu
 # "Compiling for TPU topologies"). Installed once; the tests keep jax on the CPU backend.
 $(VENV)/.libtpu: $(VENV)/.installed
 	$(PY) -m pip install --quiet "jax[tpu]==$$($(PY) -c 'import jax; print(jax.__version__)')"
+	touch $@
+
+# jax's CUDA plugin and cuDNN (about 1.6 GB), pinned to the installed jax, into the ignored
+# .cache: it compiles for H100 / H200 nodes on this host (tests/gpu_target_test.py; BUILD.md
+# section 5). Outside the venv, so only a process given it on PYTHONPATH with
+# JAX_PLATFORMS=cpu sees it; without deps, as a compile needs no CUDA runtime.
+$(CUDA_PLUGIN)/.installed: $(VENV)/.installed
+	version=$$($(PY) -c 'import jax; print(jax.__version__)'); \
+	  $(PY) -m pip install --quiet --no-deps --target $(CUDA_PLUGIN) "jax-cuda12-plugin==$$version" \
+	    "jax-cuda12-pjrt==$$version" "nvidia-cudnn-cu12>=9.8,<10"
 	touch $@
 
 # Test tools (root + apt only; their tests skip with a message elsewhere): headless

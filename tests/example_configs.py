@@ -1,5 +1,5 @@
-"""Configs of the commands that the launchers and benchmark suites document or run, and the
-devices and hosts of the hardware they name, for checking them with config_validation."""
+"""Configs of the commands that the launchers and benchmark suites document or run, for
+checking them with config_validation against the hardware they name."""
 
 import pathlib
 
@@ -21,17 +21,3 @@ def config_from_flags(words: list[str]):
                                   lock_config=True, sys_argv=argv)
   flag_values(argv)
   return flag_values.config
-
-
-def tpu_slice(accelerator: str) -> tuple[int, int]:
-  """(chips, hosts) of a Cloud TPU accelerator type: v4 and v5p names count TensorCores (2 per
-  chip, 4 chips per host); v5e (v5litepod) and v6e names count chips (up to 8 on one host,
-  4 per host in larger slices)."""
-  generation, size = accelerator.rsplit("-", 1)
-  count = int(size)
-  if generation in ("v4", "v5p"):
-    chips = count // 2
-    return chips, max(1, chips // 4)
-  if generation in ("v5e", "v5litepod", "v6e"):
-    return count, 1 if count <= 8 else count // 4
-  raise ValueError(f"unknown TPU generation in {accelerator!r}: add it to tpu_slice")

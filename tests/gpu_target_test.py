@@ -1,7 +1,8 @@
 """perceivers_jax/parallel/gpu_target.py: compiling for H100 / H200 nodes on this CPU host.
 
 The compiles run in a child process with JAX_PLATFORMS=cpu (what the CUDA plugin needs without
-a GPU) and skip where jax's CUDA plugin is not installed (BUILD.md section 5)."""
+a GPU), with the plugin that `make test` installs into .cache/jax_cuda_plugin on its
+PYTHONPATH, and skip where the plugin is in neither place (BUILD.md section 5)."""
 
 import json
 import os
@@ -13,9 +14,13 @@ import sys
 import pytest
 
 from perceivers_jax import config_base
-from perceivers_jax.parallel import gpu_target
+from perceivers_jax.parallel import gpu_target, topology
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
+PLUGIN_DIR = TESTS_DIR.parent / ".cache" / "jax_cuda_plugin"  # the Makefile's CUDA_PLUGIN
+HAS_PLUGIN = gpu_target._plugin_installed() or (PLUGIN_DIR / "jax_plugins").is_dir()  # pylint: disable=protected-access
+needs_plugin = pytest.mark.skipif(
+    not HAS_PLUGIN, reason="jax's CUDA plugin is not installed (`make test` or BUILD.md section 5)")
 
 
 def test_names_give_the_card_and_the_gpu_count():
@@ -69,20 +74,23 @@ def compile_cudnn_attention(name: str, kv_length: int) -> dict:
           "temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
 
 
-def _in_child(name: str, kv_length: int) -> dict:
+def _run_child(args: list[str]) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
-      [str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
+      [str(TESTS_DIR), str(PLUGIN_DIR), os.environ.get("PYTHONPATH", "")]))
+  return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                        timeout=900, check=False, cwd=TESTS_DIR.parent)
+
+
+def _in_child(name: str, kv_length: int) -> dict:
   script = ("import json, gpu_target_test as t; "
             f"print('RESULT', json.dumps(t.compile_cudnn_attention({name!r}, {kv_length})))")
-  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
+  result = _run_child(["-c", script])
   line = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
   assert line, result.stderr[-4000:]
   return json.loads(line[0].removeprefix("RESULT "))
 
 
-@pytest.mark.skipif(not gpu_target._plugin_installed(),  # pylint: disable=protected-access
-                    reason="jax's CUDA plugin is not installed (BUILD.md section 5)")
+@needs_plugin
 def test_cudnn_attention_compiles_for_an_h100_node_and_keeps_cudnns_rules():
   compiled = _in_child("h100-8", kv_length=256)
   assert compiled["platform"] == "gpu" and compiled["device_kind"] == "NVIDIA H100 80GB HBM3"
@@ -94,3 +102,32 @@ def test_cudnn_attention_compiles_for_an_h100_node_and_keeps_cudnns_rules():
   assert compiled["temp_bytes"] > 0
   # An odd key count with a bias in training is refused, as on a GPU.
   assert "Unsupported sequence length Q 128, KV 255" in _in_child("h100-8", 255)["refused"]
+
+
+def test_gpu_nodes_are_compile_targets():
+  node, two_nodes = topology.target("h100-8"), topology.target("h200-16")
+  assert (node.platform, node.chips, node.hosts) == ("cuda", 8, 1)
+  assert node.hbm_bytes == gpu_target.CARDS["h100"].memory_bytes
+  assert (two_nodes.chips, two_nodes.hosts, two_nodes.topology) == (16, 2, "1x2x8")
+  with pytest.raises(config_base.InputError, match="CARD-COUNT"):
+    topology.target("h100-12")
+  with pytest.raises(config_base.InputError, match="GPU targets count their GPUs"):
+    topology.target_devices("h100-8", 2)
+
+
+@needs_plugin
+def test_paper_train_step_compiles_for_an_h100_node_with_cudnn_in_both_scales():
+  """The paper config's train step, batch 8 over an 8-GPU node: `auto` gives cuDNN every
+  cross-attention call, forward and backward, the short scale's 2,048-key window included
+  (jax refuses its training with a mask at an odd 2,047 keys)."""
+  result = _run_child(["-m", "perceivers_jax.cli.train", "--config=configs/perceivers.py",
+                       "--dry_run", "--compile_topology=h100-8", "--config.train.batch_size=8"])
+  report = json.loads(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else {}
+  assert report, result.stderr[-4000:]
+  assert (report["devices"], report["device_kind"]) == (8, "NVIDIA H100 80GB HBM3")
+  assert report["does_not_fit"] is None
+  # Three attention calls, the cascade's two scales and the scanned latent layer's: each
+  # forward, again in the backward's recomputation (remat), and backward. A short scale left
+  # at 2,047 keys falls back to XLA: 4 and 2.
+  assert report["kernels"] == {"cudnn:__cudnn$fmhaScaleBiasSoftmax": 6,
+                               "cudnn:__cudnn$fmhaScaleBiasSoftmaxBackward": 3}

@@ -147,12 +147,13 @@ def _build_md_commands() -> list[str]:
 
 def _hardware(script: str, launcher_words: list[str]) -> tuple[int, int]:
   """(devices, hosts) of the hardware a launcher command names (flags before the job's)."""
-  import example_configs  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.parallel import topology  # pylint: disable=g-import-not-at-top
   text = (LAUNCH_DIR / script).read_text()
   given = dict(w.removeprefix("--").split("=", 1) for w in launcher_words if "=" in w)
   if script == "tpu_pod.sh":
     default = re.search(r'accelerator="([\w-]+)"', text).group(1)
-    return example_configs.tpu_slice(given.get("accelerator", default))
+    slice_ = topology.target(given.get("accelerator", default))
+    return slice_.chips, slice_.hosts
   if script == "gpu_slurm.sbatch":
     nodes = int(given.get("nodes", re.search(r"#SBATCH --nodes=(\d+)", text).group(1)))
     per_node = int(re.search(r"#SBATCH --gpus-per-node=(\d+)", text).group(1))

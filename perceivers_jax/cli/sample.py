@@ -56,7 +56,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "file (configs/*.py).", lock_config=True)
 _COMPILE_TOPOLOGY = flags.DEFINE_string(
     "compile_topology", None, "With --dry_run: compile for this TPU slice (v5p-8, v5e-16, ...; "
-    "needs libtpu) instead of this host's devices.")
+    "needs libtpu) or GPU node (h100-8, ...; jax's CUDA plugin) instead of this host's devices.")
 _COMPILE_TOPOLOGY_NUM_SLICES = flags.DEFINE_integer(
     "compile_topology_num_slices", 1, "With --compile_topology: that many slices.")
 _ATTENTION_IMPL = flags.DEFINE_enum(

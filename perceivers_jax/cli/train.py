@@ -38,9 +38,9 @@ _DRY_RUN_COMPILE = flags.DEFINE_bool(
     "dry_run_compile", True, "With --dry_run: compile the step for its memory analysis "
     "(off: lowering only, much faster for paper size on CPU).")
 _COMPILE_TOPOLOGY = flags.DEFINE_string(
-    "compile_topology", None, "With --dry_run: compile for this TPU slice instead of this "
-    "host's devices (v4-8, v5e-16, v5p-32, v6e-8, ...; needs libtpu: pip install -e '.[tpu]'); "
-    "BUILD.md section 'Compiling for TPU topologies'.")
+    "compile_topology", None, "With --dry_run: compile for this TPU slice or GPU node instead "
+    "of this host's devices (v4-8, v5e-16, v5p-32, v6e-8, ... with libtpu: pip install -e "
+    "'.[tpu]', BUILD.md section 10; h100-8, h200-16 with jax's CUDA plugin, section 5).")
 _COMPILE_TOPOLOGY_NUM_SLICES = flags.DEFINE_integer(
     "compile_topology_num_slices", 1, "With --compile_topology: that many slices (the mesh's "
     "config.mesh.dcn_* level spans them).")

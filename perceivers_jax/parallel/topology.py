@@ -1,4 +1,4 @@
-"""Accelerator targets to compile for from any host: TPU slice names -> their devices and HBM.
+"""Accelerator targets to compile for from any host: slice and node names -> devices and memory.
 
 `perceivers-train --dry_run --compile_topology=v5p-32` (and `perceivers-sample`'s) builds the
 mesh over `target_devices("v5p-32", num_slices)`: compile-only devices that libtpu describes
@@ -6,9 +6,9 @@ on a CPU host (`jax.experimental.topologies`), so the real step compiles for tha
 MaxText's train_compile.py does, and the compiled memory is compared with `Target.hbm_bytes`.
 
 Names follow Cloud TPU: v4-N and v5p-N count TensorCores (two per chip, one jax device per
-chip, "megacore"), v5e-N and v6e-N count chips. A target is a platform plus how to describe
-its devices, so another platform (a GPU node) is one more entry of `TARGETS` and one more
-branch of `target_devices`. Needs libtpu (`pip install -e '.[tpu]'`; `make test` installs it).
+chip, "megacore"), v5e-N and v6e-N count chips. GPU targets are CARD-COUNT (h100-8, h200-16:
+`gpu_target.py`), described by jax's CUDA plugin. TPU targets need libtpu (`pip install -e
+'.[tpu]'`; `make test` installs it), GPU targets the CUDA plugin (BUILD.md section 5).
 """
 
 import dataclasses
@@ -16,6 +16,7 @@ import importlib.util
 import os
 
 from perceivers_jax import config_base
+from perceivers_jax.parallel import gpu_target
 
 _GIB = 2**30
 # libtpu's start-up asks the cloud metadata server which TPU it runs on: off a TPU VM these
@@ -35,6 +36,12 @@ class Target:
   chips_per_host: tuple[int, int, int]
   chips: int
   hbm_bytes: int  # per chip
+
+  @property
+  def hosts(self) -> int:
+    """Processes (hosts) of the slice or node group: one per `chips_per_host` chips."""
+    per_host = self.chips_per_host[0] * self.chips_per_host[1] * self.chips_per_host[2]
+    return max(1, self.chips // per_host)
 
 
 def _tpu(generation: str, name_count_per_chip: int, chip_config: str, hbm_gib: int,
@@ -63,12 +70,22 @@ TARGETS: dict[str, Target] = {
 }
 
 
+def _gpu(name: str) -> Target:
+  card, count = gpu_target.parse(name)
+  per_node = min(count, gpu_target.GPUS_PER_NODE)
+  return Target(name, "cuda", f"1x{max(1, count // per_node)}x{per_node}", "",
+                (per_node, 1, 1), count, card.memory_bytes)
+
+
 def target(name: str) -> Target:
   """The target called `name` (an InputError naming the known ones otherwise)."""
-  if name not in TARGETS:
-    raise config_base.InputError(
-        f"--compile_topology={name}: unknown target; use one of {', '.join(TARGETS)}.")
-  return TARGETS[name]
+  if name in TARGETS:
+    return TARGETS[name]
+  if name.split("-")[0] in gpu_target.CARDS:
+    return _gpu(name)
+  raise config_base.InputError(
+      f"--compile_topology={name}: unknown target; use one of {', '.join(TARGETS)}, or a GPU "
+      f"node as CARD-COUNT with CARD one of {', '.join(gpu_target.CARDS)} (h100-8).")
 
 
 def quiet_libtpu() -> None:
@@ -93,6 +110,12 @@ def target_devices(name: str, num_slices: int = 1) -> list:
   if num_slices < 1:
     raise config_base.InputError(
         f"--compile_topology_num_slices={num_slices}: must be a positive number of slices.")
+  if spec.platform == "cuda":
+    if num_slices != 1:
+      raise config_base.InputError(
+          f"--compile_topology_num_slices={num_slices}: GPU targets count their GPUs in the "
+          f"name (h100-16 is two 8-GPU nodes); leave it at 1.")
+    return list(gpu_target.devices(name))
   if spec.platform == "tpu" and not has_libtpu():
     raise config_base.InputError(
         f"--compile_topology={name}: libtpu is not installed, and it is what compiles for TPU "
