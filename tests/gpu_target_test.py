@@ -18,7 +18,7 @@ from perceivers_jax.parallel import gpu_target, topology
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 PLUGIN_DIR = TESTS_DIR.parent / ".cache" / "jax_cuda_plugin"  # the Makefile's CUDA_PLUGIN
-HAS_PLUGIN = gpu_target._plugin_installed() or (PLUGIN_DIR / "jax_plugins").is_dir()  # pylint: disable=protected-access
+HAS_PLUGIN = gpu_target.plugin_installed() or (PLUGIN_DIR / "jax_plugins").is_dir()
 needs_plugin = pytest.mark.skipif(
     not HAS_PLUGIN, reason="jax's CUDA plugin is not installed (`make test` or BUILD.md section 5)")
 
@@ -33,7 +33,7 @@ def test_names_give_the_card_and_the_gpu_count():
 
 
 def test_without_the_plugin_one_line_names_the_install(monkeypatch):
-  monkeypatch.setattr(gpu_target, "_plugin_installed", lambda: False)
+  monkeypatch.setattr(gpu_target, "plugin_installed", lambda: False)
   with pytest.raises(config_base.InputError, match=r"pip install jax-cuda12-plugin==\S+ "):
     gpu_target.devices("h100-8")
 

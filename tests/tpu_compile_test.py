@@ -146,3 +146,19 @@ def test_cli_names_an_unknown_target_and_a_config_that_does_not_fit():
   assert too_big.returncode == 1 and last.startswith("error: does not fit:"), too_big.stderr[-3000:]
   assert "config.train.batch_size" in last and "config.mesh.fsdp" in last
   assert "Traceback" not in too_big.stderr
+
+
+def test_commands_keep_jax_off_the_tpu_this_host_lacks():
+  """With libtpu installed and no TPU here, a command's device query gets the CPU backend at
+  once, without libtpu's start-up (its metadata-server questions and error lines)."""
+  import os, pathlib, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_PLATFORMS",) + tuple(topology.LIBTPU_QUIET_ENV)}
+  script = ("import jax; from perceivers_jax.cli import logs; "
+            "logs.run(lambda argv: print('PLATFORM', jax.devices()[0].platform), 'x')")
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300, check=False,
+                          cwd=pathlib.Path(__file__).resolve().parent.parent)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "PLATFORM cpu" in result.stdout
+  assert "TPU" not in result.stderr, result.stderr[-2000:]

@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging
 
 from perceivers_jax import config_base
+from perceivers_jax.parallel import topology
 
 _NOISY_LIBRARIES = ("/orbax/", "/grain/", "/jax/", "/etils/", "/tensorflow_datasets/")
 # Path errors are the user's: a missing input, an output where a file already is.
@@ -104,6 +105,7 @@ def _flag_error_line(error: Exception, argv: list[str]) -> str:
 
 def run(main: Callable[[list[str]], Any], module_name: str) -> None:
   """absl `app.run(main)` for a console script, with everything this module does."""
+  topology.keep_jax_off_absent_tpus()
   show_flags_in_help(module_name)
   main_started = False
 

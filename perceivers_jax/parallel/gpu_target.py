@@ -22,9 +22,6 @@ import dataclasses
 import importlib.util
 import re
 
-import jax
-from jax.experimental import topologies
-
 from perceivers_jax import config_base
 
 GPUS_PER_NODE = 8
@@ -98,18 +95,23 @@ def parse(name: str) -> tuple[Card, int]:
   return card, count
 
 
-def _plugin_installed() -> bool:
+def plugin_installed() -> bool:
+  """Is jax's CUDA plugin importable here (it need not find a GPU)?"""
   if importlib.util.find_spec("jax_plugins") is None:  # the namespace of every jax plugin
     return False
   return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13))
 
 
-def devices(name: str) -> list[jax.Device]:
+def devices(name: str) -> list:
   """Compile-only devices of `name` (see `parse`), one process per 8-GPU node."""
+  # jax is imported here, not above: `topology` imports this module before the environment
+  # that keeps jax off a missing TPU is set (`topology.keep_jax_off_absent_tpus`).
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   card, count = parse(name)
   install = (f'pip install jax-cuda12-plugin=={jax.__version__} '
              f'jax-cuda12-pjrt=={jax.__version__} "nvidia-cudnn-cu12>=9.8,<10"')
-  if not _plugin_installed():
+  if not plugin_installed():
     raise config_base.InputError(
         f"Compiling for {name} needs jax's CUDA plugin beside the CPU jaxlib: {install} "
         "(BUILD.md section 5).")

@@ -12,8 +12,10 @@ chip, "megacore"), v5e-N and v6e-N count chips. GPU targets are CARD-COUNT (h100
 """
 
 import dataclasses
+import glob
 import importlib.util
 import os
+import sys
 
 from perceivers_jax import config_base
 from perceivers_jax.parallel import gpu_target
@@ -101,6 +103,29 @@ def quiet_libtpu() -> None:
 def has_libtpu() -> bool:
   """Is libtpu installed beside jax (what describes and compiles for TPU topologies)?"""
   return importlib.util.find_spec("libtpu") is not None
+
+
+def on_a_tpu_vm() -> bool:
+  """Does this host have TPU chips (their device files: /dev/accel* on v4 and v5e, VFIO
+  groups on v5p and v6e)?"""
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def keep_jax_off_absent_tpus() -> None:
+  """With libtpu installed on a host without TPU chips (`make test` installs it to compile
+  for TPU topologies), jax would start the TPU backend at its first device query, and libtpu
+  would spend seconds asking a metadata server and print errors: there, unless JAX_PLATFORMS
+  says otherwise, jax gets the CPU backend (and the GPUs where jax's CUDA plugin is). TPU
+  topologies can still be described and compiled for. Called by every command and the tests
+  before any device query."""
+  if os.environ.get("JAX_PLATFORMS") or not has_libtpu() or on_a_tpu_vm():
+    return
+  for name, value in LIBTPU_QUIET_ENV.items():
+    os.environ.setdefault(name, value)
+  platforms = "cuda,cpu" if gpu_target.plugin_installed() else "cpu"
+  os.environ["JAX_PLATFORMS"] = platforms
+  if "jax" in sys.modules:  # already imported: it read the environment then
+    sys.modules["jax"].config.update("jax_platforms", platforms)
 
 
 def target_devices(name: str, num_slices: int = 1) -> list:
