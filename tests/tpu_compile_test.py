@@ -1,11 +1,11 @@
 """Compiled for the TPU slices it is for: libtpu compiles for a TPU topology on this CPU host.
 
 The paper-size train step with `auto` (splash attention through Mosaic) on 4 chips (v5p-8,
-data parallel) and on 2 slices of 4 (fsdp within a slice, data across slices), and the
-paper-size decode loop on 4 chips; each compiles the program a pod runs (the dry runs'
-`compile_topology`). Their XLA optimisation effort is lowered so that they compile in about a
-minute each here; the program and its shardings are the same. `make test` installs libtpu;
-without it these tests fail (they never skip).
+data parallel), on 2 slices of 4 (fsdp within a slice, data across slices) and on one 8-chip
+slice (v5e-8, data x fsdp), and the paper-size decode loop on 4 chips; each compiles the
+program a pod runs (the dry runs' `compile_topology`). Their XLA optimisation effort is
+lowered so that they compile in about a minute each here; the program and its shardings are
+the same. `make test` installs libtpu; without it these tests fail (they never skip).
 """
 
 import jax
@@ -105,6 +105,20 @@ def test_paper_train_step_compiles_for_two_slices_with_fsdp():
   assert report["kernels"]["mosaic:splash_mha_fwd_segmented_residuals"] == 52
   assert report["param_bytes_per_device"] < 1.317e9 / 3  # sharded over the fsdp axis
   assert report["does_not_fit"] is None
+
+
+def test_paper_train_step_compiles_for_one_eight_chip_slice_with_data_and_fsdp():
+  """One v5e-8 host (8 chips of 16 GiB in one slice): data 2 x fsdp 4, splash per device."""
+  from perceivers_jax.training import dry_run  # pylint: disable=g-import-not-at-top
+  report = dry_run.dry_run(_paper_config(8, data=2, fsdp=4), compile_topology="v5e-8",
+                           compiler_options=FAST)
+  assert report["devices"] == 8 and report["slices"] == 1
+  assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert {"all-gather", "all-reduce"} <= set(report["collectives"])
+  assert report["kernels"]["mosaic:splash_mha_fwd_segmented_residuals"] == 52
+  assert report["param_bytes_per_device"] < 1.317e9 / 3
+  memory = report["compiled_memory_bytes_per_device"]
+  assert memory["hbm"] == 16 * 2**30 and report["does_not_fit"] is None
 
 
 def test_paper_decode_loop_compiles_for_four_chips():
