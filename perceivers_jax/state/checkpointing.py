@@ -64,6 +64,11 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def saved_state_keys(self, step: int) -> set[str]:
+    """The top-level keys of checkpoint `step`'s state (from its metadata; a checkpoint written
+    by an older version may lack a newer key)."""
+    return set(self._manager.item_metadata(step)[STATE].keys())
+
   def should_save(self, step: int) -> bool:
     """Whether the interval policy saves at `step`."""
     return step % self._every_steps == 0
