@@ -2,7 +2,18 @@
 
 On TPU pods, SLURM and Open MPI jax finds the other processes itself; the flags (or
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) are for other GPU/CPU clusters.
+
+When one process of a job dies (SIGKILL, out of memory, a lost host), the others cannot go on:
+a collective with the dead process fails at once (`exit_when_a_process_fails` then prints one
+line and exits), or blocks (NCCL, a barrier) until the process has been silent for
+--heartbeat_timeout_s, when jax's coordination service ends every process ("Terminating
+process because the JAX distributed service detected fatal errors").
 """
+
+import contextlib
+import os
+import sys
+import traceback
 
 from absl import flags
 
@@ -10,10 +21,34 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (multi-host GPU/CPU only).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100, "Multi-host: seconds without a heartbeat after which a process "
+    "counts as dead and every other process of the job exits (jax's default: 100).",
+    lower_bound=1)
 
 
 def initialize() -> bool:
   """`jax.distributed` start-up from the flags; must run before anything touches a backend."""
   from perceivers_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
   return mesh.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                     _PROCESS_ID.value)
+                                     _PROCESS_ID.value, _HEARTBEAT_TIMEOUT.value)
+
+
+@contextlib.contextmanager
+def exit_when_a_process_fails():
+  """On a multi-host job, turns a failed computation (a collective whose peer died) into its
+  traceback, one closing line saying what to do, and exit status 1 at once: jax's own exit
+  handler would wait for the lost process until --heartbeat_timeout_s and then abort."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as error:
+    if jax.process_count() == 1:
+      raise
+    traceback.print_exc()
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    print(f"error: process {jax.process_index()} of {jax.process_count()} stopped: {first_line} "
+          "-- a multi-host job stops when any of its processes does (killed, out of memory, "
+          "its host lost); rerun the same command on every host to resume from the last "
+          "checkpoint.", file=sys.stderr, flush=True)
+    os._exit(1)  # pylint: disable=protected-access
