@@ -231,9 +231,11 @@ def test_a_loss_spike_is_skipped_and_a_checkpoint_to_resume_is_checked(pieces_pa
   """Batch 10 holds only a token the pieces never contain (NOTE_ON of MIDI pitch 0): its loss
   jumps ~9 standard deviations above the window's. on_bad_update=skip rejects that update
   alone and leaves its loss out of the window. Then: a checkpoint written before the window
-  existed resumes; one with exploded parameters is refused in one line."""
+  existed resumes; one with exploded parameters, or with a window of another size, is refused
+  in one line."""
   from perceivers_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from perceivers_jax.state import checkpointing  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.training import config_validation  # pylint: disable=g-import-not-at-top
   from perceivers_jax.training import train  # pylint: disable=g-import-not-at-top
   from perceivers_jax.training import update_guard  # pylint: disable=g-import-not-at-top
   arrays, _ = pieces_path
@@ -275,6 +277,12 @@ def test_a_loss_spike_is_skipped_and_a_checkpoint_to_resume_is_checked(pieces_pa
     state = ckpt.restore(12, trainer.abstract_state, train_iter)
     ckpt.save(step, change(dict(state, step=np.int32(step))), train_iter, force=True)
     ckpt.close()
+
+  config.train.loss_spike_window = 16  # not the checkpoint's window: refused before restoring.
+  with pytest.raises(config_validation.ConfigError, match=(
+      r"config.train.loss_spike_window=16: checkpoint step 12 in .* holds a window of 8 ")):
+    train.train_and_evaluate(config, str(tmp_path), **sources)
+  config.train.loss_spike_window = 8
 
   # The state layout before the loss window: resumes (with an empty window).
   rewrite_12_as(13, lambda state: {k: v for k, v in state.items() if k != "loss_window"})

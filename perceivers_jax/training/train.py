@@ -8,9 +8,9 @@ run (sizes and compiled memory) is `dry_run.py`; FLOPs and MFU are `flops.py`.
 
 State layout (what the checkpoints hold): {"step": int32, "params": nested dict of arrays (the
 model's nnx.Param values as a pure dict), "opt_state": optax state, "loss_window": the losses of
-the last accepted steps}. The model, its abstract
-parameters and their shardings come from `state/model_state.py`; parameters are created
-directly in their shardings (jax.jit with out_shardings), never whole on one host.
+the last accepted steps}. The model, its abstract parameters and their shardings come from
+`state/model_state.py`; parameters are created directly in their shardings (jax.jit with
+out_shardings), never whole on one host.
 
 Fine-tuning: config.train.init_from (an export directory, either format, or a training
 workdir) supplies the parameters only (fresh optimizer state, step 0) of a run whose workdir
@@ -42,6 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ml_collections
 import optax
 
+from perceivers_jax import config_base
 from perceivers_jax.data import input_pipeline
 from perceivers_jax.model import losses
 from perceivers_jax.model import param_groups
@@ -284,11 +285,19 @@ def _resume(ckpt: checkpointing.Checkpointer, step: int, trainer: Trainer,
   """The train state of checkpoint `step` (and the data iterator's), refused when its parameters
   are non-finite or exploded. A checkpoint saved before the loss window existed resumes with an
   empty one: the loss-spike check waits until it is half full again."""
-  if "loss_window" in ckpt.saved_state_keys(step):
-    state = ckpt.restore(step, trainer.abstract_state, train_iter)
-  else:
+  saved_window = ckpt.saved_state_shapes(step).get("loss_window")
+  size = trainer.limits.loss_spike_window
+  if saved_window is not None and saved_window["losses"] != (size,):
+    config_base.fail("train.loss_spike_window", size,
+                     f"checkpoint step {step} in {ckpt.directory} holds a window of "
+                     f"{saved_window['losses'][0]} losses; resume with that size.")
+  if saved_window is None:
+    logging.warning("Checkpoint step %d predates the loss-spike check's window: it starts "
+                    "empty.", step)
     older = {k: v for k, v in trainer.abstract_state.items() if k != "loss_window"}
     state = {**ckpt.restore(step, older, train_iter), "loss_window": trainer.empty_loss_window()}
+  else:
+    state = ckpt.restore(step, trainer.abstract_state, train_iter)
   update_guard.check_sane(state["params"], f"Checkpoint step {step} in {ckpt.directory}",
                           "delete that step's folder to resume from the one before it.")
   return state

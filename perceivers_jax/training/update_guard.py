@@ -151,7 +151,7 @@ class UpdateGuard:
   def __init__(self, mode: str, limits: Limits, ckpt: checkpointing.Checkpointer):
     self._mode, self._limits, self._ckpt = mode, limits, ckpt
     self._pending = None  # (step, metrics) not yet read.
-    self._skipped, self._max_ratio, self._max_z = 0, 0.0, 0.0  # since take_interval().
+    self._skipped, self._max_ratio, self._max_z = 0, 0.0, None  # since take_interval().
 
   def after_step(self, step: int, metrics: dict[str, jax.Array]) -> None:
     self.settle()
@@ -165,7 +165,8 @@ class UpdateGuard:
     verdict = jax.device_get({k: metrics[k] for k in ("rejected", "loss", "update_ratio",
                                                       "loss_z")})
     self._max_ratio = max(self._max_ratio, float(verdict["update_ratio"]))
-    self._max_z = max(self._max_z, float(verdict["loss_z"]))
+    z = float(verdict["loss_z"])
+    self._max_z = z if self._max_z is None else max(self._max_z, z)
     rejected = int(verdict["rejected"])
     if not rejected:
       return
@@ -188,10 +189,11 @@ class UpdateGuard:
         "updates (README \"Training\" lists the checks and their thresholds).")
 
   def take_interval(self) -> dict[str, float]:
-    """Skipped updates, largest update ratio and loss z since the previous call."""
+    """Skipped updates, largest update ratio and loss z since the previous call (z: negative
+    when every loss was below its window's mean, 0 while the window fills)."""
     interval = {"skipped_updates": self._skipped, "max_update_ratio": self._max_ratio,
-                "max_loss_z": self._max_z}
-    self._skipped, self._max_ratio, self._max_z = 0, 0.0, 0.0
+                "max_loss_z": self._max_z or 0.0}
+    self._skipped, self._max_ratio, self._max_z = 0, 0.0, None
     return interval
 
 
