@@ -3,11 +3,12 @@
 On TPU pods, SLURM and Open MPI jax finds the other processes itself; the flags (or
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) are for other GPU/CPU clusters.
 
-When one process of a job dies (SIGKILL, out of memory, a lost host), the others cannot go on:
-a collective with the dead process fails at once (`exit_when_a_process_fails` then prints one
-line and exits), or blocks (NCCL, a barrier) until the process has been silent for
---heartbeat_timeout_s, when jax's coordination service ends every process ("Terminating
-process because the JAX distributed service detected fatal errors").
+When one process of a job dies (SIGKILL, out of memory, a lost host), the others cannot go on.
+A collective with the dead process fails at once, and a barrier (a checkpoint's) fails once
+the process has been silent for --heartbeat_timeout_s: `exit_when_a_process_fails` then prints
+one line and exits. A process blocked where nothing fails (an NCCL collective) is ended by
+jax's coordination service after that timeout too ("Terminating process because the JAX
+distributed service detected fatal errors").
 """
 
 import contextlib
@@ -16,6 +17,8 @@ import sys
 import traceback
 
 from absl import flags
+
+from perceivers_jax.cli import logs
 
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (multi-host GPU/CPU only).")
@@ -36,19 +39,20 @@ def initialize() -> bool:
 
 @contextlib.contextmanager
 def exit_when_a_process_fails():
-  """On a multi-host job, turns a failed computation (a collective whose peer died) into its
-  traceback, one closing line saying what to do, and exit status 1 at once: jax's own exit
-  handler would wait for the lost process until --heartbeat_timeout_s and then abort."""
+  """On a multi-host job, turns an exception other than bad input (a collective or a barrier
+  that failed because another process died) into its traceback, one closing line saying what
+  to do, and exit status 1 at once: jax's exit handler would wait for the lost process, then
+  abort. Bad input (the same on every host) is left to `logs`."""
   import jax  # pylint: disable=g-import-not-at-top
   try:
     yield
-  except jax.errors.JaxRuntimeError as error:
-    if jax.process_count() == 1:
+  except Exception as error:  # pylint: disable=broad-except
+    if jax.process_count() == 1 or logs.input_error_line(error) is not None:
       raise
     traceback.print_exc()
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    print(f"error: process {jax.process_index()} of {jax.process_count()} stopped: {first_line} "
-          "-- a multi-host job stops when any of its processes does (killed, out of memory, "
-          "its host lost); rerun the same command on every host to resume from the last "
-          "checkpoint.", file=sys.stderr, flush=True)
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    print(f"error: process {jax.process_index()} of {jax.process_count()} stopped: "
+          f"{type(error).__name__}: {first_line} -- a multi-host job stops when any of its "
+          "processes does (killed, out of memory, its host lost); rerun the same command on "
+          "every host to resume from the last checkpoint.", file=sys.stderr, flush=True)
     os._exit(1)  # pylint: disable=protected-access
