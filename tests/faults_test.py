@@ -267,6 +267,7 @@ def test_a_loss_spike_is_skipped_and_a_checkpoint_to_resume_is_checked(pieces_pa
   jax.tree.map(np.testing.assert_array_equal, saved[SPIKE_AT], dict(
       saved[SPIKE_AT - 1], step=SPIKE_AT))  # parameters, optimizer state and loss window kept.
   assert int(saved[12]["loss_window"]["count"]) == 11  # every accepted step but no spike.
+  assert max(_largest(state["params"]) for state in saved.values()) < 1e6
 
   def rewrite_12_as(step, change):
     trainer = train.build_trainer_for(config)

@@ -23,7 +23,7 @@ import pytest
 from data_prep.maestro_performance import maestro_performance_dataset_builder as builder_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-HEARTBEAT_TIMEOUT_S = 20
+HEARTBEAT_TIMEOUT_S = 30
 STEPS = 12  # of the uninterrupted run; the interrupted ones stop and resume within them.
 
 
@@ -68,7 +68,8 @@ def _start_two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, num_step
       f"--config.train.num_steps={num_steps}", "--config.train.batch_size=8",
       "--config.eval.every_steps=1000", "--config.eval.max_batches=2",
       f"--config.checkpoint.every_steps={checkpoint_every}", "--config.log_every_steps=1",
-      "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", f"--heartbeat_timeout_s={HEARTBEAT_TIMEOUT_S}"]
+      "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+      f"--heartbeat_timeout_s={HEARTBEAT_TIMEOUT_S}"]
   return [subprocess.Popen(command + [f"--process_id={i}"], cwd=REPO, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
           for i in range(2)]
