@@ -77,7 +77,8 @@ def test_export_restores_on_one_device(workdir, tmp_path):
   assert manifest["source_workdir"] == str(workdir)
   config_text = (workdir / "config.json").read_text()
   assert manifest["config_sha256"] == hashlib.sha256(config_text.encode()).hexdigest()
-  assert manifest["config"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert manifest["config"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "dcn_data": -1,
+                                      "dcn_fsdp": 1, "dcn_tensor": 1}
   assert tuple(config.model.cross_attention_scales) == (0, 16)
   assert not (tmp_path / "f32" / "params" / "opt_state").exists()
 
