@@ -93,10 +93,17 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.0,  # AdamW's decoupled decay; needs optimizer="adamw"
       grad_clip_norm=1.0,
       z_loss=1e-4,
-      # An update with non-finite gradients or parameters: "stop" the run (nothing is saved
-      # after the last finite state) or "skip" it (the state stays; counted in
-      # train/skipped_updates).
-      on_nonfinite="stop",
+      # Update checks (perceivers_jax/training/update_guard.py, README "Training"). An update
+      # is rejected when it is non-finite, makes a parameter exceed 1e6, has a global norm
+      # above max_update_ratio x the parameters' global norm, or comes with a loss more than
+      # loss_spike_sigmas standard deviations above the mean loss of the last
+      # loss_spike_window accepted steps (checked once half of them exist); 0 turns a
+      # threshold off. A rejected update either "stop"s the run (nothing after the last
+      # accepted state is saved) or is "skip"ped (the state stays; train/skipped_updates).
+      on_bad_update="stop",
+      max_update_ratio=1.0,
+      loss_spike_sigmas=6.0,
+      loss_spike_window=128,
       # Peak TFLOP/s per device for MFU. 0: flops.PEAK_TFLOPS (datasheet dense bf16), or no MFU
       # for an unlisted device. Set a measured peak here: SPEC 6's H200 MFU uses 790 (measured),
       # against the datasheet's 989.

@@ -73,7 +73,10 @@ def _set(config, field, value):
     ("data.windows", "random", 1, "config.data.windows='random'"),
     ("train.optimizer", "sgd", 1, "config.train.optimizer='sgd': must be one of adam, adamw"),
     ("train.weight_decay", 0.1, 1, "needs config.train.optimizer='adamw' (it is 'adam')"),
-    ("train.on_nonfinite", "ignore", 1, "config.train.on_nonfinite='ignore'"),
+    ("train.on_bad_update", "ignore", 1, "config.train.on_bad_update='ignore'"),
+    ("train.max_update_ratio", -1.0, 1, "config.train.max_update_ratio=-1.0: must be a number"),
+    ("train.loss_spike_sigmas", -2.0, 1, "config.train.loss_spike_sigmas=-2.0: must be a number"),
+    ("train.loss_spike_window", 2, 1, "config.train.loss_spike_window=2: must be an integer >= 4"),
 ])
 def test_bad_value_names_the_field(field, value, devices, message):
   config = load_config("tiny")

@@ -5,9 +5,12 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
+import signal
 import subprocess
 import sys
 
+from etils import epath
 from flax import nnx
 import jax
 import numpy as np
@@ -74,7 +77,8 @@ def test_export_restores_on_one_device(workdir, tmp_path):
   assert manifest["source_workdir"] == str(workdir)
   config_text = (workdir / "config.json").read_text()
   assert manifest["config_sha256"] == hashlib.sha256(config_text.encode()).hexdigest()
-  assert manifest["config"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert manifest["config"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "dcn_data": -1,
+                                      "dcn_fsdp": 1, "dcn_tensor": 1}
   assert tuple(config.model.cross_attention_scales) == (0, 16)
   assert not (tmp_path / "f32" / "params" / "opt_state").exists()
 
@@ -146,6 +150,111 @@ def test_a_failed_export_leaves_nothing_and_a_rerun_works(workdir, tmp_path, mon
   export.export(str(workdir), str(tmp_path / "st"), file_format="safetensors")
   model_state.load_exported(str(tmp_path / "st"))
   assert sorted(os.listdir(tmp_path)) == ["st"]
+
+
+class _Killed(BaseException):
+  """The export process dying at an injected point (no handler of the export catches it)."""
+
+
+# Where an overwrite dies: while writing the new export; with it complete, before the old one
+# moves aside; before the old one is deleted.
+_KILL_POINTS = ("writing", "before_first_rename", "before_old_removal")
+
+_KILL_BETWEEN_RENAMES = r"""
+import os, signal, sys
+from etils import epath
+from perceivers_jax.state import export
+path_type = type(epath.Path(sys.argv[2]))
+rename = path_type.rename
+renames = []
+
+def rename_then_die(self, target):
+  renames.append(target)
+  if len(renames) == 2:  # the old export moved aside; the new one not yet in its place.
+    os.kill(os.getpid(), signal.SIGKILL)
+  return rename(self, target)
+
+path_type.rename = rename_then_die
+export.export(sys.argv[1], sys.argv[2], file_format="safetensors", overwrite=True)
+"""
+
+
+def _kill_at(point, monkeypatch):
+  """Makes the next export die at `point` (_KILL_POINTS)."""
+  path_type = type(epath.Path("/"))
+  if point == "writing":
+    def die(*args, **kwargs):
+      raise _Killed
+    monkeypatch.setattr(export, "_write_safetensors", die)
+  elif point == "before_first_rename":
+    def die(self, target):
+      raise _Killed
+    monkeypatch.setattr(path_type, "rename", die)
+  else:
+    rmtree = path_type.rmtree
+    def die_before_the_old(self, *args, **kwargs):
+      if self.name.endswith(".export-old"):
+        raise _Killed
+      return rmtree(self, *args, **kwargs)
+    monkeypatch.setattr(path_type, "rmtree", die_before_the_old)
+
+
+def _whole_exports(folder):
+  """{name: format} of the whole exports in `folder`, temporary and old ones included."""
+  found = {}
+  for path in sorted(folder.iterdir()):
+    try:
+      found[path.name] = model_state.check_export_files(path)["format"]
+    except (OSError, ValueError, KeyError):
+      pass
+  return found
+
+
+def test_an_overwrite_killed_at_any_point_leaves_a_whole_export(workdir, tmp_path,
+                                                                 monkeypatch):
+  """An Orbax export overwritten by a safetensors one, the process killed at each step (by
+  SIGKILL between the two renames, where no --output folder exists): the old or the new export
+  stays whole on disk, and the next export puts it back at --output; it keeps the new one once
+  that was complete instead of deleting it."""
+  old_export = tmp_path / "old_export"
+  export.export(str(workdir), str(old_export))
+  orbax, safetensors_format = model_state.FORMATS["orbax"], model_state.SAFETENSORS_FORMAT
+  for point in _KILL_POINTS + ("between_renames",):
+    folder = tmp_path / point
+    folder.mkdir()
+    output = folder / "out"
+    shutil.copytree(old_export, output)
+    if point == "between_renames":
+      killed = subprocess.run([sys.executable, "-c", _KILL_BETWEEN_RENAMES, str(workdir),
+                               str(output)], capture_output=True, text=True, timeout=300,
+                              check=False)
+      assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+      assert not output.exists()  # the moment the old export had no --output folder.
+    else:
+      with monkeypatch.context() as patch:
+        _kill_at(point, patch)
+        with pytest.raises(_Killed):
+          export.export(str(workdir), str(output), file_format="safetensors", overwrite=True)
+    assert _whole_exports(folder) == {
+        "writing": {"out": orbax},
+        "before_first_rename": {"out": orbax, ".out.export-tmp": safetensors_format},
+        "between_renames": {".out.export-old": orbax, ".out.export-tmp": safetensors_format},
+        "before_old_removal": {"out": safetensors_format, ".out.export-old": orbax},
+    }[point], point
+
+    # The next export dies while writing: what it recovered is at --output, whole.
+    new_one_was_complete = point in ("between_renames", "before_old_removal")
+    with monkeypatch.context() as patch:
+      _kill_at("writing", patch)
+      with pytest.raises(_Killed):
+        export.export(str(workdir), str(output), file_format="safetensors", overwrite=True)
+    _, _, manifest = model_state.load_exported(str(output))
+    assert manifest["format"] == (safetensors_format if new_one_was_complete else orbax), point
+    assert not (folder / ".out.export-old").exists(), point
+
+    export.export(str(workdir), str(output), file_format="safetensors", overwrite=True)
+    assert sorted(os.listdir(folder)) == ["out"], point
+    assert model_state.load_exported(str(output))[2]["format"] == safetensors_format
 
 
 def test_loading_checks_every_parameter_file(workdir, tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from perceivers_jax.data import tokens
-from perceivers_jax.training import nonfinite
+from perceivers_jax.training import update_guard
 import slow_training_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -205,23 +205,25 @@ def _diverging_config():
   return config
 
 
-def test_diverging_run_stops_with_a_clear_message_and_only_finite_checkpoints(pieces, tmp_path):
-  """The update of step 3 turns the parameters infinite (the loss of step 3 is still finite):
-  it is not applied, nothing from step 3 on is saved, and the message names step 2 as the last
-  good checkpoint."""
+def test_diverging_run_stops_with_a_clear_message_and_only_sane_checkpoints(pieces, tmp_path):
+  """Learning rate 1e30 without gradient clipping: the update of step 3 is finite but moves
+  the parameters to ~1e30 (the loss of step 3 is still fine). It is not applied, nothing from
+  step 3 on is saved, and the message names the reason and step 2 as the last good
+  checkpoint."""
   from perceivers_jax.training import train  # pylint: disable=g-import-not-at-top
   arrays, _ = pieces
   sources = dict(train_source=[{"tokens": arrays[0]}], eval_source=[{"tokens": arrays[0][:200]}])
   config = _diverging_config()
-  config.train.num_steps = 2
+  config.train.num_steps, config.train.grad_clip_norm = 2, 0.0
   train.train_and_evaluate(config, str(tmp_path), **sources)
-  config.train.learning_rate = 1e39  # inf in float32: the very next update is non-finite.
+  config.train.learning_rate = 1e30
   config.train.num_steps = 6
-  with pytest.raises(nonfinite.NonFiniteError, match=(
-      r"update of step 3: stopping .* last good checkpoint is step 2 in ")):
+  with pytest.raises(update_guard.RejectedUpdateError, match=(
+      r"update of step 3: parameters beyond \+-1e\+06; an update too large for float32 to "
+      r"measure its norm .* Stopping .* last good checkpoint is step 2 in ")):
     train.train_and_evaluate(config, str(tmp_path), **sources)
   saved = _saved_params(train, config, str(tmp_path))
   assert sorted(saved) == [1, 2]
   for params in saved.values():
-    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+    assert max(np.abs(leaf).max() for leaf in jax.tree.leaves(params)) < 1e6
   assert [s for s, _ in _losses(tmp_path)] == [1, 2]  # the rejected step 3 is not logged.

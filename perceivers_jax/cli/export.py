@@ -9,10 +9,11 @@ one params.safetensors file with flat names (listed in perceivers_jax/state/expo
 outside this package. The export's config.json records --attention_impl (default auto: the
 kernel is picked where the export runs) in place of the training config's. The export appears
 whole or not at all (written to a temporary sibling folder, then renamed); an existing
---output is refused unless --overwrite replaces it. Either restores on any number of devices
-(`perceivers_jax.state.model_state.load_exported`), samples with
-`perceivers-sample --checkpoint=DIR` and starts fine-tuning with
-`--config.train.init_from=DIR`.
+--output is refused unless --overwrite replaces it once the new export is complete. After a
+process killed mid-export, the next export to the same --output first puts the whole export
+left on disk back in place (the new one, if it was complete). Either restores on any number of
+devices (`perceivers_jax.state.model_state.load_exported`), samples with
+`perceivers-sample --checkpoint=DIR` and starts fine-tuning with `--config.train.init_from=DIR`.
 """
 
 import json

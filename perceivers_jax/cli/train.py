@@ -76,7 +76,8 @@ def main(argv: list[str]) -> None:
     metrics = evaluation.evaluate(config, _WORKDIR.value)
     logging.info("Evaluation: %s", metrics)
   else:
-    train.train_and_evaluate(config, _WORKDIR.value)
+    with distributed.exit_when_a_process_fails():
+      train.train_and_evaluate(config, _WORKDIR.value)
 
 
 def run() -> None:

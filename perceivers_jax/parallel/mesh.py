@@ -44,14 +44,19 @@ def _multi_host_environment() -> bool:
 
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
+                           process_id: int | None = None,
+                           heartbeat_timeout_s: int | None = None) -> bool:
   """Calls `jax.distributed.initialize()` when this is one process of a multi-host job.
 
   Must run before anything touches a jax backend. Explicit arguments (or the environment
   variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) are used for GPU/CPU
-  clusters; TPU pods, SLURM and Open MPI launches are auto-detected by jax. Returns whether
+  clusters; TPU pods, SLURM and Open MPI launches are auto-detected by jax.
+  `heartbeat_timeout_s` (None: jax's default, 100 s): a process silent that long counts as
+  dead, and jax's coordination service then ends every other process. Returns whether
   distributed mode was initialised.
   """
+  timeouts = ({} if heartbeat_timeout_s is None
+              else {"heartbeat_timeout_seconds": heartbeat_timeout_s})
   coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
     num_processes = int(os.environ["JAX_NUM_PROCESSES"])
@@ -61,9 +66,9 @@ def initialize_distributed(coordinator_address: str | None = None,
     if num_processes is None or process_id is None:
       raise ValueError("A coordinator address needs num_processes and process_id too "
                        "(flags or JAX_NUM_PROCESSES / JAX_PROCESS_ID).")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id, **timeouts)
   elif _multi_host_environment():
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
   else:
     return False
   logging.info("jax.distributed initialised: process %d of %d, %d local / %d global devices.",

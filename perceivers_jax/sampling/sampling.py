@@ -12,12 +12,13 @@ Multi-host: every process calls `sample_to_dir` alike (after `jax.distributed.in
 each batch is the global batch, its rows split over every device of every host, and each
 host writes the samples of the rows its own devices hold.
 
-Reproducibility: sample i draws from its own key `fold_in(key(seed), i)` (one fold per step),
-so its tokens do not depend on which other samples share its batch, nor on how many hosts
-and devices share the batch. A run always fills whole batches (the last one padded with
-copies, never written), and sample i sits in slot i % batch_size, so regenerating only sample
-i (`sample_indices=(i,)`, same batch_size) runs the same program on the same row and
-reproduces its tokens exactly; the sidecar records everything needed.
+Reproducibility (README "Sampling"): sample i draws from its own key `fold_in(key(seed), i)`
+(one fold per step). A run always fills whole batches (the last one padded with copies,
+never written), and sample i sits in slot i % batch_size, so regenerating only sample i
+(`sample_indices=(i,)`, same batch_size, backend and device count) runs the same program on
+the same row and reproduces its tokens exactly; the sidecar records everything needed.
+Another batch size, device or host count changes the shapes computed, which on GPUs and TPUs
+(bf16) may change a logit's last bits and so a drawn token.
 
 Decoding itself (caches, sliding window, latent resets) is `decode`'s: this module's loop
 adds only the per-row keys (`decode.generate` draws one key per step for the whole batch)

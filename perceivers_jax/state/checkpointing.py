@@ -64,6 +64,12 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def saved_state_shapes(self, step: int) -> dict[str, Any]:
+    """The shapes of checkpoint `step`'s state arrays, as a dict tree read from its metadata (a
+    checkpoint written by an older version or config may lack a key or differ in a shape)."""
+    return jax.tree.map(lambda leaf: tuple(leaf.shape),
+                        dict(self._manager.item_metadata(step)[STATE]))
+
   def should_save(self, step: int) -> bool:
     """Whether the interval policy saves at `step`."""
     return step % self._every_steps == 0

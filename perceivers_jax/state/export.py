@@ -12,9 +12,14 @@ An export directory holds
   manifest.json  format (model_state.FORMATS: which of the two), step, parameter count,
                  dtype, source workdir, sha256 of config.json, the sha256 of every parameter
                  file (params_sha256, by path inside the export) and the config itself.
-An export is written whole into a temporary sibling folder (`.NAME.export-tmp`) and renamed to
-`output` when complete, so a crash never leaves a partial export; an existing `output` is an
-error unless `overwrite`, which replaces the whole folder (never mixing two exports).
+An export is written whole into a temporary sibling folder (`.NAME.export-tmp`, manifest.json
+last) and renamed to `output` when complete, so a crash never leaves a partial export; an
+existing `output` is an error unless `overwrite`, which replaces the whole folder (never mixing
+two exports): only once the new export is complete does the old one move aside
+(`.NAME.export-old`), the new one take its place and the old one go. A process killed at any
+point leaves the old export or the new one whole on disk, and the next export to `output`
+first puts the whole one back in place (`_recover`): the complete new export, if the kill came
+after it was written, else the old one.
 Only the parameters are read from the training checkpoint (partial restore), straight into
 the target devices' shardings, so exporting never loads the optimizer state. Reading an
 export back (either format, into this process's devices or into any given shardings, as
@@ -34,6 +39,7 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
@@ -68,6 +74,35 @@ def _with_attention_impl(config_text: str, attention_impl: str) -> str:
   return json.dumps(config, indent=2, sort_keys=True)
 
 
+def _is_complete(path: epath.Path) -> bool:
+  """Whether `path` holds a whole export (manifest.json, config and every parameter file
+  matching its sha256s)."""
+  try:
+    model_state.check_export_files(path)
+  except (OSError, ValueError, KeyError):
+    return False
+  return True
+
+
+def _recover(out: epath.Path, tmp: epath.Path, old: epath.Path) -> None:
+  """Puts the whole export back at `out` after an export to it was killed (process 0 only).
+
+  The steps of an overwrite are: write `tmp` completely, rename `out` to `old`, rename `tmp` to
+  `out`, delete `old`. Killed before the first rename, `out` is still the old export; between
+  the renames, `tmp` is the complete new one and takes its place; after them, only `old` is
+  left to delete. A `tmp` that is not complete is left for the export to replace.
+  """
+  if not out.exists():
+    if tmp.exists() and _is_complete(tmp):
+      tmp.rename(out)
+      logging.warning("Recovered %s: the complete export of an interrupted run.", out)
+    elif old.exists():
+      old.rename(out)
+      logging.warning("Recovered %s: the export an interrupted overwrite had moved aside.", out)
+  if old.exists() and out.exists():
+    old.rmtree()
+
+
 def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "float32",
            file_format: str = "orbax", overwrite: bool = False,
            attention_impl: str = "auto") -> dict[str, Any]:
@@ -87,6 +122,12 @@ def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "
   if not config_path.exists():
     raise FileNotFoundError(f"{config_path} not found: --workdir must be a training workdir.")
   out = epath.Path(output)
+  # Every host computes the same folder names (Orbax writes collectively into tmp).
+  tmp = out.parent / f".{out.name}.export-tmp"
+  old = out.parent / f".{out.name}.export-old"
+  if jax.process_index() == 0:
+    _recover(out, tmp, old)
+  _sync("export-recovered")
   if out.exists() and not overwrite:
     raise FileExistsError(f"--output={output} exists: choose a new directory, or pass "
                           "--overwrite to replace it.")
@@ -96,10 +137,8 @@ def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "
 
   params = model_state.restore_params(
       workdir, step, model_state.build_local(config).abstract_params_in(dtype))
-  # Every host computes the same folder name (Orbax writes collectively into it).
-  tmp = out.parent / f".{out.name}.export-tmp"
   if jax.process_index() == 0:
-    if tmp.exists():  # left by an export that was killed.
+    if tmp.exists():  # left incomplete by an export that was killed (or an old one's).
       tmp.rmtree()
     tmp.mkdir(parents=True)
   _sync("export-tmp-ready")
@@ -125,10 +164,7 @@ def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "
     manifest["params_sha256"] = model_state.params_sha256(tmp, params_name)
     (tmp / model_state.CONFIG_FILE).write_text(config_text)
     (tmp / model_state.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    old = out.parent / f".{out.name}.export-old"
-    if out.exists():  # overwrite: the old export goes only once the new one is complete.
-      if old.exists():
-        old.rmtree()
+    if out.exists():  # overwrite: the old export moves aside only now the new one is complete.
       out.rename(old)
     tmp.rename(out)
     if old.exists():

@@ -310,15 +310,10 @@ def _check_params_sha256(path: epath.Path, manifest: dict[str, Any]) -> None:
       raise ValueError(f"{path / name} does not match its sha256 in manifest.json: {fix}")
 
 
-def load_exported(export_dir: str, abstract_params: Any = None,
-                  ) -> tuple[ml_collections.ConfigDict, Any, dict[str, Any]]:
-  """(config, params, manifest) of an export in either format.
-
-  Params are replicated over this process's devices in the exported dtype, or, given
-  `abstract_params` (ShapeDtypeStructs with shardings, e.g. `build(...).abstract_params`),
-  cast and sharded as those after checking that the shapes agree (`check_compatible`).
-  Checks config.json and every parameter file against the manifest's sha256s first.
-  """
+def check_export_files(export_dir: epath.PathLike) -> dict[str, Any]:
+  """The manifest of the export in `export_dir`, after checking config.json and every parameter
+  file against its sha256s; ValueError naming the first file that differs, OSError for a
+  missing manifest."""
   path = epath.Path(export_dir)
   manifest = json.loads((path / MANIFEST).read_text())
   file_format = manifest.get("format")
@@ -329,6 +324,21 @@ def load_exported(export_dir: str, abstract_params: Any = None,
   if hashlib.sha256(config_text.encode()).hexdigest() != manifest["config_sha256"]:
     raise ValueError(f"{path / CONFIG_FILE} does not match the sha256 in manifest.json.")
   _check_params_sha256(path, manifest)
+  return manifest
+
+
+def load_exported(export_dir: str, abstract_params: Any = None,
+                  ) -> tuple[ml_collections.ConfigDict, Any, dict[str, Any]]:
+  """(config, params, manifest) of an export in either format.
+
+  Params are replicated over this process's devices in the exported dtype, or, given
+  `abstract_params` (ShapeDtypeStructs with shardings, e.g. `build(...).abstract_params`),
+  cast and sharded as those after checking that the shapes agree (`check_compatible`).
+  Checks config.json and every parameter file against the manifest's sha256s first.
+  """
+  path = epath.Path(export_dir)
+  manifest = check_export_files(path)
+  file_format = manifest["format"]
   config = load_config(path / CONFIG_FILE)
   if abstract_params is None:
     target = build_local(config).abstract_params_in(manifest["dtype"])

@@ -23,8 +23,8 @@ from perceivers_jax.model import splash
 from perceivers_jax.parallel import mesh as mesh_lib
 from perceivers_jax.state import model_state
 from perceivers_jax.training import optimizer as optimizer_lib
+from perceivers_jax.training import update_guard
 
-ON_NONFINITE = ("stop", "skip")
 SCHEDULES = ("rsqrt", "constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -127,7 +127,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     _fail("train.weight_decay", train.weight_decay,
           f"weight decay needs config.train.optimizer='adamw' (it is {train.optimizer!r}); "
           "set config.train.optimizer=adamw or config.train.weight_decay=0.")
-  _check_choice(config, "train.on_nonfinite", ON_NONFINITE)
+  _check_choice(config, "train.on_bad_update", update_guard.ON_BAD_UPDATE)
+  for field in ("max_update_ratio", "loss_spike_sigmas"):
+    value = _get(config, f"train.{field}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+      _fail(f"train.{field}", value, "must be a number >= 0 (0 turns the check off).")
+  window = _get(config, "train.loss_spike_window")
+  if isinstance(window, bool) or not isinstance(window, int) or window < 4:
+    _fail("train.loss_spike_window", window,
+          "must be an integer >= 4 (the loss-spike check starts once half of it is filled).")
   _check_choice(config, "train.schedule", SCHEDULES)
   for field in ("batch_size", "microbatches", "num_steps"):
     _check_positive(config, f"train.{field}")

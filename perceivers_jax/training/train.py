@@ -7,9 +7,10 @@ the one-off evaluation of a checkpoint) and saves on an interval and on preempti
 run (sizes and compiled memory) is `dry_run.py`; FLOPs and MFU are `flops.py`.
 
 State layout (what the checkpoints hold): {"step": int32, "params": nested dict of arrays (the
-model's nnx.Param values as a pure dict), "opt_state": optax state}. The model, its abstract
-parameters and their shardings come from `state/model_state.py`; parameters are created
-directly in their shardings (jax.jit with out_shardings), never whole on one host.
+model's nnx.Param values as a pure dict), "opt_state": optax state, "loss_window": the losses of
+the last accepted steps}. The model, its abstract parameters and their shardings come from
+`state/model_state.py`; parameters are created directly in their shardings (jax.jit with
+out_shardings), never whole on one host.
 
 Fine-tuning: config.train.init_from (an export directory, either format, or a training
 workdir) supplies the parameters only (fresh optimizer state, step 0) of a run whose workdir
@@ -18,12 +19,13 @@ config.train.freeze names parameter groups (perceivers_jax/model/param_groups.py
 updates and no optimizer state (optax.multi_transform with set_to_zero); their gradients are
 dropped before clipping and the grad_norm metric.
 
-Non-finite updates: the step checks its gradients and updated parameters and, where any is
-NaN or infinite, keeps the previous parameters and optimizer state (only the step counter and
-the data advance). config.train.on_nonfinite="stop" (default) then ends the run with
-a NonFiniteError naming the step and the last good checkpoint; "skip" goes on and counts the
-skipped updates in train/skipped_updates (`nonfinite.py`). No checkpoint ever holds a
-non-finite parameter.
+Rejected updates: the step judges each update (`update_guard.py`: non-finite, exploded, too
+large for the parameters, or after a loss spike) and applies only an accepted one; a rejected
+one keeps the previous parameters and optimizer state (only the step counter and the data
+advance). config.train.on_bad_update="stop" (default) then ends the run with a
+RejectedUpdateError naming the step, the reason and the last good checkpoint; "skip" goes on
+and counts the skipped updates in train/skipped_updates. No checkpoint ever holds a rejected
+update. The state also holds the loss-spike check's window of accepted losses (`loss_window`).
 """
 
 import dataclasses
@@ -40,6 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ml_collections
 import optax
 
+from perceivers_jax import config_base
 from perceivers_jax.data import input_pipeline
 from perceivers_jax.model import losses
 from perceivers_jax.model import param_groups
@@ -51,8 +54,8 @@ from perceivers_jax.training import config_validation
 from perceivers_jax.training import evaluation
 from perceivers_jax.training import flops
 from perceivers_jax.training import metrics_writer
-from perceivers_jax.training import nonfinite
 from perceivers_jax.training import optimizer as optimizer_lib
+from perceivers_jax.training import update_guard
 
 State = dict[str, Any]
 Batch = dict[str, Any]
@@ -78,6 +81,8 @@ class Trainer:
   init_fn: Callable[[], tuple[State, nnx.State]]
   init_rest: Callable[[], nnx.State]  # the non-parameter state (RNG streams) alone.
   state_from_params: Callable[[Any], State]  # given params, fresh optimizer state, step 0.
+  limits: update_guard.Limits  # the update checks' thresholds (config.train).
+  empty_loss_window: Callable[[], Any]  # the loss-spike check's window before any step.
   train_step: Callable[[State, nnx.State, Batch], tuple[State, dict[str, jax.Array]]]
   eval_step: Callable[[Any, nnx.State, Batch], dict[str, jax.Array]]
 
@@ -139,9 +144,12 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
   param_shardings, rest_shardings = model.param_shardings, model.rest_shardings
   replicated = NamedSharding(mesh, PartitionSpec())
 
+  limits = update_guard.Limits.of(config.train)
+
   def state_from_params(params):
     return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": optimizer.init(params)}
+            "opt_state": optimizer.init(params),
+            "loss_window": update_guard.empty_loss_window(limits)}
 
   def init_fn():
     params, rest = model_state.split(create_model())
@@ -151,7 +159,9 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
   opt_shardings = optax.tree_utils.tree_map_params(
       optimizer, lambda leaf, s: leaf if _is_masked(leaf) else s, abstract_state["opt_state"],
       param_shardings, transform_non_params=lambda _: replicated, is_leaf=_is_masked)
-  state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+  state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings,
+                     "loss_window": jax.tree.map(lambda _: replicated,
+                                                 abstract_state["loss_window"])}
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
       state_shardings)
@@ -203,15 +213,20 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
       grads = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    # A non-finite update is never applied: the previous parameters and optimizer state stay
-    # (donation lets XLA select in place). The loop stops or counts it (config.train.on_nonfinite).
-    finite = nonfinite.all_finite(grads) & nonfinite.all_finite(new_params)
-    keep = lambda new, old: jnp.where(finite, new, old)
+    loss = losses.mean_loss(sums)
+    # A rejected update is never applied: the previous parameters and optimizer state stay
+    # (donation lets XLA select in place). The loop stops or counts it (config.train.on_bad_update).
+    verdict = update_guard.judge(loss, grads, params, updates, new_params, state["loss_window"],
+                                 limits)
+    keep = lambda new, old: jnp.where(verdict["rejected"] == 0, new, old)
     new_state = {"step": step + 1, "params": jax.tree.map(keep, new_params, params),
-                 "opt_state": jax.tree.map(keep, opt_state, state["opt_state"])}
+                 "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
+                 "loss_window": verdict["loss_window"]}
     metrics = {
-        "nonfinite": 1 - finite.astype(jnp.int32),
-        "loss": losses.mean_loss(sums),
+        "rejected": verdict["rejected"],
+        "update_ratio": verdict["update_ratio"],
+        "loss_z": verdict["loss_z"],
+        "loss": loss,
         "nll": sums["nll"] / count,
         "accuracy": sums["correct"] / count,
         "targets": sums["count"],
@@ -229,6 +244,9 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
       init_rest=model.init_rest,
       state_from_params=in_mesh(jax.jit(state_from_params, in_shardings=(param_shardings,),
                                         out_shardings=state_shardings, donate_argnums=(0,))),
+      limits=limits,
+      empty_loss_window=in_mesh(jax.jit(lambda: update_guard.empty_loss_window(limits),
+                                        out_shardings=state_shardings["loss_window"])),
       train_step=in_mesh(jax.jit(
           train_step, in_shardings=(state_shardings, rest_shardings, batch_sharding),
           out_shardings=(state_shardings, replicated), donate_argnums=(0,))),
@@ -258,8 +276,33 @@ def pretrained_params(trainer: Trainer, source: str) -> Any:
   """The parameters of `source` (config.train.init_from: an export or a training workdir) in
   `trainer`'s shardings and dtypes; ValueError naming a parameter whose shape differs."""
   params, description = model_state.load_params(source, trainer.model.abstract_params)
+  update_guard.check_sane(params, f"config.train.init_from={source} ({description})",
+                          "fine-tune from an earlier checkpoint or export.")
   logging.info("Fine-tuning from the parameters of %s (fresh optimizer, step 0).", description)
   return params
+
+
+def _resume(ckpt: checkpointing.Checkpointer, step: int, trainer: Trainer,
+            train_iter: Any) -> State:
+  """The train state of checkpoint `step` (and the data iterator's), refused when its parameters
+  are non-finite or exploded. A checkpoint saved before the loss window existed resumes with an
+  empty one: the loss-spike check waits until it is half full again."""
+  saved_window = ckpt.saved_state_shapes(step).get("loss_window")
+  size = trainer.limits.loss_spike_window
+  if saved_window is not None and saved_window["losses"] != (size,):
+    config_base.fail("train.loss_spike_window", size,
+                     f"checkpoint step {step} in {ckpt.directory} holds a window of "
+                     f"{saved_window['losses'][0]} losses; resume with that size.")
+  if saved_window is None:
+    logging.warning("Checkpoint step %d predates the loss-spike check's window: it starts "
+                    "empty.", step)
+    older = {k: v for k, v in trainer.abstract_state.items() if k != "loss_window"}
+    state = {**ckpt.restore(step, older, train_iter), "loss_window": trainer.empty_loss_window()}
+  else:
+    state = ckpt.restore(step, trainer.abstract_state, train_iter)
+  update_guard.check_sane(state["params"], f"Checkpoint step {step} in {ckpt.directory}",
+                          "delete that step's folder to resume from the one before it.")
+  return state
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -296,8 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   elif latest is None:
     state, rest = trainer.init_fn()
   else:
-    state = ckpt.restore(latest, trainer.abstract_state, train_iter)
-    nonfinite.check_restored_finite(state, latest, ckpt.directory)
+    state = _resume(ckpt, latest, trainer, train_iter)
     rest = trainer.init_rest()
     logging.info("Resuming from step %d.", latest)
   step = start_step = int(jax.device_get(state["step"]))
@@ -305,7 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Steps after start_step that a killed run had logged are redone: their records are dropped.
   writer = metrics_writer.MetricsWriter(workdir, resume_step=start_step)
   watcher = checkpointing.PreemptionWatcher()
-  guard = nonfinite.NonFiniteGuard(config.train.get("on_nonfinite", "stop"), ckpt)
+  guard = update_guard.UpdateGuard(config.train.on_bad_update, trainer.limits, ckpt)
   num_steps = config.train.num_steps
   peak = flops.peak_flops_per_device(config)
   if jax.process_index() == 0:
@@ -330,8 +372,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step % config.log_every_steps == 0 or is_last:
         guard.settle()
         scalars = jax.device_get(metrics)
-        del scalars["nonfinite"]
-        scalars["skipped_updates"] = guard.take_skipped()  # since the previous record.
+        for key in ("rejected", "update_ratio", "loss_z"):  # the guard's, per step.
+          del scalars[key]
+        scalars.update(guard.take_interval())  # skips and largest ratio / z since the last record.
         if interval_steps:  # Not on the very first step (its time is compilation).
           scalars.update(flops.throughput((time.perf_counter() - interval_start) / interval_steps,
                                      config, peak))
@@ -351,7 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
       stop = watcher.should_stop(step)
       if is_last or stop or ckpt.should_save(step):
-        guard.settle()  # "stop" raises before a step after a non-finite update is saved.
+        guard.settle()  # "stop" raises before a step after a rejected update is saved.
         ckpt.save(step, state, train_iter, force=True)
       if stop:
         logging.warning("Preempted: saved step %d to %s; rerun the same command to resume.",
