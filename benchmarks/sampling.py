@@ -12,13 +12,14 @@ beside today's, and both run in this process, timed in alternation (A/B, best an
 baseline a model with the same parameters and another attention_impl. Prints a table and
 writes JSON.
 
-  python benchmarks/sampling.py                                   # configs/tiny.py, CPU, ~1 min
+  python benchmarks/sampling.py                           # the tiny config, CPU, ~1 min
   python benchmarks/sampling.py --baseline=be0673f --baseline_attention_impl=xla \\
       --config.model.max_length=4096 --config.model.num_latents=256 \\
       --config.model.embed_dim=256 --config.model.num_heads=4 --config.model.head_dim=64 \\
       --config.model.num_latent_layers=4 "--config.model.cross_attention_scales=(0,256)" \\
       --num_tokens=320 --repeats=3                              # RESULTS.md's decode table
-  python benchmarks/sampling.py --config=configs/perceivers.py --num_tokens=2048   # GPU
+  python benchmarks/sampling.py --config=perceivers_jax/configs/perceivers.py \
+      --num_tokens=2048   # GPU
 
 SPEC 6 reference (google-research/perceiver-ar, paper size, H200): 411 tokens/s at batch 1,
 856 at batch 16.
@@ -51,8 +52,8 @@ from perceivers_jax.sampling import sampling
 import hlo_copies  # benchmarks/hlo_copies.py, beside this script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs/tiny.py"),
-                                          "Config file (configs/NAME.py[:variant]).")
+_CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "perceivers_jax/configs/tiny.py"),
+                                          "Config file (perceivers_jax/configs/NAME.py[:variant]).")
 _NUM_TOKENS = flags.DEFINE_integer("num_tokens", 192,
                                    "Tokens per row (include latent resets: > N + 1).")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes.")

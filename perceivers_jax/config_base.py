@@ -1,6 +1,7 @@
-"""Paper-size defaults shared by every experiment config in `configs/`.
+"""Paper-size defaults shared by every experiment config in `perceivers_jax/configs/`.
 
-Each `configs/*.py` starts from `base_config()` and changes what its experiment changes,
+Each `perceivers_jax/configs/*.py` starts from `base_config()` and changes what its experiment
+changes,
 as big_vision's configs start from `big_vision.configs.common`.
 """
 

@@ -18,7 +18,7 @@ from perceivers_jax.training import flops
 from perceivers_jax.training import optimizer as optimizer_lib
 from perceivers_jax.training import train
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "perceivers_jax" / "configs"
 
 
 def load_config(name: str, arg: str | None = None):

@@ -63,9 +63,9 @@ class _Run:
   def __init__(self, pieces, workdir, every_steps, hang_save_at=0):
     env = dict(os.environ, JAX_PLATFORMS="cpu", HANG_SAVE_AT=str(hang_save_at))
     self.process = subprocess.Popen(
-        [sys.executable, "-c", _RUN, str(ROOT / "configs/tiny.py"), str(pieces), str(workdir),
-         str(every_steps)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True)
+        [sys.executable, "-c", _RUN, str(ROOT / "perceivers_jax/configs/tiny.py"), str(pieces),
+         str(workdir), str(every_steps)], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
     self.lines = []
     self._reader = threading.Thread(target=lambda: self.lines.extend(self.process.stderr))
     self._reader.start()
@@ -145,7 +145,7 @@ def test_nan_producing_rate_skips_updates_then_resumes_with_a_sane_rate(pieces_p
   from perceivers_jax.state import checkpointing  # pylint: disable=g-import-not-at-top
   from perceivers_jax.training import train  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+  spec = importlib.util.spec_from_file_location("tiny", ROOT / "perceivers_jax/configs/tiny.py")
   tiny = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tiny)
   arrays, _ = pieces_path

@@ -25,7 +25,7 @@ STEPS = 60
 
 
 def _config(seed: int = 0):
-  spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+  spec = importlib.util.spec_from_file_location("tiny", ROOT / "perceivers_jax/configs/tiny.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()

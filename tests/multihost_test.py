@@ -51,7 +51,7 @@ def _start_two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, num_step
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
   command = [
-      sys.executable, "-m", "perceivers_jax.cli.train", "--config=configs/tiny.py",
+      sys.executable, "-m", "perceivers_jax.cli.train", "--config=perceivers_jax/configs/tiny.py",
       f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
       f"--config.data.data_dir={data_dir}", "--config.model.max_length=128",
       "--config.model.num_latents=32", "--config.model.cross_attention_scales=(0,16)",

@@ -116,6 +116,6 @@ def test_bad_models_flag_is_one_clear_line(tmp_path):
 
 
 def test_config_without_two_scales_is_refused():
-  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.configs import tiny  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=r"config.model.cross_attention_scales=\(0,\)"):
     reproduce.model_config(tiny.get_config("baseline"), "perceivers", 0, 10)

@@ -65,7 +65,7 @@ SOUNDFONT_CANDIDATES = ("/usr/share/sounds/sf2/FluidR3_GM.sf2",
 @dataclasses.dataclass
 class DemoOptions:
   output_dir: str = "demo_output"
-  config: ml_collections.ConfigDict | None = None  # default: configs/tiny.py
+  config: ml_collections.ConfigDict | None = None  # default: perceivers_jax/configs/tiny.py
   data_dir: str = ""  # an existing maestro_performance build; default: build from the pieces
   steps: int = 0  # 0: the config's train.num_steps
   num_samples: int = 8
@@ -77,7 +77,7 @@ class DemoOptions:
 
 
 def tiny_config() -> ml_collections.ConfigDict:
-  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.configs import tiny  # pylint: disable=g-import-not-at-top
   return tiny.get_config()
 
 

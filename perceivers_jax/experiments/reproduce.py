@@ -95,7 +95,7 @@ def model_config(base: ml_collections.ConfigDict, model: str, seed: int,
   if len(scales) != 2 or scales[0] != config_base.FULL_CONTEXT:
     config_base.fail("model.cross_attention_scales", scales,
                      "the comparison starts from a PerceiverS config with scales [full, W], "
-                     "e.g. configs/tiny.py or configs/perceivers.py")
+                     "e.g. perceivers_jax/configs/tiny.py or perceivers_jax/configs/perceivers.py")
   config = copy.deepcopy(base)  # ConfigDict(base) would share the nested dicts
   with config.unlocked():
     config.seed = seed
