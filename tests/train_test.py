@@ -41,7 +41,7 @@ def _unigram_entropy(train_pieces) -> float:
 
 
 def test_tiny_learns_below_unigram_entropy(pieces, tmp_path):
-  from perceivers_jax.training import evaluation  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.training import validation  # pylint: disable=g-import-not-at-top
   from perceivers_jax.training import train  # pylint: disable=g-import-not-at-top
   arrays, _ = pieces
   config = _tiny_module().get_config()
@@ -71,7 +71,7 @@ def test_tiny_learns_below_unigram_entropy(pieces, tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["120", "60"]
 
   # --mode=eval on the workdir reproduces the final evaluation from the checkpoint.
-  again = evaluation.evaluate(config, str(tmp_path), eval_source=eval_source)
+  again = validation.evaluate(config, str(tmp_path), eval_source=eval_source)
   assert again["nll"] == pytest.approx(metrics["nll"], rel=1e-6)
 
 

@@ -63,7 +63,7 @@ def main(argv: list[str]) -> None:
   else:
     distributed.initialize()  # Before anything touches a jax backend.
   from perceivers_jax.training import dry_run  # pylint: disable=g-import-not-at-top
-  from perceivers_jax.training import evaluation  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.training import validation  # pylint: disable=g-import-not-at-top
   from perceivers_jax.training import train  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required for training and evaluation.")
   if _MODE.value == "eval":
-    metrics = evaluation.evaluate(config, _WORKDIR.value)
+    metrics = validation.evaluate(config, _WORKDIR.value)
     logging.info("Evaluation: %s", metrics)
   else:
     train.train_and_evaluate(config, _WORKDIR.value)

@@ -8,7 +8,7 @@ differ only where the paper says they do:
   effective_segmentation  effective windows, one full cross-attention
   perceivers              effective windows, Multi-Scale [full, W] (the config's own)
 
-Per model and seed: training, validation NLL on the sequential windows (`evaluation.evaluate`,
+Per model and seed: training, validation NLL on the sequential windows (`validation.evaluate`,
 the numbers `perceivers-train --mode=eval` prints), and unconditional samples from SOS.
 Then per model (samples pooled over seeds) the Table I evaluation against excerpts of the
 held-out pieces, with repetition density and rho(k) (`report.evaluate_sets`).
@@ -43,7 +43,7 @@ from perceivers_jax import config_base  # pylint: disable=g-import-not-at-top
 from perceivers_jax.evaluation import report as report_lib
 from perceivers_jax.experiments import demo
 from perceivers_jax.sampling import sampling
-from perceivers_jax.training import evaluation
+from perceivers_jax.training import validation
 from perceivers_jax.training import train
 
 MODELS = ("perceiver_ar", "effective_segmentation", "perceivers")
@@ -126,7 +126,7 @@ def run_stage(config: ml_collections.ConfigDict, settings: sampling.SampleSettin
     # Training ends with the validation of its last step, the checkpoint `evaluate` reads;
     # a run already trained to the end (interrupted before eval.json) returns {}.
     metrics = (train.train_and_evaluate(config, str(workdir))
-               or evaluation.evaluate(config, str(workdir)))
+               or validation.evaluate(config, str(workdir)))
     metrics = {"step": config.train.num_steps, **metrics}
     _write_json(eval_path, metrics)
   done = _read_json(samples_path)
