@@ -2,10 +2,11 @@
 
 Builds the model sharded over all local devices (config.mesh), warms up (compilation), then
 times steps with device sync and reports medians. Tokens/s counts predicted slots (batch x N,
-as SPEC 6), over all chips and per chip; TFLOP/s and MFU use 3 x forward matmul FLOPs per window
-(`perceivers_jax.training.flops.train_flops_per_window`, every cross-attention layer included) and the
-device's peak (`flops.PEAK_TFLOPS`, or --peak_tflops). Batches are windows of random tokens
-with real window structure (left padding, positions), so masks and gathers are exercised.
+as perceiver-ar), over all chips and per chip; TFLOP/s and MFU use 3 x forward matmul FLOPs per
+window (`perceivers_jax.training.flops.train_flops_per_window`, every cross-attention layer
+included) and the device's peak (`flops.PEAK_TFLOPS`, or --peak_tflops). Batches are windows
+of random tokens with real window structure (left padding, positions), so masks and gathers are
+exercised.
 
   python benchmarks/train_step.py --config=perceivers_jax/configs/tiny.py                    # CPU
   python benchmarks/train_step.py --config=perceivers_jax/configs/perceivers.py \\

@@ -99,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
       # train/skipped_updates).
       on_nonfinite="stop",
       # Peak TFLOP/s per device for MFU. 0: flops.PEAK_TFLOPS (datasheet dense bf16), or no MFU
-      # for an unlisted device. Set a measured peak here: SPEC 6's H200 MFU uses 790 (measured),
+      # for an unlisted device. Set a measured peak here: perceiver-ar's H200 MFU uses 790 (measured),
       # against the datasheet's 989.
       peak_tflops=0.0,
       # Fine-tuning. init_from: a `perceivers-export` directory or a training workdir whose

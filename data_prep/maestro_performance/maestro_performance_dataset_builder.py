@@ -194,7 +194,7 @@ def tokenise_pieces(pieces: list[Piece], num_workers: int,
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
-  """MAESTRO performances as SPEC 1 token ids, one example per piece."""
+  """MAESTRO performances as token ids (README "Tokens"), one example per piece."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Performance tokens (vocabulary 391), one example per piece."}

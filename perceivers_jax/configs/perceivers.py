@@ -16,7 +16,7 @@ Learning rate: the paper states "initial learning rate 0.03125" for Adam. 0.0312
 reading and 10k warm-up steps (Perceiver AR's default warm-up) the peak rate is
 0.03125 / sqrt(10,000) = 3.1e-4, which is Perceiver AR's own base_lr (3e-4). Used literally as
 an Adam step size, 0.03125 diverges. So the default is `schedule="rsqrt"`:
-lr(t) = learning_rate * min(t * warmup**-1.5, t**-0.5) (see perceivers_jax/optimizer.py).
+lr(t) = learning_rate * min(t * warmup**-1.5, t**-0.5) (see perceivers_jax/training/optimizer.py).
 """
 
 import ml_collections

@@ -1,4 +1,4 @@
-"""The paper's comparison (issue 18): Perceiver AR, Effective Segmentation and PerceiverS
+"""The paper's comparison (BUILD section 9): Perceiver AR, Effective Segmentation and PerceiverS
 trained side by side on the same data, steps, batch and seeds, then compared.
 
 The three models are derived from one PerceiverS config (scales [full, W]) so that they
