@@ -56,12 +56,16 @@ def _run(installed, *command: str, returncode: int = 0) -> subprocess.CompletedP
   return result
 
 
-def test_the_installed_copy_is_imported(installed):
-  _, site, _ = installed
+def test_the_installed_copy_is_imported_and_writes_nothing_beside_itself(installed):
+  """The modules come from the install; the demo's pieces go under the working directory."""
+  _, site, outside = installed
   files = json.loads(_run(installed, "python", "-c", (
-      "import json, data_prep, perceivers_jax, perceivers_jax.configs.tiny as t; print(json."
-      "dumps([m.__file__ for m in (perceivers_jax, data_prep, t)]))")).stdout)
-  assert all(pathlib.Path(f).is_relative_to(site) for f in files), (files, site)
+      "import json, data_prep, perceivers_jax, perceivers_jax.configs.tiny as t\n"
+      "from data_prep import fetch_maestro_samples as f\n"
+      "print(json.dumps([m.__file__ for m in (perceivers_jax, data_prep, t)]"
+      " + [str(f.sample_paths()[0].resolve())]))")).stdout)
+  assert all(pathlib.Path(f).is_relative_to(site) for f in files[:3]), (files, site)
+  assert pathlib.Path(files[3]).is_relative_to(outside), files[3]
 
 
 def test_demo_help_names_the_installed_default_config(installed):
