@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# The 10 real MAESTRO performances (SPEC section 1) into the ignored .cache/.
+# The 10 real MAESTRO performances (README Quickstart) into the ignored .cache/.
 fetch-data: setup
 	$(PY) -m data_prep.fetch_maestro_samples
 

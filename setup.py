@@ -31,7 +31,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["perceivers_jax*", "data_prep*"]),
     install_requires=REQUIRED,
     extras_require={
-        "test": ["pytest", "hypothesis", "pretty_midi"],
+        "test": ["pytest", "hypothesis", "pretty_midi", "wheel"],
         # Optional tf.data path; nothing else needs TensorFlow.
         "tf": ["tensorflow-cpu"],
         "gpu": ["jax[cuda12]"],

@@ -1,4 +1,4 @@
-"""Cached sampling throughput (SPEC 4, 6): tokens/s of the decode loop, and its cache copies.
+"""Cached sampling throughput: tokens/s of the decode loop, and its cache copies.
 
 Builds the model of a config with random parameters (EOS suppressed, so every row runs the
 full length), compiles and warms up, then times unconditional sampling of --num_tokens tokens
@@ -12,16 +12,17 @@ beside today's, and both run in this process, timed in alternation (A/B, best an
 baseline a model with the same parameters and another attention_impl. Prints a table and
 writes JSON.
 
-  python benchmarks/sampling.py                                   # configs/tiny.py, CPU, ~1 min
+  python benchmarks/sampling.py                           # the tiny config, CPU, ~1 min
   python benchmarks/sampling.py --baseline=be0673f --baseline_attention_impl=xla \\
       --config.model.max_length=4096 --config.model.num_latents=256 \\
       --config.model.embed_dim=256 --config.model.num_heads=4 --config.model.head_dim=64 \\
       --config.model.num_latent_layers=4 "--config.model.cross_attention_scales=(0,256)" \\
       --num_tokens=320 --repeats=3                              # RESULTS.md's decode table
-  python benchmarks/sampling.py --config=configs/perceivers.py --num_tokens=2048   # GPU
+  python benchmarks/sampling.py --config=perceivers_jax/configs/perceivers.py \
+      --num_tokens=2048   # GPU
 
-SPEC 6 reference (google-research/perceiver-ar, paper size, H200): 411 tokens/s at batch 1,
-856 at batch 16.
+The perceiver-ar reference (google-research/perceiver-ar, paper size, H200; RESULTS.md's GPU
+table): 411 tokens/s at batch 1, 856 at batch 16.
 """
 
 import importlib.util
@@ -44,15 +45,15 @@ import numpy as np
 from perceivers_jax.data import tokens
 from perceivers_jax.model import perceivers as model_lib
 from perceivers_jax.parallel import mesh as mesh_lib
-from perceivers_jax.parallel import partitioning
 from perceivers_jax.sampling import decode
 from perceivers_jax.sampling import next_token
 from perceivers_jax.sampling import sampling
+from perceivers_jax.state import model_state
 import hlo_copies  # benchmarks/hlo_copies.py, beside this script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs/tiny.py"),
-                                          "Config file (configs/NAME.py[:variant]).")
+_CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "perceivers_jax/configs/tiny.py"),
+                                          "Config file (perceivers_jax/configs/NAME.py[:variant]).")
 _NUM_TOKENS = flags.DEFINE_integer("num_tokens", 192,
                                    "Tokens per row (include latent resets: > N + 1).")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes.")
@@ -83,10 +84,8 @@ def baseline_decode(rev: str, directory: str):
 
 def build_model(config) -> model_lib.PerceiverS:
   """Random parameters, created on the device (jitted init); EOS made unreachable."""
-  mesh = mesh_lib.data_mesh(jax.devices()[:1])
-  model = partitioning.create_sharded(
-      lambda: model_lib.PerceiverS(config.model, rngs=nnx.Rngs(0)), mesh,
-      config.logical_axis_rules)
+  state = model_state.build(config, mesh_lib.data_mesh(jax.devices()[:1]))
+  model = state.merge(*state.init())
   kernel = model.head.kernel  # zero-initialised: give the logits some spread.
   kernel.set_value(jax.random.normal(jax.random.key(1), kernel.get_value().shape,
                                      kernel.get_value().dtype) * 0.02)

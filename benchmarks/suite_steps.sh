@@ -33,7 +33,7 @@ step() {
   fi
 }
 paper_benchmarks() {
-  local paper=(--config=configs/perceivers.py --config.model.attention_impl=auto
+  local paper=(--config=perceivers_jax/configs/perceivers.py --config.model.attention_impl=auto
                --config.model.dtype=bfloat16)
   # Batches per chip, data parallel over every chip of the host (the global batch must split
   # over them), so each chip's step is the one-chip step: train_step.py reports per chip too.
@@ -44,7 +44,7 @@ paper_benchmarks() {
     --config.eval.batch_size=$b1 --steps=10 --output="$out/train_b8.json"
   # 1,280 tokens from SOS: past the first latent reset (N = 1,024), as the CPU decode table;
   # sampling.py runs on one chip.
-  step 160 sampling python benchmarks/sampling.py --config=configs/perceivers.py \
+  step 160 sampling python benchmarks/sampling.py --config=perceivers_jax/configs/perceivers.py \
     --batch_sizes=1,16 --num_tokens=1280 --output="$out/sampling.json"
 }
 suite_end() {

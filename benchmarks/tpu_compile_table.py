@@ -31,7 +31,7 @@ from perceivers_jax.parallel import topology
 _TARGETS = flags.DEFINE_list("targets", ["v4-8", "v5e-16", "v5p-32", "v6e-8", "v5e-16"],
                              "TPU targets (parallel/topology.py names).")
 _SLICES = flags.DEFINE_list("slices", ["1", "1", "1", "1", "2"], "Slices per target.")
-_CONFIG = flags.DEFINE_string("config", "configs/perceivers.py", "Config file.")
+_CONFIG = flags.DEFINE_string("config", "perceivers_jax/configs/perceivers.py", "Config file.")
 _OUTPUT = flags.DEFINE_string("output", "benchmarks/tpu_compile_table.json", "JSON output.")
 _ROWS = flags.DEFINE_list("rows_per_chip", [], "Per target: compile at these rows per chip "
                           "instead of searching for the largest that fits.")

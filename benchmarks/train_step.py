@@ -2,13 +2,14 @@
 
 Builds the model sharded over all local devices (config.mesh), warms up (compilation), then
 times steps with device sync and reports medians. Tokens/s counts predicted slots (batch x N,
-as SPEC 6), over all chips and per chip; TFLOP/s and MFU use 3 x forward matmul FLOPs per window
-(`perceivers_jax.training.flops.train_flops_per_window`, every cross-attention layer included) and the
-device's peak (`flops.PEAK_TFLOPS`, or --peak_tflops). Batches are windows of random tokens
-with real window structure (left padding, positions), so masks and gathers are exercised.
+as perceiver-ar), over all chips and per chip; TFLOP/s and MFU use 3 x forward matmul FLOPs per
+window (`perceivers_jax.training.flops.train_flops_per_window`, every cross-attention layer
+included) and the device's peak (`flops.PEAK_TFLOPS`, or --peak_tflops). Batches are windows
+of random tokens with real window structure (left padding, positions), so masks and gathers are
+exercised.
 
-  python benchmarks/train_step.py --config=configs/tiny.py                    # CPU
-  python benchmarks/train_step.py --config=configs/perceivers.py \\
+  python benchmarks/train_step.py --config=perceivers_jax/configs/tiny.py                    # CPU
+  python benchmarks/train_step.py --config=perceivers_jax/configs/perceivers.py \\
       --config.model.attention_impl=cudnn --config.train.batch_size=8           # GPU, paper size
 
 With --ab_windowed the same config is also built with windowed_scales=False (every
@@ -16,7 +17,7 @@ cross-attention layer keyed over all L inputs, masked: the code path before wind
 scales) and the two are timed interleaved in one process, each with its compiled FLOPs
 (cost_analysis) and memory (memory_analysis):
 
-  python benchmarks/train_step.py --config=configs/tiny.py --ab_windowed \
+  python benchmarks/train_step.py --config=perceivers_jax/configs/tiny.py --ab_windowed \
       --config.model.max_length=4096 --config.model.num_latents=256 \
       --config.model.embed_dim=256 --config.model.num_heads=4 --config.model.head_dim=64 \
       --config.model.num_latent_layers=4 --config.model.cross_attention_scales=0,256 \

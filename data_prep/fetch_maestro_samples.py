@@ -17,7 +17,9 @@ import tempfile
 
 MIDITOK_VERSION = "3.1.0"
 NUM_PIECES = 10
-DEFAULT_DEST = pathlib.Path(__file__).resolve().parent.parent / ".cache" / "maestro_samples"
+# Relative to the working directory (the checkout for `make`, the tests and the benchmarks), so
+# an installed package never writes beside its own modules.
+DEFAULT_DEST = pathlib.Path(".cache", "maestro_samples")
 
 
 def sample_paths(dest: pathlib.Path = DEFAULT_DEST) -> list[pathlib.Path]:

@@ -9,7 +9,7 @@
 # Example (the paper's model on a v5p-64: 32 chips on 8 hosts; data built beforehand into a
 # GCS bucket):
 #   launch/tpu_pod.sh --name=perceivers --zone=us-east5-a --accelerator=v5p-64 --create -- \
-#     --config=configs/perceivers.py --config.data.data_dir=gs://BUCKET/tfds \
+#     --config=perceivers_jax/configs/perceivers.py --config.data.data_dir=gs://BUCKET/tfds \
 #     --config.mesh.fsdp=-1 --config.mesh.data=1 --config.train.batch_size=32 \
 #     --config.eval.batch_size=32 --workdir=gs://BUCKET/runs/perceivers
 # The batches are global: each must split over the chips that share it (data x fsdp, here
@@ -63,7 +63,7 @@ if [[ "$job" != "train" && "$job" != "sample" ]]; then
   exit 2
 fi
 if [[ $# -eq 0 ]]; then
-  echo "tpu_pod.sh: give the perceivers-$job flags after --, e.g. -- --config=configs/perceivers.py --workdir=gs://..." >&2
+  echo "tpu_pod.sh: give the perceivers-$job flags after --, e.g. -- --config=perceivers_jax/configs/perceivers.py --workdir=gs://..." >&2
   exit 2
 fi
 log_dir="${log_dir:-tpu_logs/$name}"

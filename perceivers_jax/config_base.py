@@ -1,6 +1,7 @@
-"""Paper-size defaults shared by every experiment config in `configs/`.
+"""Paper-size defaults shared by every experiment config in `perceivers_jax/configs/`.
 
-Each `configs/*.py` starts from `base_config()` and changes what its experiment changes,
+Each `perceivers_jax/configs/*.py` starts from `base_config()` and changes what its experiment
+changes,
 as big_vision's configs start from `big_vision.configs.common`.
 """
 
@@ -105,7 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
       loss_spike_sigmas=6.0,
       loss_spike_window=128,
       # Peak TFLOP/s per device for MFU. 0: flops.PEAK_TFLOPS (datasheet dense bf16), or no MFU
-      # for an unlisted device. Set a measured peak here: SPEC 6's H200 MFU uses 790 (measured),
+      # for an unlisted device. Set a measured peak here: perceiver-ar's H200 MFU uses 790 (measured),
       # against the datasheet's 989.
       peak_tflops=0.0,
       # Fine-tuning. init_from: a `perceivers-export` directory or a training workdir whose

@@ -1,4 +1,4 @@
-"""Augmentation (issue 10) against note-seq's transpose/stretch on real MAESTRO pieces."""
+"""Augmentation against note-seq's transpose/stretch on real MAESTRO pieces."""
 
 import hypothesis
 from hypothesis import strategies as st

@@ -16,7 +16,7 @@ import pytest
 from perceivers_jax.data import tokens
 
 _REPO = pathlib.Path(__file__).resolve().parent.parent
-_TINY = str(_REPO / "configs" / "tiny.py")
+_TINY = str(_REPO / "perceivers_jax" / "configs" / "tiny.py")
 
 
 def _cli(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -126,7 +126,7 @@ def test_train_unknown_field_file_workdir_and_bad_mesh(tmp_path):
 
 
 def test_sample_with_a_non_midi_primer(tmp_path):
-  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.configs import tiny  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "config.json").write_text(tiny.get_config().to_json_best_effort())

@@ -16,6 +16,7 @@ from data_prep import maestro_performance
 from data_prep.maestro_performance import maestro_performance_dataset_builder as mpdb
 from data_prep.maestro_performance import workers
 from perceivers_jax import config_base
+from perceivers_jax.data import built_dataset
 from perceivers_jax.data import input_pipeline
 from perceivers_jax.data import tokens
 
@@ -128,9 +129,35 @@ def test_open_data_source_feeds_the_pipeline(maestro_build):
     input_pipeline.open_data_source(config, "train")
 
 
+_OPEN_WITHOUT_BUILDER = """
+import json, sys
+from perceivers_jax import config_base
+from perceivers_jax.data import input_pipeline
+config = config_base.base_config()
+config.data.data_dir = sys.argv[1]
+source = input_pipeline.open_data_source(config, "train")
+print(json.dumps(dict(builder_imported=[m for m in sys.modules if m.startswith("data_prep")],
+                      tokens=source[0]["tokens"].tolist(),
+                      lengths=input_pipeline.record_lengths(source))))
+"""
+
+
+def test_a_build_opens_without_the_builder_code(maestro_build):
+  """Only building imports data_prep (which registers the builder): a fresh process reads the
+  built split from its files, the stored lengths included."""
+  result = subprocess.run([sys.executable, "-c", _OPEN_WITHOUT_BUILDER,
+                           str(maestro_build["data_dir"])], capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  read = json.loads(result.stdout.strip().splitlines()[-1])
+  expected = maestro_build["builder"].as_data_source(split="train")[0]["tokens"]
+  assert read["builder_imported"] == [] and read["tokens"] == expected.tolist()
+  assert read["lengths"] == [len(expected)]
+
+
 def test_eval_lengths_come_from_the_stored_file(maestro_build, monkeypatch):
   stored = json.loads((pathlib.Path(maestro_build["builder"].data_dir)
-                       / input_pipeline.LENGTHS_FILE).read_text())
+                       / built_dataset.LENGTHS_FILE).read_text())
   sources = {split: maestro_build["builder"].as_data_source(split=split)
              for split in mpdb.SPLITS}
   for split, source in sources.items():

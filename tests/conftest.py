@@ -20,7 +20,8 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def maestro_paths() -> list[pathlib.Path]:
   """The 10 real MAESTRO pieces; `make test` fetches them before pytest starts."""
-  paths = fetch_maestro_samples.sample_paths()
+  paths = fetch_maestro_samples.sample_paths(
+      pathlib.Path(__file__).resolve().parents[1] / fetch_maestro_samples.DEFAULT_DEST)
   missing = [p for p in paths if not p.exists()]
   if missing:
     pytest.fail(f"{len(missing)} MAESTRO test pieces missing under {missing[0].parent}: "

@@ -26,9 +26,10 @@ def _keys(seed: int, rows: int) -> jax.Array:
 def _reset_rule(prompt_lengths, steps, reset_latents=N // 2):
   """(latent_start, horizon) [B, steps] of the latent block each token is sampled from.
 
-  SPEC 4: the prompt starts with min(F, shortest prompt) latents; each token adds one; when N
-  are cached the next token resets the block to its newest F inputs. A block starting at
-  position s fills at s + N - 1: its horizon (keys must lie within L of it).
+  The decoder reset rule (README "Architecture"): the prompt starts with min(F, shortest prompt)
+  latents; each token adds one; when N are cached the next token resets the block to its newest
+  F inputs. A block starting at position s fills at s + N - 1: its horizon (keys must lie within
+  L of it).
   """
   count = min(reset_latents, min(prompt_lengths))
   newest = np.asarray(prompt_lengths) - 1  # position of each row's newest input

@@ -61,8 +61,8 @@ def workdir(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("export")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", _SAVE_ON_8, str(ROOT / "configs/tiny.py"),
-                           str(tmp / "run")], env=env,
+  result = subprocess.run([sys.executable, "-c", _SAVE_ON_8,
+                           str(ROOT / "perceivers_jax/configs/tiny.py"), str(tmp / "run")], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   return tmp / "run"

@@ -65,9 +65,9 @@ class _Run:
   def __init__(self, pieces, workdir, every_steps, hang_save_at=0):
     env = dict(os.environ, JAX_PLATFORMS="cpu", HANG_SAVE_AT=str(hang_save_at))
     self.process = subprocess.Popen(
-        [sys.executable, "-c", _RUN, str(ROOT / "configs/tiny.py"), str(pieces), str(workdir),
-         str(every_steps)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True)
+        [sys.executable, "-c", _RUN, str(ROOT / "perceivers_jax/configs/tiny.py"), str(pieces),
+         str(workdir), str(every_steps)], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
     self.lines = []
     self._reader = threading.Thread(target=lambda: self.lines.extend(self.process.stderr))
     self._reader.start()
@@ -157,7 +157,7 @@ def test_ctrl_c_saves_and_a_second_ctrl_c_exits_at_once(pieces_path, tmp_path):
 
 def _tiny_config():
   import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+  spec = importlib.util.spec_from_file_location("tiny", ROOT / "perceivers_jax/configs/tiny.py")
   tiny = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tiny)
   config = tiny.get_config()

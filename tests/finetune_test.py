@@ -16,7 +16,7 @@ from perceivers_jax.state import checkpointing
 from perceivers_jax.state import export
 from perceivers_jax.state import model_state
 from perceivers_jax.training import config_validation
-from perceivers_jax.training import evaluation
+from perceivers_jax.training import validation
 from perceivers_jax.training import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ STEPS = 60
 
 
 def _config(seed: int = 0):
-  spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+  spec = importlib.util.spec_from_file_location("tiny", ROOT / "perceivers_jax/configs/tiny.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
@@ -100,8 +100,8 @@ def finetuned(pretrained, sources, tmp_path_factory):
   config = _finetune_config(pretrained["orbax"])
   trainer = train.build_trainer_for(config)
   params = train.pretrained_params(trainer, pretrained["orbax"])
-  before = evaluation.run_evaluation(trainer, params, trainer.init_rest(),
-                                     evaluation.eval_batches(config, eval_source))
+  before = validation.run_evaluation(trainer, params, trainer.init_rest(),
+                                     validation.eval_batches(config, eval_source))
   workdir = tmp_path_factory.mktemp("finetune")
   after = train.train_and_evaluate(config, str(workdir), train_source=train_source,
                                    eval_source=eval_source)

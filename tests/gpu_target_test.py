@@ -120,8 +120,9 @@ def test_paper_train_step_compiles_for_an_h100_node_with_cudnn_in_both_scales():
   """The paper config's train step, batch 8 over an 8-GPU node: `auto` gives cuDNN every
   cross-attention call, forward and backward, the short scale's 2,048-key window included
   (jax refuses its training with a mask at an odd 2,047 keys)."""
-  result = _run_child(["-m", "perceivers_jax.cli.train", "--config=configs/perceivers.py",
-                       "--dry_run", "--compile_topology=h100-8", "--config.train.batch_size=8"])
+  result = _run_child(["-m", "perceivers_jax.cli.train",
+                       "--config=perceivers_jax/configs/perceivers.py", "--dry_run",
+                       "--compile_topology=h100-8", "--config.train.batch_size=8"])
   report = json.loads(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else {}
   assert report, result.stderr[-4000:]
   assert (report["devices"], report["device_kind"]) == (8, "NVIDIA H100 80GB HBM3")

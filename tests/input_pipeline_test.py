@@ -11,6 +11,7 @@ import pytest
 
 from perceivers_jax import config_base
 from perceivers_jax.data import augmentation
+from perceivers_jax.data import built_dataset
 from perceivers_jax.data import input_pipeline
 from perceivers_jax.data import tokens
 from perceivers_jax.data import windows
@@ -200,7 +201,7 @@ class _StoredSplit(list):
 def test_record_lengths_prefer_the_stored_file_when_it_fits(tmp_path):
   source = _StoredSplit(_tagged_pieces([5, 9]), tmp_path, "validation")
   assert input_pipeline.record_lengths(source) == [5, 9]  # no file: from the tokens
-  (tmp_path / input_pipeline.LENGTHS_FILE).write_text('{"validation": [50, 90]}')
+  (tmp_path / built_dataset.LENGTHS_FILE).write_text('{"validation": [50, 90]}')
   assert input_pipeline.record_lengths(source) == [50, 90]  # the file, no record read
   source.append(source[0])
   assert input_pipeline.record_lengths(source) == [5, 9, 5]  # stale file: from the tokens

@@ -48,7 +48,7 @@ def test_tpu_pod_runs_one_identical_command_on_all_workers(tmp_path):
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", GCLOUD_LOG=str(log))
   subprocess.run(
       ["bash", str(LAUNCH_DIR / "tpu_pod.sh"), "--name=pod", "--zone=us-east5-a",
-       f"--log_dir={tmp_path / 'logs'}", "--", "--config=configs/perceivers.py",
+       f"--log_dir={tmp_path / 'logs'}", "--", "--config=perceivers_jax/configs/perceivers.py",
        "--workdir=gs://bucket/run"],
       check=True, env=env, cwd=tmp_path, capture_output=True)
   calls = log.read_text().splitlines()
@@ -56,7 +56,7 @@ def test_tpu_pod_runs_one_identical_command_on_all_workers(tmp_path):
   train_calls = [c for c in calls if "perceivers_jax.cli.train" in c]
   assert len(train_calls) == 1
   assert "--worker=all" in train_calls[0]
-  assert "--config=configs/perceivers.py --workdir=gs://bucket/run" in train_calls[0]
+  assert "--config=perceivers_jax/configs/perceivers.py --workdir=gs://bucket/run" in train_calls[0]
   assert any("pip install" in c and "--worker=all" in c for c in calls)
 
 

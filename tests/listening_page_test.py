@@ -64,7 +64,7 @@ def _write_wav(path: pathlib.Path, seconds: float = 0.5) -> None:
 @pytest.fixture(scope="module")
 def sample_dir(tmp_path_factory) -> pathlib.Path:
   """Two samples of an untrained tiny model, written by `sample_to_dir` (page included)."""
-  spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+  spec = importlib.util.spec_from_file_location("tiny", ROOT / "perceivers_jax/configs/tiny.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()

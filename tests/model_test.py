@@ -199,6 +199,12 @@ def test_initial_loss_is_uniform_plus_z_loss(base):
   assert (per_token["positions_BN"][3][per_token["weights_BN"][3] == 0] == -1).all()
 
 
+def _mean_loss(logits, batch, num_latents: int, z_loss_weight: float):
+  """The training objective of one batch (what the train step differentiates)."""
+  per_token = losses.token_losses(logits, batch, num_latents, z_loss_weight)
+  return losses.mean_loss(losses.sum_losses(per_token))
+
+
 def _unstack_into(unscanned, scanned):
   """Copies a scanned model's stacked latent layers into an unscanned model."""
   stacked = dict(nnx.to_flat_state(nnx.state(scanned, nnx.Param)))
@@ -241,7 +247,7 @@ def test_bf16_training_step_with_remat_and_dropout():
   def step(model, batch):
     def loss(model):
       logits = model(batch["inputs"], batch["positions"], deterministic=False)
-      return losses.loss_fn(logits, batch, N, 1e-4)[0]
+      return _mean_loss(logits, batch, N, 1e-4)
     return nnx.value_and_grad(loss)(model)
 
   loss_1, grads = step(model, batch)
@@ -277,7 +283,7 @@ def _grads_and_residuals(remat_policy: str, scan_layers: bool, reference_model):
     # Fresh copies of the RNG state: NNX refuses Variables made under another trace.
     model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
     logits = model(batch["inputs"], batch["positions"])
-    return losses.loss_fn(logits, batch, N, 1e-4)[0]
+    return _mean_loss(logits, batch, N, 1e-4)
 
   saved = io.StringIO()
   with contextlib.redirect_stdout(saved):
@@ -323,7 +329,7 @@ def _layer_norms(model) -> list:
 
 @pytest.mark.parametrize("epsilon", [None, 1e-3])
 def test_every_layer_norm_follows_spec(epsilon):
-  """SPEC 3: (x - mean) / sqrt(mean(x^2) - mean(x)^2 + eps), eps 1e-5 by default (Haiku's).
+  """(x - mean) / sqrt(mean(x^2) - mean(x)^2 + eps), eps 1e-5 by default (Haiku's).
   Inputs with the small variance of fresh embeddings make eps matter (1e-6 moves it 1%)."""
   overrides = {} if epsilon is None else dict(layer_norm_epsilon=epsilon)
   model = model_lib.PerceiverS(tiny_model.tiny_model_config(scan_layers=False, **overrides),
@@ -413,7 +419,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
   rules = config_base.base_config().logical_axis_rules
   cfg = tiny_model.tiny_model_config()
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
-  model = partitioning.create_sharded(lambda: tiny_model.make_model(cfg), mesh, rules)
+  model = tiny_model.create_sharded(lambda: tiny_model.make_model(cfg), mesh, rules)
   q = model.latent_layers.attention.query_kernel.get_value()
   assert q.sharding.spec == P(None, "fsdp", "tensor", None), q.sharding
   head = model.head.kernel.get_value()  # 391 does not divide by 2: vocab replicated

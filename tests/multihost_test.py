@@ -61,7 +61,7 @@ def _start_two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, num_step
       "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
       "--xla_llvm_disable_expensive_passes=true"))
   command = [
-      sys.executable, "-m", "perceivers_jax.cli.train", "--config=configs/tiny.py",
+      sys.executable, "-m", "perceivers_jax.cli.train", "--config=perceivers_jax/configs/tiny.py",
       f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
       f"--config.data.data_dir={data_dir}", "--config.model.max_length=128",
       "--config.model.num_latents=32", "--config.model.cross_attention_scales=(0,16)",

@@ -11,7 +11,7 @@ import pytest
 
 from perceivers_jax.experiments import reproduce
 from perceivers_jax.sampling import sampling
-from perceivers_jax.training import evaluation
+from perceivers_jax.training import validation as validation_lib
 
 _MODELS = ("perceiver_ar", "perceivers")
 _RUN = [sys.executable, "-m", "perceivers_jax.cli.reproduce", f"--models={','.join(_MODELS)}",
@@ -46,7 +46,7 @@ def test_nll_is_what_evaluate_gives_for_the_checkpoint(reproduce_run):
   for model in _MODELS:
     workdir = _stage(reproduce_run, model) / "train"
     config = sampling.read_config(workdir)
-    fresh = evaluation.evaluate(config, str(workdir))  # what `perceivers-train --mode=eval` runs
+    fresh = validation_lib.evaluate(config, str(workdir))  # = `perceivers-train --mode=eval`
     validation = results["models"][model]["validation"]
     assert validation["nll"]["per_seed"] == [pytest.approx(fresh["nll"], abs=1e-5)]
     buckets = {k: v for k, v in fresh.items() if k.startswith(reproduce.BUCKET_PREFIX)}
@@ -116,6 +116,6 @@ def test_bad_models_flag_is_one_clear_line(tmp_path):
 
 
 def test_config_without_two_scales_is_refused():
-  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.configs import tiny  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=r"config.model.cross_attention_scales=\(0,\)"):
     reproduce.model_config(tiny.get_config("baseline"), "perceivers", 0, 10)

@@ -35,7 +35,7 @@ L = 64
 
 
 def _tiny_config():
-  spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+  spec = importlib.util.spec_from_file_location("tiny", ROOT / "perceivers_jax/configs/tiny.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()

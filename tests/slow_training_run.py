@@ -1,7 +1,7 @@
 """A training run in a subprocess, on real pieces read slowly so a signal lands mid-run.
 
-`script(settings)` is the program for `python -c`: argv is (configs/tiny.py, pieces.npz,
-workdir, extra...); it trains configs/tiny.py, changed by the `settings` lines (Python over
+`script(settings)` is the program for `python -c`: argv is (perceivers_jax/configs/tiny.py,
+pieces.npz, workdir, extra...); it trains that config, changed by the `settings` lines (Python over
 the config `c`, which may also patch modules before the run), on the first two pieces of the
 .npz (0.1 s per read) and evaluates on 300 tokens of its last piece. `losses(workdir)` reads
 back the (step, train loss) pairs it logged; `save_pieces` writes the .npz it reads. Used by

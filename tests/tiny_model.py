@@ -8,6 +8,7 @@ from flax import nnx
 
 from perceivers_jax import config_base
 from perceivers_jax.model import perceivers as model_lib
+from perceivers_jax.parallel import partitioning
 
 L, N = 64, 16
 
@@ -70,3 +71,17 @@ def window(tokens: np.ndarray, start_position: int = 0, *, side: str = "left",
 def batch(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[jax.Array, jax.Array]:
   return (jnp.asarray(np.stack([r[0] for r in rows])),
           jnp.asarray(np.stack([r[1] for r in rows])))
+
+
+def create_sharded(model_fn, mesh: jax.sharding.Mesh, rules) -> nnx.Module:
+  """Builds `model_fn()` directly sharded over `mesh`, never materialised on one device."""
+  abstract = nnx.eval_shape(model_fn)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = partitioning.state_shardings(abstract_state, mesh, rules)
+
+  def init():
+    return nnx.state(model_fn())
+
+  with jax.set_mesh(mesh):
+    state = jax.jit(init, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)

@@ -1,4 +1,4 @@
-"""Tokenisation (SPEC 1) on the real MAESTRO pieces and on MIDI built in code."""
+"""Tokenisation (README "Tokens") on the real MAESTRO pieces and on MIDI built in code."""
 
 import math
 
@@ -22,7 +22,7 @@ def encoded(maestro_paths):
 
 
 def _expected_note_count(path) -> int:
-  """Notes a piece keeps, from note-seq directly and SPEC 1's rules, not from tokens.py:
+  """Notes a piece keeps, from note-seq directly and README "Tokens"' rules, not from tokens.py:
   sustain folded in, drums dropped, onsets rounded to 10 ms steps, and one key sounds one
   note at a time, so same-pitch notes with the same onset step are one note."""
   ns = note_seq.apply_sustain_control_changes(note_seq.midi_file_to_note_sequence(str(path)))
@@ -72,7 +72,7 @@ def test_real_pieces_token_format(encoded):
 
 
 def test_real_piece_tokens_per_second(encoded):
-  # SPEC 1: a 347 s MAESTRO performance (Maestro_1) gives 9,543 event tokens, ~27.5/s.
+  # A 347 s MAESTRO performance (Maestro_1) gives 9,543 event tokens, ~27.5/s.
   _, ns, ids = encoded[0]
   seconds = tokens.tokens_duration_seconds(ids)
   assert seconds == pytest.approx(ns.total_time, abs=0.01)

@@ -150,12 +150,14 @@ def _cli(name, *args):
 def test_cli_names_an_unknown_target_and_a_config_that_does_not_fit():
   """One `error:` line each: a target that does not exist, and (compiled) a tiny model whose
   batch of 16,384 rows per chip cannot fit a v5e chip's 16 GiB."""
-  unknown = _cli("train", "--config=configs/tiny.py", "--dry_run", "--compile_topology=v5p-7")
+  unknown = _cli("train", "--config=perceivers_jax/configs/tiny.py", "--dry_run",
+                 "--compile_topology=v5p-7")
   assert unknown.returncode == 1, unknown.stderr[-2000:]
   assert unknown.stderr.strip().splitlines()[-1].startswith(
       "error: --compile_topology=v5p-7: unknown target; use one of v4-8,")
-  too_big = _cli("train", "--config=configs/tiny.py", "--dry_run", "--compile_topology=v5e-4",
-                 "--config.train.batch_size=65536", "--config.eval.batch_size=65536")
+  too_big = _cli("train", "--config=perceivers_jax/configs/tiny.py", "--dry_run",
+                 "--compile_topology=v5e-4", "--config.train.batch_size=65536",
+                 "--config.eval.batch_size=65536")
   last = too_big.stderr.strip().splitlines()[-1]
   assert too_big.returncode == 1 and last.startswith("error: does not fit:"), too_big.stderr[-3000:]
   assert "config.train.batch_size" in last and "config.mesh.fsdp" in last

@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _tiny_module():
-  spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+  spec = importlib.util.spec_from_file_location("tiny", ROOT / "perceivers_jax/configs/tiny.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -41,7 +41,7 @@ def _unigram_entropy(train_pieces) -> float:
 
 
 def test_tiny_learns_below_unigram_entropy(pieces, tmp_path):
-  from perceivers_jax.training import evaluation  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.training import validation  # pylint: disable=g-import-not-at-top
   from perceivers_jax.training import train  # pylint: disable=g-import-not-at-top
   arrays, _ = pieces
   config = _tiny_module().get_config()
@@ -71,7 +71,7 @@ def test_tiny_learns_below_unigram_entropy(pieces, tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["120", "60"]
 
   # --mode=eval on the workdir reproduces the final evaluation from the checkpoint.
-  again = evaluation.evaluate(config, str(tmp_path), eval_source=eval_source)
+  again = validation.evaluate(config, str(tmp_path), eval_source=eval_source)
   assert again["nll"] == pytest.approx(metrics["nll"], rel=1e-6)
 
 
@@ -133,9 +133,9 @@ def test_sharded_step_equals_single_device(pieces):
   _, path = pieces
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", _SHARDED_STEP, str(ROOT / "configs/tiny.py"),
-                           str(path)], capture_output=True, text=True, timeout=600, env=env,
-                          check=False)
+  result = subprocess.run([sys.executable, "-c", _SHARDED_STEP,
+                           str(ROOT / "perceivers_jax/configs/tiny.py"), str(path)],
+                          capture_output=True, text=True, timeout=600, env=env, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.split("RESULT", 1)[1])
   assert out["devices"] == 8
@@ -160,8 +160,9 @@ _losses = slow_training_run.losses
 def test_sigterm_then_rerun_resumes_exactly(pieces, tmp_path):
   _, path = pieces
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  command = lambda workdir: [sys.executable, "-c", _TRAIN_RUN, str(ROOT / "configs/tiny.py"),
-                             str(path), str(workdir)]
+  command = lambda workdir: [sys.executable, "-c", _TRAIN_RUN,
+                             str(ROOT / "perceivers_jax/configs/tiny.py"), str(path),
+                             str(workdir)]
   straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
   subprocess.run(command(straight), env=env, check=True, timeout=600, capture_output=True)
 

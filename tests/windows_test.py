@@ -1,4 +1,4 @@
-"""Window arithmetic (SPEC 2): baseline, effective random and effective sequential."""
+"""Window arithmetic (README "Windows"): baseline, effective random and effective sequential."""
 
 import collections
 

@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 
 from data_prep.maestro_performance import workers
 from perceivers_jax import config_base
+from perceivers_jax.data import built_dataset
 from perceivers_jax.data import tokens as tokens_lib
 
 MAESTRO_CSV = "maestro-v3.0.0.csv"
@@ -43,8 +44,6 @@ MIDI_SUFFIXES = (".mid", ".midi")
 # Folder layout: a piece's split from a hash of its relative path (train/validation/test).
 FOLDER_SPLIT_PERCENT = (80, 10, 10)
 REPORT_NAME = "build_report.json"
-
-CONFIG_NAMES = ("full", "folder_full")
 
 
 class LayoutError(config_base.InputError, FileNotFoundError):
@@ -78,9 +77,9 @@ class MaestroPerformanceConfig(tfds.core.BuilderConfig):
 
 def make_config(name: str) -> MaestroPerformanceConfig:
   """Config from its name: full or folder_full."""
-  if name not in CONFIG_NAMES:
-    raise ValueError(f"unknown config {name!r}: expected one of {CONFIG_NAMES} (windows are "
-                     "cut on the fly from full, so there are no windows_* configs)")
+  if name not in built_dataset.CONFIG_NAMES:
+    raise ValueError(f"unknown config {name!r}: expected one of {built_dataset.CONFIG_NAMES} "
+                     "(windows are cut on the fly from full, so there are no windows_* configs)")
   layout = "folder" if name.startswith("folder_") else "maestro_v3"
   return MaestroPerformanceConfig(name=name, layout=layout,
                                   description=f"One example per piece ({layout} layout).")
@@ -195,11 +194,11 @@ def tokenise_pieces(pieces: list[Piece], num_workers: int,
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
-  """MAESTRO performances as SPEC 1 token ids, one example per piece."""
+  """MAESTRO performances as token ids (README "Tokens"), one example per piece."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Performance tokens (vocabulary 391), one example per piece."}
-  BUILDER_CONFIGS = [make_config(name) for name in CONFIG_NAMES]
+  BUILDER_CONFIGS = [make_config(name) for name in built_dataset.CONFIG_NAMES]
   DEFAULT_CONFIG_NAME = "full"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       f"Download maestro-v3.0.0-midi.zip from {MAESTRO_URL}, unzip it and pass the folder "
@@ -268,7 +267,7 @@ def build(manual_dir: os.PathLike | str, data_dir: os.PathLike | str, config: st
   An existing build of the same config and version is reused (its report re-read, with
   "reused": True) if its input files and caps are unchanged; if they changed,
   InputsChangedError says how, unless `rebuild`, which replaces the build. Writes
-  input_pipeline.LENGTHS_FILE beside the records if missing.
+  built_dataset.LENGTHS_FILE beside the records if missing.
   """
   make_config(config)  # names the allowed configs
 
@@ -301,12 +300,10 @@ def build(manual_dir: os.PathLike | str, data_dir: os.PathLike | str, config: st
 
 
 def _write_lengths(builder: Builder, report: dict[str, Any]) -> None:
-  """Writes input_pipeline.LENGTHS_FILE (once): each split's num_tokens in record order, so
+  """Writes built_dataset.LENGTHS_FILE (once): each split's num_tokens in record order, so
   evaluation start-up reads no records. TFDS orders records by a hash of their keys, hence
   one pass over the finished build."""
-  # Imported here: worker processes import this module and need no jax or grain.
-  from perceivers_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(builder.data_dir) / input_pipeline.LENGTHS_FILE
+  path = pathlib.Path(builder.data_dir) / built_dataset.LENGTHS_FILE
   if path.exists():
     return
   lengths = {}

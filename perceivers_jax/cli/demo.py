@@ -3,24 +3,22 @@ r"""perceivers-demo: the end-to-end demo on 10 real MAESTRO performances (README
   make demo                                   # creates .venv, then runs this
   perceivers-demo --output_dir=demo_output    # the same, in an existing environment
   perceivers-demo --steps=50 --sample_tokens=256   # a quick smoke run
-  perceivers-demo --config=configs/perceivers.py --data_dir=$HOME/tfds   # full MAESTRO build
+  perceivers-demo --config=perceivers_jax/configs/perceivers.py \
+      --data_dir=$HOME/tfds                   # full MAESTRO build
 
 Rerunning reuses the built data and the trained model; an interrupted run resumes.
 """
-
-import os
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from perceivers_jax.cli import logs
-
-_TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "configs", "tiny.py")
+from perceivers_jax.configs import tiny
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", _TINY, "Experiment config (configs/*.py[:variant]); default configs/tiny.py.")
+    "config", tiny.__file__, "Experiment config (perceivers_jax/configs/*.py[:variant]); default "
+    "perceivers_jax/configs/tiny.py.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "demo_output", "Where everything is written.")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", "", "An existing TFDS data_dir with maestro_performance/full (default: build "

@@ -1,4 +1,4 @@
-"""Compares generated sets with a reference set (the paper's Table I, SPEC 5).
+"""Compares generated sets with a reference set (the paper's Table I, BUILD section 7).
 
   perceivers-evaluate --reference=REF_DIR --generated=perceivers:GEN_DIR,baseline:GEN2_DIR \
       --output_dir=eval_out [--kld=shared_grid|mgeval]

@@ -2,13 +2,12 @@ r"""perceivers-reproduce: the paper's comparison (Perceiver AR, Effective Segmen
 PerceiverS) trained side by side, then NLL by position, Table I, repetition and rho(k).
 
   make reproduce                                            # the CPU default (~25 min)
-  perceivers-reproduce --config=configs/tiny.py --workdir=/tmp/reproduce
+  perceivers-reproduce --config=perceivers_jax/configs/tiny.py --workdir=/tmp/reproduce
   perceivers-reproduce --workdir=/tmp/r --models=perceiver_ar,perceivers --seeds=0 --steps=30
 
 Rerunning skips every finished model x seed; an interrupted one resumes from its checkpoint.
 """
 
-import os
 import shlex
 import sys
 
@@ -17,13 +16,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from perceivers_jax.cli import logs
-
-_TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "configs", "tiny.py")
+from perceivers_jax.configs import tiny
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", _TINY, "PerceiverS config with scales [full, W] (configs/*.py[:variant]); the "
-    "other two models are derived from it. Default configs/tiny.py.")
+    "config", tiny.__file__, "PerceiverS config with scales [full, W] "
+    "(perceivers_jax/configs/*.py[:variant]); the other two models are derived from it. Default "
+    "perceivers_jax/configs/tiny.py.")
 _WORKDIR = flags.DEFINE_string("workdir", "reproduce_output", "Where everything is written.")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", "", "An existing TFDS data_dir with maestro_performance/full (default: build "

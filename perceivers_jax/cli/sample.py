@@ -6,7 +6,8 @@ r"""perceivers-sample: generate MIDI pieces from a trained PerceiverS.
       --primer_seconds=10 --num_tokens=1024
   perceivers-sample --checkpoint=/tmp/tiny/checkpoints/400 --output_dir=/tmp/again \
       --num_samples=8 --batch_size=4 --num_tokens=2048 --top_p=0.95 --sample_index=5
-  perceivers-sample --config=configs/perceivers.py --dry_run --compile_topology=v5p-8 \
+  perceivers-sample --config=perceivers_jax/configs/perceivers.py --dry_run \
+      --compile_topology=v5p-8 \
       --batch_size=16 --num_tokens=8192     # the decode loop compiled for a TPU slice
 
 The model config comes from the workdir's config.json; --attention_impl (default auto: the
@@ -53,7 +54,7 @@ _DRY_RUN = flags.DEFINE_bool(
     "collectives and kernels; nothing is restored or sampled.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "With --dry_run, instead of --workdir/--checkpoint: an experiment config "
-    "file (configs/*.py).", lock_config=True)
+    "file (perceivers_jax/configs/*.py).", lock_config=True)
 _COMPILE_TOPOLOGY = flags.DEFINE_string(
     "compile_topology", None, "With --dry_run: compile for this TPU slice (v5p-8, v5e-16, ...; "
     "needs libtpu) or GPU node (h100-8, ...; jax's CUDA plugin) instead of this host's devices.")

@@ -1,11 +1,12 @@
 r"""perceivers-train: train, evaluate or size a model from a Python config.
 
-  perceivers-train --config=configs/tiny.py --workdir=/tmp/tiny
-  perceivers-train --config=configs/perceivers.py:final_block --workdir=DIR \
+  perceivers-train --config=perceivers_jax/configs/tiny.py --workdir=/tmp/tiny
+  perceivers-train --config=perceivers_jax/configs/perceivers.py:final_block --workdir=DIR \
       --config.train.batch_size=16 --config.mesh.fsdp=-1 --config.mesh.data=1
-  perceivers-train --config=configs/tiny.py --workdir=/tmp/tiny --mode=eval
-  perceivers-train --config=configs/perceivers.py --dry_run     # sizes only, no training
-  perceivers-train --config=configs/perceivers.py --dry_run --compile_topology=v5p-32 \
+  perceivers-train --config=perceivers_jax/configs/tiny.py --workdir=/tmp/tiny --mode=eval
+  perceivers-train --config=perceivers_jax/configs/perceivers.py --dry_run   # sizes, no training
+  perceivers-train --config=perceivers_jax/configs/perceivers.py --dry_run \
+      --compile_topology=v5p-32 \
       --config.train.batch_size=32      # the step compiled for a TPU slice, from any host
 
 Rerunning the same command resumes from the latest checkpoint in --workdir. Multi-host: run the
@@ -28,7 +29,8 @@ from perceivers_jax.parallel import topology
 flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags.
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (configs/*.py[:variant]).", lock_config=True)
+    "config", None, "Experiment config file (perceivers_jax/configs/*.py[:variant]).",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config.json go here.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
                           "train (resuming from --workdir) or a one-off evaluation.")
@@ -50,7 +52,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
+    raise app.UsageError("--config is required, e.g. --config=perceivers_jax/configs/tiny.py")
   if _WORKDIR.value and os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
     raise app.UsageError(f"--workdir={_WORKDIR.value} is a file; pass a folder (new, or "
                          "holding the run to resume)")
@@ -61,7 +63,7 @@ def main(argv: list[str]) -> None:
   else:
     distributed.initialize()  # Before anything touches a jax backend.
   from perceivers_jax.training import dry_run  # pylint: disable=g-import-not-at-top
-  from perceivers_jax.training import evaluation  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.training import validation  # pylint: disable=g-import-not-at-top
   from perceivers_jax.training import train  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
@@ -73,7 +75,7 @@ def main(argv: list[str]) -> None:
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required for training and evaluation.")
   if _MODE.value == "eval":
-    metrics = evaluation.evaluate(config, _WORKDIR.value)
+    metrics = validation.evaluate(config, _WORKDIR.value)
     logging.info("Evaluation: %s", metrics)
   else:
     with distributed.exit_when_a_process_fails():

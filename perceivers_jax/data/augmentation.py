@@ -1,4 +1,4 @@
-"""Data augmentation on token arrays (issue 10): transposition, time stretch, velocity.
+"""Data augmentation on token arrays: transposition, time stretch, velocity.
 
 Pure numpy, vectorised, applied to a whole piece `[SOS, events..., EOS]` *before* it is
 cut into windows: stretching changes the number of TIME_SHIFT tokens, so a piece must be

@@ -9,7 +9,7 @@ from (seed, epoch, record index), so a seed fixes every batch and the iterator s
 Evaluation: the effective sequential windows of every piece of the split (each target
 predicted once), split into contiguous per-host blocks of equal size, padded with
 all-PAD rows so every host runs the same number of fixed-shape batches. The plan needs only
-the pieces' lengths: a built split's are read from LENGTHS_FILE beside its records
+the pieces' lengths: a built split's are read from built_dataset.LENGTHS_FILE beside its records
 (`perceivers-build-data` writes it), so start-up reads no tokens.
 
 Batches are dicts of int32 numpy arrays [B_host, L]: inputs, positions, targets
@@ -30,12 +30,11 @@ import numpy as np
 
 from perceivers_jax import config_base
 from perceivers_jax.data import augmentation
+from perceivers_jax.data import built_dataset
 from perceivers_jax.data import windows
 
 Batch = dict[str, np.ndarray]
 DataSource = Sequence[Mapping[str, Any]]
-# {split: [num_tokens of each record, in record order]} in a TFDS build's folder.
-LENGTHS_FILE = "num_tokens.json"
 
 
 def _process_index_and_count(process_index: int | None,
@@ -170,11 +169,11 @@ class _SequentialWindow:
 
 
 def record_lengths(data_source: DataSource) -> list[int]:
-  """Token count of each record: from LENGTHS_FILE for a built TFDS split (no record read),
+  """Token count of each record: from built_dataset.LENGTHS_FILE for a built TFDS split (no record read),
   else from the records' tokens (in-memory sources)."""
   info, split = getattr(data_source, "dataset_info", None), getattr(data_source, "split", None)
   if info is not None and split is not None:
-    path = epath.Path(info.data_dir) / LENGTHS_FILE
+    path = epath.Path(info.data_dir) / built_dataset.LENGTHS_FILE
     stored = json.loads(path.read_text()) if path.exists() else {}
     if len(stored.get(str(split), ())) == len(data_source):
       return stored[str(split)]
@@ -215,21 +214,23 @@ def to_global_arrays(batch: Mapping[str, np.ndarray],
 
 
 def open_data_source(config: ml_collections.ConfigDict, split: str):
-  """`tfds.data_source` of `config.data.dataset` (the `full` config) for `split`."""
+  """`tfds.data_source` of `config.data.dataset` (the `full` config) for `split`, read from
+  the built files (built_dataset: no builder code)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from data_prep import maestro_performance  # pylint: disable=g-import-not-at-top,unused-import
 
+  if config.data.dataset not in built_dataset.DATASETS:
+    config_base.fail("data.dataset", config.data.dataset, "no such TFDS dataset or config; "
+                     f"use {' or '.join(built_dataset.DATASETS)}")
   data_dir = config.data.data_dir or None
   try:
     builder = tfds.builder(config.data.dataset, data_dir=data_dir)
-  except ValueError as e:  # an unknown dataset or config; TFDS lists hundreds of others
-    config_base.fail("data.dataset", config.data.dataset, "no such TFDS dataset or config; "
-                     "use maestro_performance/full or maestro_performance/folder_full "
-                     f"({str(e).splitlines()[0][:200]})")
-  if not builder.is_prepared():
+  except tfds.core.DatasetNotFoundError:  # no builder code registered and no files there
+    builder = None
+  if builder is None or not builder.is_prepared():
     layout = " --layout=folder" if config.data.dataset.endswith("/folder_full") else ""
+    where = builder.data_dir if builder else data_dir or "the default TFDS data_dir"
     raise FileNotFoundError(
-        f"dataset {config.data.dataset!r} is not built under {builder.data_dir}: build it with "
+        f"dataset {config.data.dataset!r} is not built under {where}: build it with "
         f"`perceivers-build-data --manual_dir=MIDI_DIR --data_dir=DATA_DIR{layout}` and set "
         "config.data.data_dir")
   return builder.as_data_source(split=split)

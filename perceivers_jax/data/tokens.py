@@ -1,4 +1,4 @@
-"""MIDI <-> token ids (SPEC 1), built on note-seq's Performance encoding.
+"""MIDI <-> token ids (README "Tokens"), built on note-seq's Performance encoding.
 
 MIDI -> NoteSequence -> sustain folded into durations -> drums dropped, instruments
 merged -> absolute quantisation at 100 steps/s -> `note_seq.Performance` (32 velocity

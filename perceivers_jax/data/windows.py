@@ -1,4 +1,4 @@
-"""Window arithmetic (SPEC 2): the one place that cuts pieces into model windows.
+"""Window arithmetic (README "Windows"): the one place that cuts pieces into model windows.
 
 A piece is `x = [SOS, t_1, ..., EOS]` of length n. A window with exclusive end e holds
 `x[max(0, e-L-1) : e]`: inputs `x[s : e-1]` at absolute positions s..e-2 and targets

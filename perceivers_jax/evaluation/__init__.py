@@ -1,4 +1,4 @@
-"""Objective evaluation (SPEC 5): Table I features, set comparison, repetition, report."""
+"""Objective evaluation (BUILD section 7): Table I features, set comparison, repetition, report."""
 
 from perceivers_jax.evaluation.report import evaluate_sets
 

@@ -1,4 +1,4 @@
-"""Set comparison (SPEC 5, after Yang & Lerch 2018 / mgeval).
+"""Set comparison (BUILD section 7, after Yang & Lerch 2018 / mgeval).
 
 For one feature: intra-set distances (all ordered pairs of distinct pieces of a set, as
 mgeval's leave-one-out loop: n (n - 1) values) and inter-set distances (every generated

@@ -1,4 +1,4 @@
-"""Per-piece features of the paper's Table I (SPEC 5; after Yang & Lerch 2018 / mgeval).
+"""Per-piece features of the paper's Table I (BUILD section 7; after Yang & Lerch 2018 / mgeval).
 
 Every feature is computed from a piece's decoded notes, in onset order (ties broken by
 pitch, so a chord reads bottom-up). Definitions, with the choices that mgeval leaves open
@@ -22,7 +22,7 @@ for unquantised performances:
 | PCH/seg | [S, 12] PCH per segment (an empty segment gives a zero row)              |
 | IOI/seg | [S] IOI per segment; a segment with fewer than two onsets gives 0        |
 
-PC and NC follow mgeval and SPEC: the paper's text calls PC "distinct pitch classes" and
+PC and NC follow mgeval: the paper's text calls PC "distinct pitch classes" and
 NC "distinct notes (pitch and octave combinations)", which would make PC at most 12 and
 NC what mgeval calls the pitch count. PCTM and NLTM count consecutive notes in onset
 order, as PI does (pretty_midi's matrix, which mgeval uses, pairs notes whose end lies

@@ -50,13 +50,17 @@ def _tfds_items(source: str, data_dir: str | None, max_pieces: int | None):
   if not sep or not name or not split:
     raise EvaluationError(f"{source!r}: expected tfds:NAME:SPLIT, "
                      "e.g. tfds:maestro_performance/full:validation")
-  # Imported here: only tfds sources need TFDS and the builder (importing it registers it).
+  # Imported here: only tfds sources need TFDS. A built dataset opens from its files, with no
+  # builder code (data/built_dataset.py).
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from data_prep import maestro_performance  # pylint: disable=g-import-not-at-top,unused-import
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():  # evaluation reads a built dataset, it never builds one
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.DatasetNotFoundError:
+    builder = None
+  if builder is None or not builder.is_prepared():  # evaluation never builds a dataset
+    where = builder.data_dir if builder else data_dir or "the default TFDS data_dir"
     raise EvaluationError(
-        f"{source!r}: not built under {builder.data_dir}; build it with `perceivers-build-data "
+        f"{source!r}: not built under {where}; build it with `perceivers-build-data "
         "--manual_dir=MAESTRO_DIR --data_dir=DATA_DIR` and pass --data_dir=DATA_DIR")
   try:
     data_source = builder.as_data_source(split=split)

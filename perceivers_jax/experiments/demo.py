@@ -53,7 +53,7 @@ from perceivers_jax.evaluation import note_lengths
 from perceivers_jax.evaluation import report as report_lib
 from perceivers_jax.sampling import listening_page
 from perceivers_jax.sampling import sampling
-from perceivers_jax.training import evaluation as evaluation_lib
+from perceivers_jax.training import validation as validation_lib
 from perceivers_jax.training import train
 
 # Maestro_1..8 train, 9 validation, 10 test: the held-out pieces are the last two.
@@ -65,7 +65,7 @@ SOUNDFONT_CANDIDATES = ("/usr/share/sounds/sf2/FluidR3_GM.sf2",
 @dataclasses.dataclass
 class DemoOptions:
   output_dir: str = "demo_output"
-  config: ml_collections.ConfigDict | None = None  # default: configs/tiny.py
+  config: ml_collections.ConfigDict | None = None  # default: perceivers_jax/configs/tiny.py
   data_dir: str = ""  # an existing maestro_performance build; default: build from the pieces
   steps: int = 0  # 0: the config's train.num_steps
   num_samples: int = 8
@@ -77,7 +77,7 @@ class DemoOptions:
 
 
 def tiny_config() -> ml_collections.ConfigDict:
-  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.configs import tiny  # pylint: disable=g-import-not-at-top
   return tiny.get_config()
 
 
@@ -155,8 +155,8 @@ def untrained_validation_metrics(config: ml_collections.ConfigDict) -> dict[str,
   trainer = train.build_trainer_for(config)
   state, rest = trainer.init_fn()
   source = input_pipeline.open_data_source(config, config.data.eval_split)
-  return evaluation_lib.run_evaluation(trainer, state["params"], rest,
-                                       evaluation_lib.eval_batches(config, source))
+  return validation_lib.run_evaluation(trainer, state["params"], rest,
+                                       validation_lib.eval_batches(config, source))
 
 
 def _split_pieces(config: ml_collections.ConfigDict, split: str) -> list[np.ndarray]:
@@ -368,7 +368,7 @@ def run_demo(options: DemoOptions) -> pathlib.Path:
   _stage(f"2/6 training {config.train.num_steps} steps (resumes from {out / 'train'})")
   workdir = out / "train"
   train.train_and_evaluate(config, str(workdir))
-  trained = evaluation_lib.evaluate(config, str(workdir))
+  trained = validation_lib.evaluate(config, str(workdir))
   validation = {"untrained": untrained_validation_metrics(config),
                 "token_frequency": token_frequency_metrics(config), "trained": trained}
   plot_training_curve(workdir, out / "training_curve.png")

@@ -1,4 +1,4 @@
-"""The paper's comparison (issue 18): Perceiver AR, Effective Segmentation and PerceiverS
+"""The paper's comparison (BUILD section 9): Perceiver AR, Effective Segmentation and PerceiverS
 trained side by side on the same data, steps, batch and seeds, then compared.
 
 The three models are derived from one PerceiverS config (scales [full, W]) so that they
@@ -8,7 +8,7 @@ differ only where the paper says they do:
   effective_segmentation  effective windows, one full cross-attention
   perceivers              effective windows, Multi-Scale [full, W] (the config's own)
 
-Per model and seed: training, validation NLL on the sequential windows (`evaluation.evaluate`,
+Per model and seed: training, validation NLL on the sequential windows (`validation.evaluate`,
 the numbers `perceivers-train --mode=eval` prints), and unconditional samples from SOS.
 Then per model (samples pooled over seeds) the Table I evaluation against excerpts of the
 held-out pieces, with repetition density and rho(k) (`report.evaluate_sets`).
@@ -43,7 +43,7 @@ from perceivers_jax import config_base  # pylint: disable=g-import-not-at-top
 from perceivers_jax.evaluation import report as report_lib
 from perceivers_jax.experiments import demo
 from perceivers_jax.sampling import sampling
-from perceivers_jax.training import evaluation
+from perceivers_jax.training import validation
 from perceivers_jax.training import train
 
 MODELS = ("perceiver_ar", "effective_segmentation", "perceivers")
@@ -95,7 +95,7 @@ def model_config(base: ml_collections.ConfigDict, model: str, seed: int,
   if len(scales) != 2 or scales[0] != config_base.FULL_CONTEXT:
     config_base.fail("model.cross_attention_scales", scales,
                      "the comparison starts from a PerceiverS config with scales [full, W], "
-                     "e.g. configs/tiny.py or configs/perceivers.py")
+                     "e.g. perceivers_jax/configs/tiny.py or perceivers_jax/configs/perceivers.py")
   config = copy.deepcopy(base)  # ConfigDict(base) would share the nested dicts
   with config.unlocked():
     config.seed = seed
@@ -126,7 +126,7 @@ def run_stage(config: ml_collections.ConfigDict, settings: sampling.SampleSettin
     # Training ends with the validation of its last step, the checkpoint `evaluate` reads;
     # a run already trained to the end (interrupted before eval.json) returns {}.
     metrics = (train.train_and_evaluate(config, str(workdir))
-               or evaluation.evaluate(config, str(workdir)))
+               or validation.evaluate(config, str(workdir)))
     metrics = {"step": config.train.num_steps, **metrics}
     _write_json(eval_path, metrics)
   done = _read_json(samples_path)

@@ -47,9 +47,3 @@ def mean_loss(sums: dict[str, jax.Array]) -> jax.Array:
   """Training objective: (nll + z_loss) per target (0 when there is no target)."""
   return (sums["nll"] + sums["z_loss"]) / jnp.maximum(sums["count"], 1.0)
 
-
-def loss_fn(logits_BNV: jax.Array, batch: dict[str, jax.Array], num_latents: int,
-            z_loss_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(mean loss, sums) for one batch."""
-  sums = sum_losses(token_losses(logits_BNV, batch, num_latents, z_loss_weight))
-  return mean_loss(sums), sums

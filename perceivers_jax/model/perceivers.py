@@ -1,4 +1,4 @@
-"""PerceiverS: Perceiver AR with Multi-Scale cross-attention (SPEC 3), in Flax NNX.
+"""PerceiverS: Perceiver AR with Multi-Scale cross-attention (README "Architecture"), in Flax NNX.
 
 inputs [B, L] -> token embedding -> latents = a linear map of the embeddings of the latent
 block (the last N valid inputs, `masks.latent_block_start`) -> cross-attention layers over
@@ -111,7 +111,7 @@ class _Settings:
 
 
 def _layer_norm(s: _Settings, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  """LayerNorm as SPEC 3: variance mean(x^2) - mean(x)^2 (flax's fast variance, clipped at 0),
+  """LayerNorm with variance mean(x^2) - mean(x)^2 (flax's fast variance, clipped at 0),
   epsilon config.model.layer_norm_epsilon (1e-5: Haiku's default, which Perceiver AR uses)."""
   return nnx.LayerNorm(
       s.embed_dim, epsilon=s.layer_norm_epsilon, use_fast_variance=True, dtype=s.dtype,

@@ -94,20 +94,6 @@ def state_shardings(model_or_state: Any, mesh: Mesh, rules: Rules) -> nnx.State:
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def create_sharded(model_fn: Callable[[], nnx.Module], mesh: Mesh, rules: Rules) -> nnx.Module:
-  """Builds `model_fn()` directly sharded over `mesh`, never materialised on one device."""
-  abstract = nnx.eval_shape(model_fn)
-  graphdef, abstract_state = nnx.split(abstract)
-  shardings = state_shardings(abstract_state, mesh, rules)
-
-  def init():
-    return nnx.state(model_fn())
-
-  with jax.set_mesh(mesh):
-    state = jax.jit(init, out_shardings=shardings)()
-  return nnx.merge(graphdef, state)
-
-
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
   """Activates `mesh` and `rules` for `constrain` (enter it around tracing the step)."""

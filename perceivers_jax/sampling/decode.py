@@ -1,4 +1,4 @@
-"""Cached autoregressive sampling (SPEC 4), the whole loop in one jitted program.
+"""Cached autoregressive sampling (README "Sampling"), the whole loop in one jitted program.
 
 Caches:
   * per cross-attention layer, the keys/values of the inputs its latents can see, in a ring

@@ -1,4 +1,4 @@
-"""FLOPs per window and model FLOPs utilisation (MFU), as SPEC 6 counts them.
+"""FLOPs per window and model FLOPs utilisation (MFU), as perceiver-ar's reference counts them.
 
 Throughput counts predicted slots (global batch x N per step). MFU uses 3 x the forward
 matmul FLOPs of one window (`train_flops_per_window`) against the peak FLOP/s of the device
@@ -12,7 +12,7 @@ from perceivers_jax.model import perceivers as model_lib
 
 # Peak FLOP/s, one kind of figure only: the vendor's datasheet dense (no sparsity) bf16 peak
 # per chip, TFLOP/s (NVIDIA: the SXM parts). A measured peak is not a datasheet figure and goes
-# in config.train.peak_tflops instead, e.g. 790 for SPEC 6's H200 reference MFU.
+# in config.train.peak_tflops instead, e.g. 790 for the perceiver-ar H200 reference MFU.
 PEAK_TFLOPS = {
     "H200": 989.0,
     "H100": 989.0,
@@ -38,10 +38,10 @@ def forward_flops_per_window(model_config: ml_collections.ConfigDict) -> float:
     each latent layer: q/k/v/output projections 4 x 2NDA, scores and values 2 x 2NNA,
       MLP 2 x 2NDF;
     initial latent map 2NDD and output head 2NDV.
-  At paper size with one full cross-attention layer this is 1.02 TFLOP (SPEC 6: 3.06 TFLOP
-  x 1/3 training). PerceiverS's [full, 1024] trains at 3.18 TFLOP per window with the short
-  scale windowed (2,047 keys); keying all L inputs there (windowed_scales=False) costs 3.95,
-  i.e. 0.77 TFLOP (19.6%) that the masks throw away.
+  At paper size with one full cross-attention layer this is 1.02 TFLOP (perceiver-ar's
+  reference: 3.06 TFLOP x 1/3 training). PerceiverS's [full, 1024] trains at 3.18 TFLOP per
+  window with the short scale windowed (2,047 keys); keying all L inputs there
+  (windowed_scales=False) costs 3.95, i.e. 0.77 TFLOP (19.6%) that the masks throw away.
   """
   m = model_config
   N, D = m.num_latents, m.embed_dim

@@ -2,7 +2,7 @@
 
 `train_and_evaluate(config, workdir)` trains (resuming from the latest checkpoint in
 `workdir`, or fine-tuning from config.train.init_from while there is none), evaluates
-periodically on the validation split's sequential windows (`evaluation.py`, which also holds
+periodically on the validation split's sequential windows (`validation.py`, which also holds
 the one-off evaluation of a checkpoint) and saves on an interval and on preemption. The dry
 run (sizes and compiled memory) is `dry_run.py`; FLOPs and MFU are `flops.py`.
 
@@ -51,7 +51,7 @@ from perceivers_jax.parallel import partitioning
 from perceivers_jax.state import checkpointing
 from perceivers_jax.state import model_state
 from perceivers_jax.training import config_validation
-from perceivers_jax.training import evaluation
+from perceivers_jax.training import validation
 from perceivers_jax.training import flops
 from perceivers_jax.training import metrics_writer
 from perceivers_jax.training import optimizer as optimizer_lib
@@ -250,7 +250,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
       train_step=in_mesh(jax.jit(
           train_step, in_shardings=(state_shardings, rest_shardings, batch_sharding),
           out_shardings=(state_shardings, replicated), donate_argnums=(0,))),
-      eval_step=evaluation.make_eval_step(model, batch_sharding))
+      eval_step=validation.make_eval_step(model, batch_sharding))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     train_source = input_pipeline.open_data_source(config, config.data.train_split)
   if eval_source is None:
     eval_source = input_pipeline.open_data_source(config, config.data.eval_split)
-  validation_batches = evaluation.eval_batches(config, eval_source)
+  validation_batches = validation.eval_batches(config, eval_source)
   train_iter = input_pipeline.make_train_iterator(
       config, train_source, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
@@ -385,7 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
       if step % config.eval.every_steps == 0 or is_last:
         guard.settle()
-        eval_metrics = evaluation.run_evaluation(trainer, state["params"], rest,
+        eval_metrics = validation.run_evaluation(trainer, state["params"], rest,
                                                  validation_batches)
         writer.write_scalars(step, eval_metrics, prefix="eval/")
         writer.log_progress(step, num_steps, {f"eval_{k}": eval_metrics[k] for k in (

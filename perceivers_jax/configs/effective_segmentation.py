@@ -3,10 +3,11 @@ r"""Perceiver AR + Effective Segmentation (no Multi-Scale): the paper's middle a
 One full-context cross-attention layer trained on effective windows (every target position of
 a piece is reachable, the first N included).
 
-  perceivers-train --config=configs/effective_segmentation.py --workdir=/tmp/effseg \
+  perceivers-train --config=perceivers_jax/configs/effective_segmentation.py \
+      --workdir=/tmp/effseg \
       --config.data.data_dir=$HOME/tensorflow_datasets
 
-Learning rate: see configs/perceivers.py (rsqrt schedule, 0.03125 = 1024**-0.5, peak 3.1e-4).
+Learning rate: see perceivers.py (rsqrt schedule, 0.03125 = 1024**-0.5, peak 3.1e-4).
 """
 
 import ml_collections
@@ -17,7 +18,8 @@ from perceivers_jax import config_base
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Effective Segmentation with a single full-context cross-attention, paper size."""
   if arg:
-    raise ValueError(f"configs/effective_segmentation.py has no variants (got {arg!r}).")
+    raise ValueError(
+        f"perceivers_jax/configs/effective_segmentation.py has no variants (got {arg!r}).")
   config = config_base.base_config()
   config.model.cross_attention_scales = (config_base.FULL_CONTEXT,)
   config.data.windows = "effective"

@@ -1,12 +1,13 @@
 r"""Perceiver AR baseline as the PerceiverS paper describes it.
 
 One full-context cross-attention layer and baseline windows (random start, only the final
-N positions of each window are targets), otherwise the paper size of configs/perceivers.py.
+N positions of each window are targets), otherwise the paper size of perceivers.py.
 
-  perceivers-train --config=configs/perceiver_ar_baseline.py --workdir=/tmp/perceiver_ar \
+  perceivers-train --config=perceivers_jax/configs/perceiver_ar_baseline.py \
+      --workdir=/tmp/perceiver_ar \
       --config.data.data_dir=$HOME/tensorflow_datasets
 
-Learning rate: see configs/perceivers.py (rsqrt schedule, 0.03125 = 1024**-0.5, peak 3.1e-4).
+Learning rate: see perceivers.py (rsqrt schedule, 0.03125 = 1024**-0.5, peak 3.1e-4).
 """
 
 import ml_collections
@@ -17,7 +18,8 @@ from perceivers_jax import config_base
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Perceiver AR baseline at paper size."""
   if arg:
-    raise ValueError(f"configs/perceiver_ar_baseline.py has no variants (got {arg!r}).")
+    raise ValueError(
+        f"perceivers_jax/configs/perceiver_ar_baseline.py has no variants (got {arg!r}).")
   config = config_base.base_config()
   config.model.cross_attention_scales = (config_base.FULL_CONTEXT,)
   config.data.windows = "baseline"

@@ -1,4 +1,4 @@
-r"""PerceiverS at CPU size: the same code paths as configs/perceivers.py, for tests and demos.
+r"""PerceiverS at CPU size: the same code paths as perceivers.py, for tests and demos.
 
 L=1,024 inputs, N=128 latents, width 128, 2 latent layers, 4 heads of 32, scales [full, 64],
 float32, 0.9M parameters. The default 1,000 steps train in about ten minutes on two CPU
@@ -6,14 +6,14 @@ cores (measured: 400 steps of batch 8 plus two evaluations in 8.5 min on 2 share
 1.4-2.4k predicted tokens/s; trained on 8 of the real MAESTRO pieces, validation NLL 4.02
 nats on the other 2 against a training unigram entropy of 4.87):
 
-  perceivers-train --config=configs/tiny.py --workdir=/tmp/perceivers_tiny \
+  perceivers-train --config=perceivers_jax/configs/tiny.py --workdir=/tmp/perceivers_tiny \
       --config.data.data_dir=$HOME/tensorflow_datasets
 
 Variants: `tiny.py:final_block` (short scale uses the final-block mask), `tiny.py:baseline`
 (Perceiver AR: one full cross-attention, baseline windows).
 
 Learning rate: a constant 2e-3 after 50 linear warm-up steps, reached quickly enough for a
-few hundred steps; the paper-size configs use the rsqrt schedule (see configs/perceivers.py).
+few hundred steps; the paper-size configs use the rsqrt schedule (see perceivers.py).
 """
 
 import ml_collections
@@ -56,5 +56,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.cross_attention_scales = (config_base.FULL_CONTEXT,)
     config.data.windows = "baseline"
   elif arg:
-    raise ValueError(f"configs/tiny.py: unknown variant {arg!r}; use final_block or baseline.")
+    raise ValueError(f"perceivers_jax/configs/tiny.py: unknown variant {arg!r}; use final_block "
+                     "or baseline.")
   return config

@@ -1,4 +1,4 @@
-"""The evaluation pass: NLL, accuracy and NLL per target-position bucket on validation windows.
+"""The validation pass: NLL, accuracy and NLL per target-position bucket on validation windows.
 
 `make_eval_step` jits the summed losses of one batch for a model state (the Trainer holds
 one); `run_evaluation` runs it over this host's sequential validation windows
