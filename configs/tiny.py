@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.every_steps = 250
   config.eval.batch_size = 8
   config.eval.max_batches = 0
+  config.eval.music.every_evals = 0  # off unless asked (perceivers_jax/watch/music.py)
 
   config.checkpoint.every_steps = 250
   config.checkpoint.keep = 2

@@ -15,12 +15,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = "perceivers_jax"
 RANKS = {
     "config_base": 0,
-    "data": 1, "parallel": 1,
+    "data": 1, "parallel": 1, "runtime": 1,
     "model": 2,
     "state": 3,
     "training": 4, "sampling": 4, "evaluation": 4,
-    "experiments": 5,
-    "cli": 6,
+    "watch": 5,
+    "experiments": 6,
+    "cli": 7,
 }
 
 

@@ -47,6 +47,7 @@ def main(argv: list[str]) -> None:
   from perceivers_jax.training import dry_run  # pylint: disable=g-import-not-at-top
   from perceivers_jax.training import evaluation  # pylint: disable=g-import-not-at-top
   from perceivers_jax.training import train  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.watch import music  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   if _DRY_RUN.value:
@@ -58,7 +59,8 @@ def main(argv: list[str]) -> None:
     metrics = evaluation.evaluate(config, _WORKDIR.value)
     logging.info("Evaluation: %s", metrics)
   else:
-    train.train_and_evaluate(config, _WORKDIR.value)
+    train.train_and_evaluate(config, _WORKDIR.value,
+                             evaluators=music.evaluators(config, _WORKDIR.value))
 
 
 def run() -> None:

@@ -25,10 +25,8 @@ resumes from its last checkpoint).
 import csv
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
-import subprocess
 import time
 from typing import Any
 
@@ -44,18 +42,19 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wron
 
 from data_prep import fetch_maestro_samples  # pylint: disable=g-import-not-at-top
 from data_prep.maestro_performance import maestro_performance_dataset_builder as builder_lib
+from perceivers_jax.data import audio
 from perceivers_jax.data import input_pipeline
 from perceivers_jax.data import tokens as tokens_lib
+from perceivers_jax.evaluation import piece_sets
 from perceivers_jax.evaluation import report as report_lib
 from perceivers_jax.sampling import listening_page
 from perceivers_jax.sampling import sampling
 from perceivers_jax.training import evaluation as evaluation_lib
 from perceivers_jax.training import train
+from perceivers_jax.watch import music
 
 # Maestro_1..8 train, 9 validation, 10 test: the held-out pieces are the last two.
 SPLIT_OF_PIECE = {**{i: "train" for i in range(1, 9)}, 9: "validation", 10: "test"}
-SOUNDFONT_CANDIDATES = ("/usr/share/sounds/sf2/FluidR3_GM.sf2",
-                        "/usr/share/sounds/sf2/default-GM.sf2")
 
 
 @dataclasses.dataclass
@@ -169,32 +168,25 @@ def write_reference_excerpts(config: ml_collections.ConfigDict, folder: pathlib.
   for split in (config.data.eval_split, "test"):
     source = input_pipeline.open_data_source(config, split)
     pieces.extend(np.asarray(source[i]["tokens"]) for i in range(len(source)))
-  per_piece = [count // len(pieces) + (i < count % len(pieces)) for i in range(len(pieces))]
   paths = []
-  for piece, k in zip(pieces, per_piece):
-    starts = np.linspace(1, max(1, len(piece) - num_tokens - 1), k).astype(int)
-    for start in starts:
-      excerpt = np.concatenate([[tokens_lib.SOS_ID], piece[start:start + num_tokens]])
-      path = folder / f"reference_{len(paths):04d}.mid"
-      tokens_lib.tokens_to_midi_file(excerpt, path)
-      paths.append(path)
+  for excerpt in piece_sets.excerpts(pieces, count, num_tokens):
+    path = folder / f"reference_{len(paths):04d}.mid"
+    tokens_lib.tokens_to_midi_file(excerpt, path)
+    paths.append(path)
   return paths
 
 
 def render_wavs(folders: list[pathlib.Path]) -> str:
   """Renders every .mid under `folders` to .wav with fluidsynth; returns a status line."""
-  fluidsynth = shutil.which("fluidsynth")
-  soundfont = next((p for p in SOUNDFONT_CANDIDATES if os.path.exists(p)), None)
-  if fluidsynth is None or soundfont is None:
-    return ("WAV rendering skipped: fluidsynth and a General MIDI soundfont are needed "
-            "(Debian: apt-get install fluidsynth fluid-soundfont-gm).")
+  synth = audio.synthesizer()
+  if synth is None:
+    return audio.MISSING
   midis = [p for folder in folders for p in sorted(folder.glob("*.mid"))]
   for midi in tqdm.tqdm(midis, desc="rendering WAV", unit="file"):
     wav = midi.with_suffix(".wav")
     if not wav.exists():
-      subprocess.run([fluidsynth, "-ni", "-g", "0.8", "-r", "22050", "-F", str(wav), soundfont,
-                      str(midi)], check=True, capture_output=True)
-  return f"rendered {len(midis)} WAV files with {soundfont}"
+      synth.render(midi, wav)
+  return f"rendered {len(midis)} WAV files with {synth.soundfont}"
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -289,7 +281,8 @@ def run_demo(options: DemoOptions) -> pathlib.Path:
 
   _stage(f"2/6 training {config.train.num_steps} steps (resumes from {out / 'train'})")
   workdir = out / "train"
-  train.train_and_evaluate(config, str(workdir))
+  train.train_and_evaluate(config, str(workdir),
+                           evaluators=music.evaluators(config, str(workdir)))
   trained = evaluation_lib.evaluate(config, str(workdir))
   untrained = untrained_validation_metrics(config)
   plot_training_curve(workdir, out / "training_curve.png")
