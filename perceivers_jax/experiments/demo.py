@@ -10,6 +10,8 @@ resumes from its last checkpoint).
     tfds/                  maestro_performance/full, ArrayRecord
     train/                 training workdir: checkpoints, metrics.jsonl, TensorBoard, config.json
     training_curve.png     train loss and validation NLL by step
+    surprisal/             the trained model's surprisal on the validation piece's opening
+                           (perceivers-score: a piano roll coloured by surprisal, JSON)
     index.html             the listening page: every sample's audio and piano roll, the curve,
                            links to the reports and plots (static, opens from the file system)
     samples/trained/       unconditional samples of the trained model (.mid, .npy, .json, .png,
@@ -52,9 +54,12 @@ from perceivers_jax.sampling import sampling
 from perceivers_jax.training import evaluation as evaluation_lib
 from perceivers_jax.training import train
 from perceivers_jax.watch import music
+from perceivers_jax.watch import score
 
 # Maestro_1..8 train, 9 validation, 10 test: the held-out pieces are the last two.
 SPLIT_OF_PIECE = {**{i: "train" for i in range(1, 9)}, 9: "validation", 10: "test"}
+SURPRISAL_SECONDS = 90
+SURPRISAL_PIECE = "validation_opening.npy"
 
 
 @dataclasses.dataclass
@@ -153,6 +158,15 @@ def untrained_validation_metrics(config: ml_collections.ConfigDict) -> dict[str,
                                        evaluation_lib.eval_batches(config, source))
 
 
+def write_surprisal(workdir: pathlib.Path, folder: pathlib.Path,
+                    piece: pathlib.Path) -> dict[str, Any]:
+  """perceivers-score of the first SURPRISAL_SECONDS of `piece`: JSON and piano roll."""
+  folder.mkdir(parents=True, exist_ok=True)
+  opening = folder / SURPRISAL_PIECE
+  np.save(opening, sampling.primer_prompt(piece, SURPRISAL_SECONDS))
+  return score.score_files([str(opening)], str(folder), str(workdir))[0]
+
+
 # -- samples and reference -----------------------------------------------------------------------
 
 
@@ -211,6 +225,9 @@ def write_listening_page(out: pathlib.Path) -> pathlib.Path:
              *[(name, evaluation / name) for name in plots],
              ("training curve", out / "training_curve.png")],
       figures=[("Training curve", out / "training_curve.png"),
+               (f"Surprisal of the validation piece's first {SURPRISAL_SECONDS} s (colour = "
+                "bits per note: dark expected, yellow surprising)",
+                out / "surprisal" / pathlib.Path(SURPRISAL_PIECE).with_suffix(".png")),
                *[(f"Evaluation piano rolls: {name}", evaluation / f"piano_rolls_{name}.png")
                  for name in ("reference", "trained", "untrained")]])
 
@@ -287,6 +304,10 @@ def run_demo(options: DemoOptions) -> pathlib.Path:
   untrained = untrained_validation_metrics(config)
   plot_training_curve(workdir, out / "training_curve.png")
   print(f"validation NLL: untrained {untrained['nll']:.3f}, trained {trained['nll']:.3f} nats/token")
+  surprisal = write_surprisal(workdir, out / "surprisal",
+                              out / "maestro_v3" / "2018" / "Maestro_9.mid")
+  print(f"surprisal of the validation piece's first {SURPRISAL_SECONDS} s: "
+        f"{surprisal['bits_per_second']:.0f} bits/s ({out / 'surprisal'})")
 
   _stage("3/6 sampling")
   samples = out / "samples"

@@ -49,6 +49,7 @@ from perceivers_jax.evaluation import memorisation
 from perceivers_jax.evaluation import piece_sets
 from perceivers_jax.evaluation import repetition
 from perceivers_jax.evaluation import report
+from perceivers_jax.sampling import job
 from perceivers_jax.sampling import listening_page
 from perceivers_jax.sampling import next_token
 from perceivers_jax.sampling import sampling
@@ -193,7 +194,7 @@ class MusicEvaluator:
       folder.mkdir(exist_ok=True)
       number = index - (music.num_unconditional if name == "continuation" else 0)
       key = f"jax.random.fold_in(jax.random.key({music.seed}), {index})"
-      sidecar = sampling.write_sample_files(
+      sidecar = job.write_sample_files(
           folder / f"sample_{number:04d}", self._prompt(index), generated[index],
           max_note_seconds=tokens.DEFAULT_MAX_NOTE_SECONDS, sidecar={
               "sample_index": number, "piece": index, "seed": music.seed, "key": key,
