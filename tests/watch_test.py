@@ -9,6 +9,8 @@ import pathlib
 import numpy as np
 import pytest
 
+from perceivers_jax import config_base
+from perceivers_jax.training import train
 from perceivers_jax.watch import music
 from perceivers_jax.watch import score
 from metrics_writer_test import _events  # TensorBoard's event files, read back
@@ -138,3 +140,16 @@ def test_score_equals_the_validation_nll_of_the_same_tokens(resumed_runs, tmp_pa
   assert written["total_bits"] == result["total_bits"]
   assert {p.name for p in (tmp_path / "out").iterdir()} == {
       "validation.json", "validation.png", "validation_difference.png"}
+
+
+def test_bad_music_or_profile_settings_fail_before_any_work(tmp_path):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.eval.music.update(dict(every_evals=1, num_reference=1))
+  with pytest.raises(config_base.ConfigError, match=r"config.eval.music.num_reference=1: .*>= 2"):
+    music.evaluators(config, str(tmp_path / "run"), eval_source=[])
+  config = tiny.get_config()
+  config.profile.steps = (0, 5)
+  with pytest.raises(config_base.InputError, match=r"config.profile.steps=\(0, 5\): .*positive"):
+    train.train_and_evaluate(config, str(tmp_path / "run"), train_source=[], eval_source=[])
+  assert not (tmp_path / "run").exists()

@@ -32,8 +32,9 @@ _DIR_OPTION = "jax_compilation_cache_dir"
 _MIN_SECONDS_OPTION = "jax_persistent_cache_min_compile_time_secs"
 
 
-def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str | None:
-  """The cache directory `config` asks for (None: no cache); ConfigError for a bad value."""
+def settings(config: ml_collections.ConfigDict, workdir: str) -> tuple[str | None, float]:
+  """(the cache directory `config` asks for, None for no cache; the compile-time threshold);
+  ConfigError for a bad value."""
   setting = config.get("compilation_cache_dir", "")
   seconds = config.get("compilation_cache_min_compile_seconds", 1.0)
   if not isinstance(setting, str):
@@ -43,8 +44,8 @@ def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str | None:
     config_base.fail("compilation_cache_min_compile_seconds", seconds,
                      "must be a number of seconds >= 0 (0: cache every program).")
   if setting == OFF:
-    return None
-  return setting or os.path.join(workdir, DEFAULT_SUBDIR)
+    return None, seconds
+  return setting or os.path.join(workdir, DEFAULT_SUBDIR), seconds
 
 
 @contextlib.contextmanager

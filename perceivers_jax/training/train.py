@@ -3,7 +3,10 @@
 `train_and_evaluate(config, workdir)` trains (resuming from the latest checkpoint in
 `workdir`, or fine-tuning from config.train.init_from while there is none), evaluates
 periodically on the validation split's sequential windows (`evaluation.py`, which also holds
-the one-off evaluation of a checkpoint) and saves on an interval and on preemption. The dry
+the one-off evaluation of a checkpoint), runs the periodic evaluators it is given (the music
+evaluator, built above training in perceivers_jax/watch/) and saves on an interval and on
+preemption. Around the loop (perceivers_jax/runtime/): jax's persistent compilation cache,
+profiler traces of config.profile.steps and the time account of the process. The dry
 run (sizes and compiled memory) is `dry_run.py`; FLOPs and MFU are `flops.py`.
 
 State layout (what the checkpoints hold): {"step": int32, "params": nested dict of arrays (the
@@ -277,17 +280,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   `train_source` / `eval_source` default to the TFDS splits of config.data; tests pass any
   random-access sequence of {"tokens": int32 array}. `evaluators` run at their own intervals.
-  Around the run: jax's persistent compilation cache (config.compilation_cache_dir), profiler
-  traces of config.profile.steps, and the time account of this process (TensorBoard and
-  metrics.jsonl under time/, and the last log line).
+  The time account goes to TensorBoard and metrics.jsonl (time/) and the last log line.
   """
-  account = time_account.TimeAccount()
-  cache = compilation_cache.cache_dir(config, workdir)
+  cache = compilation_cache.settings(config, workdir)
   profile_steps = traces.check_steps(config.get("profile", {}).get("steps", ()),
                                      "config.profile.steps")
+  account = time_account.TimeAccount()
   try:
-    with compilation_cache.enabled(cache, config.get("compilation_cache_min_compile_seconds",
-                                                     1.0)):
+    with compilation_cache.enabled(*cache):
       return _train(config, workdir, account, profile_steps, train_source, eval_source,
                     evaluators)
   finally:
