@@ -13,6 +13,7 @@ from perceivers_jax import config_base
 from perceivers_jax.training import train
 from perceivers_jax.watch import music
 from perceivers_jax.watch import score
+from listening_page_test import _media_after_load, needs_chromium  # headless Chromium
 from metrics_writer_test import _events  # TensorBoard's event files, read back
 
 # The music evaluator of slow_training_run.RESUMED_RUN: validation at steps 10 and 20.
@@ -57,6 +58,15 @@ def test_music_evaluator_writes_scalars_and_pages(resumed_runs):
     images = {v.tag for e in _events(workdir / "tensorboard") for v in e.summary.value
               if v.HasField("image")}
     assert images == {"music/piano_rolls/unconditional", "music/piano_rolls/continuation"}
+
+
+@needs_chromium
+def test_checkpoint_page_loads_every_piano_roll_in_chromium(resumed_runs):
+  folder = resumed_runs.straight / music.NAME
+  media = _media_after_load(folder / "index.html")
+  rolls = [src for tag, src, _ in media if tag == "img"]
+  assert len(rolls) == len(MUSIC_STEPS) * sum(PIECES.values()), rolls
+  assert all(status == "ok" for _, _, status in media), media
 
 
 def test_music_evaluator_plays_the_same_pieces_after_a_resume(resumed_runs):

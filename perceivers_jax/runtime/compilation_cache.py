@@ -2,10 +2,10 @@
 
 What jax (0.10) caches: the XLA compilation of every jitted program, on CPU, GPU and TPU,
 keyed by the lowered program, its compile options and XLA flags, the devices and the jaxlib
-and backend versions; tracing and lowering still run at every start. A program is written only if its
-compilation took at least `jax_persistent_cache_min_compile_time_secs` (jax's default 1 s;
-config.compilation_cache_min_compile_seconds sets it, 0 writes every program); jax's
-entry-size threshold is left at its default (no minimum). A restarted run, a resumed one, or
+and backend versions; tracing and lowering still run at every start. A program is written
+only if its compilation took at least `jax_persistent_cache_min_compile_time_secs` (jax's
+default 1 s; config.compilation_cache_min_compile_seconds sets it, 0 writes every program);
+jax's entry-size threshold is left at its default (no minimum). A restarted run, a resumed one, or
 another job with the same shapes on the same kind of devices then reads its programs instead
 of compiling them: the time account (`time_account.py`) counts them as cache hits.
 

@@ -17,7 +17,8 @@ Measures, per set (unconditional; continuation: its generated part):
   the reference excerpts' own repetitive and copied shares as baselines, the share of pieces
   ending with EOS, their mean duration, and the sampling time.
 TensorBoard also gets each set's piano-roll grid and, where fluidsynth is installed
-(`data/audio.py`), the audio of its first piece.
+(`data/audio.py`), the audio of its first piece (rendered for that piece alone: rendering
+every piece took longer than sampling them on CPU).
 
 Files, under WORKDIR/music (local or a bucket):
   STEP/unconditional/, STEP/continuation/   sample_XXXX .npy, .mid, .png, .json (+ .wav)
@@ -204,7 +205,7 @@ class MusicEvaluator:
               "primer": (f"the opening of validation piece {self._openings[index][0]}"
                          if index in self._openings else None),
               "regenerate": f"the music evaluator at step {step} (config.eval.music), key {key}"})
-      if self._synth is not None:
+      if self._synth is not None and number == 0:  # rendering all would cost more than sampling.
         self._synth.render(folder / f"sample_{number:04d}.mid", folder / f"sample_{number:04d}.wav")
       sets[name].append(sidecar)
     return sets
@@ -288,7 +289,8 @@ class MusicEvaluator:
                                    "duration_seconds": s["duration_seconds"],
                                    "num_tokens": s["num_tokens"],
                                    "eos_reached": s["eos_reached"],
-                                   "has_wav": self._synth is not None} for s in entries]
+                                   "has_wav": self._synth is not None and s["sample_index"] == 0}
+                                  for s in entries]
                            for name, entries in sets.items()}
     manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     (self._dir / listening_page.INDEX).write_text(comparison_page(manifest))
