@@ -13,7 +13,7 @@ for 1 s or more are written; --min_compile_seconds changes it).
       --config.model.max_length=4096 --config.model.num_latents=256 \
       --config.model.embed_dim=256 --config.model.num_heads=4 --config.model.head_dim=64 \
       --config.model.num_latent_layers=4 --config.model.cross_attention_scales=0,256 \
-      --config.train.batch_size=2 --config.eval.batch_size=2 --config.model.remat_policy=none
+      --config.train.batch_size=2 --config.eval.batch_size=2 --rounds=1
 
 Prints a table row per start and writes benchmarks/compilation_cache.json (or --output).
 """

@@ -31,9 +31,11 @@ code { font-size: 0.8em; background: #f4f4f4; display: block; padding: 0.4em;
        white-space: pre-wrap; word-break: break-all; }
 .broken { color: #b00; font-weight: bold; }
 audio { width: 100%; }
+body.wide { max-width: none; margin: 1.5em; }
 .compare { overflow-x: auto; } .compare table { border-collapse: collapse; }
 .compare td, .compare th { border: 1px solid #ccc; padding: 0.3em; vertical-align: top;
-                           min-width: 300px; font-size: 0.85em; }
+                           font-size: 0.85em; }
+.compare td { min-width: 300px; }
 .compare img { max-width: 300px; display: block; }
 """
 
@@ -100,9 +102,10 @@ def _sample_card(sidecar_path: pathlib.Path, page_dir: pathlib.Path) -> str:
   return "\n".join(parts)
 
 
-def _page(title: str, body: Sequence[str]) -> str:
+def _page(title: str, body: Sequence[str], *, wide: bool = False) -> str:
   return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-          f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n<body>\n"
+          f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n"
+          f"<body{' class=wide' if wide else ''}>\n"
           + "\n".join(body) + f"\n<script>{_SCRIPT}</script>\n</body></html>\n")
 
 
@@ -176,7 +179,7 @@ def comparison_page(title: str, columns: Sequence[str],
           f"<div class='compare'><table><tr><th></th>{head}</tr>"]
   body += [f"<tr><th>{html.escape(heading)}</th>" + "".join(map(_comparison_cell, cells))
            + "</tr>" for heading, cells in rows]
-  return _page(title, body + ["</table></div>"])
+  return _page(title, body + ["</table></div>"], wide=True)
 
 
 def write_folder_page(folder: str | os.PathLike) -> pathlib.Path:
