@@ -14,7 +14,8 @@ SOUNDFONT_CANDIDATES = ("/usr/share/sounds/sf2/FluidR3_GM.sf2",
                         "/usr/share/sounds/sf2/default-GM.sf2")
 SAMPLE_RATE = 22050
 MISSING = ("WAV rendering skipped: fluidsynth and a General MIDI soundfont are needed "
-           "(Debian: apt-get install fluidsynth fluid-soundfont-gm).")
+           "(Debian: apt-get install fluidsynth fluid-soundfont-gm; `make audio-tools` installs "
+           "them when it runs as root).")
 
 
 @dataclasses.dataclass(frozen=True)

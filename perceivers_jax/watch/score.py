@@ -219,3 +219,12 @@ def score_files(paths: Sequence[str], output_dir: str, checkpoint: str, *,
   out = pathlib.Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
   return [score_piece(name, piece, scorers, out) for name, piece in zip(names, pieces)]
+
+
+def score_opening(checkpoint: str, piece: str | os.PathLike, seconds: float, output_dir: str |
+                  os.PathLike, name: str) -> dict[str, Any]:
+  """Scores the first `seconds` of a MIDI piece (cut as the sampler cuts a primer) as NAME."""
+  opening = sampling.primer_prompt(piece, seconds)
+  out = pathlib.Path(output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  return score_piece(name, opening, [Scorer.load(checkpoint)], out)
