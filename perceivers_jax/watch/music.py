@@ -29,6 +29,7 @@ Files, under WORKDIR/music (local or a bucket):
                                             at every checkpoint side by side
 """
 
+import dataclasses
 import json
 import pathlib
 import tempfile
@@ -200,8 +201,7 @@ class MusicEvaluator:
           max_note_seconds=tokens.DEFAULT_MAX_NOTE_SECONDS, sidecar={
               "sample_index": number, "piece": index, "seed": music.seed, "key": key,
               "checkpoint_step": step, "settings": {
-                  "num_tokens": music.num_tokens, "temperature": music.temperature,
-                  "top_p": music.top_p},
+                  "num_tokens": music.num_tokens, **dataclasses.asdict(self._sampling)},
               "primer": (f"the opening of validation piece {self._openings[index][0]}"
                          if index in self._openings else None),
               "regenerate": f"the music evaluator at step {step} (config.eval.music), key {key}"})
