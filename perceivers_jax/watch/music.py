@@ -81,7 +81,7 @@ def _check(config: ml_collections.ConfigDict) -> next_token.SamplingConfig:
   if not isinstance(music.num_reference, int) or music.num_reference < 2:
     _fail("num_reference", music.num_reference, "must be >= 2 (Table I needs intra-set "
           "distances).")
-  if music.primer_tokens >= config.model.max_length:
+  if music.num_continuations and music.primer_tokens >= config.model.max_length:
     _fail("primer_tokens", music.primer_tokens,
           f"must be below the context config.model.max_length={config.model.max_length}.")
   if config.model.scale_mask != "sliding" and any(config.model.cross_attention_scales):
