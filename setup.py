@@ -49,6 +49,7 @@ setuptools.setup(
             "perceivers-export=perceivers_jax.cli.export:run",
             "perceivers-demo=perceivers_jax.cli.demo:run",
             "perceivers-reproduce=perceivers_jax.cli.reproduce:run",
+            "perceivers-score=perceivers_jax.cli.score:run",
         ],
     },
 )

@@ -121,7 +121,34 @@ def base_config() -> ml_collections.ConfigDict:
       every_steps=5_000,
       batch_size=8,
       max_batches=0,  # 0: the whole split's sequential windows.
+      # The music evaluator (perceivers_jax/watch/music.py): at every `every_evals`-th
+      # evaluation and after the last step, the same seeds sample pieces from SOS and continue
+      # the openings of validation pieces; Table I overlap areas against validation excerpts,
+      # repetition and memorisation shares go to TensorBoard, the pieces to WORKDIR/music/STEP.
+      music=ml_collections.ConfigDict(dict(
+          every_evals=1,  # 0: off
+          num_unconditional=8,
+          num_continuations=8,  # continuations of validation openings (piece j % pieces)
+          primer_tokens=256,  # the opening's first tokens (about 9 s of MAESTRO music)
+          num_tokens=2048,  # generated per piece
+          batch_size=8,  # pieces sampled together, over all devices of all hosts
+          seed=0,
+          temperature=1.0,
+          top_p=0.95,
+          num_reference=16,  # validation excerpts of num_tokens tokens (Table I reference)
+          max_train_pieces=0,  # training pieces checked for copies (0: all)
+      )),
   ))
+
+  # Profiler traces of these train steps (e.g. (101, 102, 103)) into WORKDIR/tensorboard
+  # (TensorBoard's profile tab, XProf); a process's first step (compilation) is never traced.
+  config.profile = ml_collections.ConfigDict(dict(steps=()))
+
+  # jax's persistent compilation cache (perceivers_jax/runtime/compilation_cache.py):
+  # "" = WORKDIR/compilation_cache, "off", or a directory / bucket URL shared by runs. Programs
+  # compiling for at least compilation_cache_min_compile_seconds are written (jax's default 1).
+  config.compilation_cache_dir = ""
+  config.compilation_cache_min_compile_seconds = 1.0
 
   config.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=1_000,

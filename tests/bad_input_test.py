@@ -125,6 +125,16 @@ def test_train_unknown_field_file_workdir_and_bad_mesh(tmp_path):
   assert not workdir.exists()
 
 
+def test_score_names_a_piece_without_sos_before_loading_a_model(piece_npy, tmp_path):
+  path, ids = piece_npy
+  headless = tmp_path / "headless.npy"
+  np.save(headless, ids[1:])
+  _assert_one_line(_cli("score", f"--checkpoint={tmp_path / 'no_run'}",
+                        f"--output_dir={tmp_path / 'out'}", path, headless),
+                   str(headless), "starts with SOS")
+  assert not (tmp_path / "out").exists()
+
+
 def test_sample_with_a_non_midi_primer(tmp_path):
   from perceivers_jax.configs import tiny  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "run"

@@ -8,6 +8,7 @@ import pytest
 _EXPECTED = {
     "train": "--workdir", "sample": "--num_tokens", "evaluate": "--generated",
     "export": "--dtype", "build_data": "--manual_dir", "demo": "--sample_tokens",
+    "score": "--compare",
 }
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real MAESTRO performances (fetched by `make test`); the environment
+"""Shared fixtures: the real MAESTRO performances (fetched by `make test`); the slow
+training run, straight and interrupted (read by train_test and watch_test); the environment
 that keeps libtpu (installed by `make test` for the TPU compile tests) quiet off a TPU VM."""
 
 import pathlib
@@ -10,6 +11,9 @@ topology.keep_jax_off_absent_tpus()
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from data_prep import fetch_maestro_samples
+import slow_training_run
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
@@ -27,3 +31,13 @@ def maestro_paths() -> list[pathlib.Path]:
     pytest.fail(f"{len(missing)} MAESTRO test pieces missing under {missing[0].parent}: "
                 "run `make fetch-data` (or `python -m data_prep.fetch_maestro_samples`).")
   return paths
+
+
+@pytest.fixture(scope="session")
+def resumed_runs(maestro_paths, tmp_path_factory) -> slow_training_run.Runs:
+  """slow_training_run.RESUMED_RUN straight through and interrupted by SIGTERM then rerun,
+  on the first three pieces (two to train on, 300 tokens of the third to validate on)."""
+  directory = tmp_path_factory.mktemp("resumed_runs")
+  _, pieces = slow_training_run.save_pieces(maestro_paths[:3], directory)
+  return slow_training_run.straight_and_interrupted(pieces, directory,
+                                                    ROOT / "perceivers_jax" / "configs" / "tiny.py")

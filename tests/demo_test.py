@@ -75,7 +75,8 @@ def test_demo_writes_the_listening_page(demo_run):
   assert "listening page:" in result.stdout
   page = (out / "index.html").read_text()
   for link in ("samples/trained/sample_0001.png", "samples/continuation/sample_0000.png",
-               "evaluation/report.md", "training_curve.png", "evaluation/piano_rolls_trained.png"):
+               "evaluation/report.md", "training_curve.png", "evaluation/piano_rolls_trained.png",
+               "surprisal/validation_opening.png"):
     assert f"'{link}'" in page, link
   assert (out / "samples" / "trained" / "index.html").exists()
 

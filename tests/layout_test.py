@@ -18,13 +18,14 @@ PACKAGE = "perceivers_jax"
 TOP_LEVEL = (PACKAGE, "data_prep", "benchmarks")
 RANKS = {
     "config_base": 0,
-    "data": 1, "parallel": 1, "configs": 1,
+    "data": 1, "parallel": 1, "runtime": 1, "configs": 1,
     "model": 2, "data_prep": 2,
     "state": 3,
     "training": 4, "sampling": 4, "evaluation": 4,
-    "experiments": 5,
-    "cli": 6,
-    "benchmarks": 7,
+    "watch": 5,
+    "experiments": 6,
+    "cli": 7,
+    "benchmarks": 8,
 }
 
 

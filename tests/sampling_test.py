@@ -80,11 +80,15 @@ def _notes_of_midi(path) -> np.ndarray:
 
 def test_cli_writes_samples_and_regenerates_one_alone(workdir, tmp_path):
   common = ("--num_samples=3", "--batch_size=2", "--num_tokens=40", "--seed=7")
-  _cli(f"--workdir={workdir}", f"--output_dir={tmp_path / 'all'}", *common)
+  _cli(f"--workdir={workdir}", f"--output_dir={tmp_path / 'all'}", "--profile_steps=2",
+       *common)
   names = sorted(os.listdir(tmp_path / "all"))
   assert names == sorted([f"sample_{i:04d}.{ext}" for i in range(3)
                           for ext in ("json", "mid", "npy", "png")]
-                         + [job.RUN_FILE, job.MANIFEST, "index.html"])
+                         + [job.RUN_FILE, job.MANIFEST, "index.html", sampling.PROFILE_DIR])
+  # The second batch's profiler trace (the first compiles and is never traced).
+  assert len(list((tmp_path / "all" / sampling.PROFILE_DIR).glob(
+      "plugins/profile/*/*.xplane.pb"))) == 1
   runs = []
   for i in range(3):
     stem = tmp_path / "all" / f"sample_{i:04d}"

@@ -4,10 +4,8 @@ import importlib.util
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -148,40 +146,18 @@ def test_sharded_step_equals_single_device(pieces):
     assert out[name]["max_param_diff"] < 1e-5, out[name]  # ...identically in both layouts.
 
 
-_TRAIN_RUN = slow_training_run.script("""
-c.model.max_length, c.model.num_latents, c.model.num_latent_layers = 256, 32, 1
-c.model.dropout_rate = 0.1  # resumed dropout masks must match too
-c.train.num_steps = 20
-c.checkpoint.every_steps = 1000  # only the preemption save and the final one
-""")
 _losses = slow_training_run.losses
 
 
-def test_sigterm_then_rerun_resumes_exactly(pieces, tmp_path):
-  _, path = pieces
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  command = lambda workdir: [sys.executable, "-c", _TRAIN_RUN,
-                             str(ROOT / "perceivers_jax/configs/tiny.py"), str(path),
-                             str(workdir)]
-  straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-  subprocess.run(command(straight), env=env, check=True, timeout=600, capture_output=True)
-
-  process = subprocess.Popen(command(interrupted), env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while len(_losses(interrupted)) < 3 and time.time() < deadline and process.poll() is None:
-    time.sleep(0.05)
-  process.send_signal(signal.SIGTERM)
-  _, stderr = process.communicate(timeout=300)
-  assert process.returncode == 0, stderr[-3000:]
-  saved = [int(s) for s in os.listdir(interrupted / "checkpoints")]
+def test_sigterm_then_rerun_resumes_exactly(resumed_runs):
+  runs = resumed_runs
+  assert runs.sigterm_returncode == 0, runs.sigterm_stderr[-3000:]
+  saved = runs.saved_at_sigterm
   assert len(saved) == 1 and 3 <= saved[0] < 20, saved
-  assert [s for s, _ in _losses(interrupted)] == list(range(1, saved[0] + 1))
-
-  subprocess.run(command(interrupted), env=env, check=True, timeout=600, capture_output=True)
-  resumed = _losses(interrupted)
+  assert [s for s, _ in runs.losses_at_sigterm] == list(range(1, saved[0] + 1))
+  resumed = _losses(runs.interrupted)
   assert [s for s, _ in resumed] == list(range(1, 21))  # no step repeated or skipped.
-  assert resumed == _losses(straight)  # bitwise-equal losses, before and after the restart.
+  assert resumed == _losses(runs.straight)  # bitwise-equal losses, before and after the restart.
 
 
 def _saved_params(train, config, workdir):

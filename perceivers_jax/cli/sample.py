@@ -16,6 +16,7 @@ best kernel for this backend) replaces its model.attention_impl. Each sample i w
 regenerating it alone: the same flags plus --sample_index=i give the same tokens);
 samples.jsonl lists them all and index.html is the folder's listening page.
 Rerunning the same command completes a killed run (samples already written are skipped).
+--profile_steps=2 writes a profiler trace of the second batch to OUTPUT_DIR/profile.
 Multi-host: run the same command on every host (TPU pods, SLURM and Open MPI are detected;
 otherwise pass --coordinator_address, --num_processes and --process_id, or the JAX_*
 environment variables); --batch_size is the global batch and --output_dir must be a directory
@@ -36,6 +37,7 @@ from perceivers_jax.cli import logs
 from perceivers_jax.model import attention
 from perceivers_jax.parallel import compiled
 from perceivers_jax.parallel import topology
+from perceivers_jax.runtime import traces
 from perceivers_jax.sampling import sampling
 
 flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags.
@@ -49,6 +51,10 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the samples go (all
 _SAMPLE_INDEX = flags.DEFINE_multi_integer(
     "sample_index", [], "Generate only these samples (repeatable); same other flags as the "
     "original run reproduce them exactly.")
+_PROFILE_STEPS = flags.DEFINE_multi_integer(
+    "profile_steps", [], "Write a profiler trace of these batches of this run (repeatable; 1 = "
+    "the first, which compiles and is not traced) to OUTPUT_DIR/profile, for TensorBoard or "
+    "XProf.")
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Compile the decode loop and print one JSON line of its memory, "
     "collectives and kernels; nothing is restored or sampled.")
@@ -99,10 +105,12 @@ def main(argv: list[str]) -> None:
     # Every request error surfaces here, the same on every host, before anything is restored
     # or compiled.
     sampling.check_settings(settings, config.model, indices)
+    traces.check_steps(_PROFILE_STEPS.value, "--profile_steps")
     model, config, step = sampling.load_model(workdir, step,
                                               attention_impl=_ATTENTION_IMPL.value)
     sampling.sample_to_dir(model, config, settings, _OUTPUT_DIR.value, checkpoint_step=step,
-                           checkpoint_path=workdir, sample_indices=indices)
+                           checkpoint_path=workdir, sample_indices=indices,
+                           profile_steps=_PROFILE_STEPS.value)
   except (FileNotFoundError, sampling.SamplingError) as e:
     raise app.UsageError(str(e)) from e
 

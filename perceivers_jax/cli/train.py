@@ -65,6 +65,7 @@ def main(argv: list[str]) -> None:
   from perceivers_jax.training import dry_run  # pylint: disable=g-import-not-at-top
   from perceivers_jax.training import validation  # pylint: disable=g-import-not-at-top
   from perceivers_jax.training import train  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.watch import music  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   if _DRY_RUN.value:
@@ -79,7 +80,8 @@ def main(argv: list[str]) -> None:
     logging.info("Evaluation: %s", metrics)
   else:
     with distributed.exit_when_a_process_fails():
-      train.train_and_evaluate(config, _WORKDIR.value)
+      train.train_and_evaluate(config, _WORKDIR.value,
+                               evaluators=music.evaluators(config, _WORKDIR.value))
 
 
 def run() -> None:

@@ -205,10 +205,15 @@ def primer_notes(source: piece_sets.SetSource, piece_set: piece_sets.PieceSet) -
         prompt_tokens = int(json.loads(sidecar.read_text(encoding="utf-8"))["prompt_tokens"])
       except (ValueError, KeyError, TypeError):
         prompt_tokens = 0  # not a sample's sidecar
-    prompt = np.asarray(token_ids)[:prompt_tokens]
-    counts.append(int(np.sum((prompt >= tokens_lib.NOTE_ON_START)
-                             & (prompt < tokens_lib.NOTE_OFF_START))))
+    counts.append(count_notes(np.asarray(token_ids)[:prompt_tokens]))
   return counts
+
+
+def count_notes(token_ids: np.ndarray) -> int:
+  """The notes (NOTE_ON tokens) among `token_ids`: a primer's, left out of the figures."""
+  token_ids = np.asarray(token_ids)
+  return int(np.sum((token_ids >= tokens_lib.NOTE_ON_START)
+                    & (token_ids < tokens_lib.NOTE_OFF_START)))
 
 
 def _summary(results: list[dict]) -> dict:

@@ -149,3 +149,14 @@ def load_set(name: str, source: SetSource, *, data_dir: str | None = None,
     raise EvaluationError(f"the {name} set ({label}): none of its {len(items)} files is "
                           f"readable, e.g. {piece_set.skipped[0]['reason']}")
   return piece_set
+
+
+def excerpts(pieces: Sequence[np.ndarray], count: int, num_tokens: int) -> list[np.ndarray]:
+  """`count` excerpts [SOS, num_tokens tokens] spread evenly over `pieces` (token arrays): a
+  reference set as long as generated samples, from held-out pieces too few to compare whole."""
+  per_piece = [count // len(pieces) + (i < count % len(pieces)) for i in range(len(pieces))]
+  out = []
+  for piece, k in zip(pieces, per_piece):
+    for start in np.linspace(1, max(1, len(piece) - num_tokens - 1), k).astype(int):
+      out.append(np.concatenate([[tokens_lib.SOS_ID], piece[start:start + num_tokens]]))
+  return out

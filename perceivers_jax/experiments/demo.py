@@ -10,6 +10,8 @@ resumes from its last checkpoint).
     tfds/                  maestro_performance/full, ArrayRecord
     train/                 training workdir: checkpoints, metrics.jsonl, TensorBoard, config.json
     training_curve.png     train loss and validation NLL by step
+    surprisal/             the trained model's surprisal on the validation piece's opening
+                           (perceivers-score: a piano roll coloured by surprisal, JSON)
     index.html             the listening page: every sample's audio and piano roll, the curve,
                            links to the reports and plots (static, opens from the file system)
     samples/trained/       unconditional samples of the trained model (.mid, .npy, .json, .png,
@@ -30,7 +32,6 @@ import os
 import pathlib
 import re
 import shutil
-import subprocess
 import time
 from typing import Any
 
@@ -46,20 +47,24 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wron
 
 from data_prep import fetch_maestro_samples  # pylint: disable=g-import-not-at-top
 from data_prep.maestro_performance import maestro_performance_dataset_builder as builder_lib
+from perceivers_jax.data import audio
 from perceivers_jax.data import input_pipeline
 from perceivers_jax.data import piano_roll
 from perceivers_jax.data import tokens as tokens_lib
 from perceivers_jax.evaluation import note_lengths
+from perceivers_jax.evaluation import piece_sets
 from perceivers_jax.evaluation import report as report_lib
 from perceivers_jax.sampling import listening_page
 from perceivers_jax.sampling import sampling
 from perceivers_jax.training import validation as validation_lib
 from perceivers_jax.training import train
+from perceivers_jax.watch import music
+from perceivers_jax.watch import score
 
 # Maestro_1..8 train, 9 validation, 10 test: the held-out pieces are the last two.
 SPLIT_OF_PIECE = {**{i: "train" for i in range(1, 9)}, 9: "validation", 10: "test"}
-SOUNDFONT_CANDIDATES = ("/usr/share/sounds/sf2/FluidR3_GM.sf2",
-                        "/usr/share/sounds/sf2/default-GM.sf2")
+SURPRISAL_SECONDS = 90
+SURPRISAL_PIECE = "validation_opening"
 
 
 @dataclasses.dataclass
@@ -191,34 +196,26 @@ def write_reference_excerpts(config: ml_collections.ConfigDict, folder: pathlib.
   """
   folder.mkdir(parents=True, exist_ok=True)
   pieces = _split_pieces(config, config.data.eval_split) + _split_pieces(config, "test")
-  per_piece = [count // len(pieces) + (i < count % len(pieces)) for i in range(len(pieces))]
   paths = []
-  for piece, k in zip(pieces, per_piece):
-    starts = np.linspace(1, max(1, len(piece) - num_tokens - 1), k).astype(int)
-    for start in starts:
-      excerpt = np.concatenate([[tokens_lib.SOS_ID], piece[start:start + num_tokens]])
-      path = folder / f"reference_{len(paths):04d}.mid"
-      notes = tokens_lib.tokens_to_midi_file(excerpt, path)
-      piano_roll.write(notes, path.with_suffix(".png"), title=path.stem)
-      paths.append(path)
+  for excerpt in piece_sets.excerpts(pieces, count, num_tokens):
+    path = folder / f"reference_{len(paths):04d}.mid"
+    notes = tokens_lib.tokens_to_midi_file(excerpt, path)
+    piano_roll.write(notes, path.with_suffix(".png"), title=path.stem)
+    paths.append(path)
   return paths
 
 
 def render_wavs(folders: list[pathlib.Path]) -> str:
   """Renders every .mid under `folders` to .wav with fluidsynth; returns a status line."""
-  fluidsynth = shutil.which("fluidsynth")
-  soundfont = next((p for p in SOUNDFONT_CANDIDATES if os.path.exists(p)), None)
-  if fluidsynth is None or soundfont is None:
-    return ("none: WAV rendering skipped, fluidsynth and a General MIDI soundfont are needed "
-            "(Debian: apt-get install fluidsynth fluid-soundfont-gm; `make demo` installs them "
-            "when it runs as root).")
+  synth = audio.synthesizer()
+  if synth is None:
+    return f"none: {audio.MISSING}"
   midis = [p for folder in folders for p in sorted(folder.glob("*.mid"))]
   for midi in tqdm.tqdm(midis, desc="rendering WAV", unit="file"):
     wav = midi.with_suffix(".wav")
     if not wav.exists():
-      subprocess.run([fluidsynth, "-ni", "-g", "0.8", "-r", "22050", "-F", str(wav), soundfont,
-                      str(midi)], check=True, capture_output=True)
-  return f"{len(midis)} WAV files rendered by fluidsynth ({os.path.basename(soundfont)})."
+      synth.render(midi, wav)
+  return f"{len(midis)} WAV files rendered by fluidsynth ({os.path.basename(synth.soundfont)})."
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -246,6 +243,9 @@ def write_listening_page(out: pathlib.Path, audio_status: str) -> pathlib.Path:
              *[(name, evaluation / name) for name in plots],
              ("training curve", out / "training_curve.png")],
       figures=[("Training curve", out / "training_curve.png"),
+               (f"Surprisal of the validation piece's first {SURPRISAL_SECONDS} s (colour = "
+                "bits per note: dark expected, yellow surprising)",
+                out / "surprisal" / f"{SURPRISAL_PIECE}.png"),
                *[(f"Evaluation piano rolls: {name}", evaluation / f"piano_rolls_{name}.png")
                  for name in ("reference", "trained", "untrained")]])
 
@@ -367,13 +367,19 @@ def run_demo(options: DemoOptions) -> pathlib.Path:
 
   _stage(f"2/6 training {config.train.num_steps} steps (resumes from {out / 'train'})")
   workdir = out / "train"
-  train.train_and_evaluate(config, str(workdir))
+  train.train_and_evaluate(config, str(workdir),
+                           evaluators=music.evaluators(config, str(workdir)))
   trained = validation_lib.evaluate(config, str(workdir))
   validation = {"untrained": untrained_validation_metrics(config),
                 "token_frequency": token_frequency_metrics(config), "trained": trained}
   plot_training_curve(workdir, out / "training_curve.png")
   print("validation NLL: " + ", ".join(f"{label} {validation[key]['nll']:.3f}"
                                        for key, label in NLL_ROWS) + " nats/token")
+  validation_piece = out / "maestro_v3" / "2018" / "Maestro_9.mid"
+  surprisal = score.score_opening(str(workdir), validation_piece, SURPRISAL_SECONDS,
+                                  out / "surprisal", SURPRISAL_PIECE)
+  print(f"surprisal of the validation piece's first {SURPRISAL_SECONDS} s: "
+        f"{surprisal['bits_per_second']:.0f} bits/s ({out / 'surprisal'})")
 
   _stage("3/6 sampling")
   samples = out / "samples"
@@ -384,7 +390,6 @@ def run_demo(options: DemoOptions) -> pathlib.Path:
       seed=options.seed))
   sampling.sample_to_dir(model, config, settings, samples / "trained", checkpoint_step=step,
                          checkpoint_path=str(workdir))
-  validation_piece = out / "maestro_v3" / "2018" / "Maestro_9.mid"
   sampling.sample_to_dir(
       model, config, dataclasses.replace(settings, num_samples=1, batch_size=1,
                                          primer=str(validation_piece),

@@ -45,6 +45,7 @@ from perceivers_jax.experiments import demo
 from perceivers_jax.sampling import sampling
 from perceivers_jax.training import validation
 from perceivers_jax.training import train
+from perceivers_jax.watch import music
 
 MODELS = ("perceiver_ar", "effective_segmentation", "perceivers")
 LABELS = {"perceiver_ar": "Perceiver AR", "effective_segmentation": "Effective Segmentation",
@@ -125,7 +126,8 @@ def run_stage(config: ml_collections.ConfigDict, settings: sampling.SampleSettin
   if metrics is None or metrics["step"] != config.train.num_steps:
     # Training ends with the validation of its last step, the checkpoint `evaluate` reads;
     # a run already trained to the end (interrupted before eval.json) returns {}.
-    metrics = (train.train_and_evaluate(config, str(workdir))
+    metrics = (train.train_and_evaluate(config, str(workdir),
+                                        evaluators=music.evaluators(config, str(workdir)))
                or validation.evaluate(config, str(workdir)))
     metrics = {"step": config.train.num_steps, **metrics}
     _write_json(eval_path, metrics)

@@ -1,7 +1,8 @@
 """A sampling job's output directory, shared by every host of the job and by its reruns.
 
-Files: per sample i, sample_{i:04d}.npy / .mid / .json, each written atomically (a temporary
-name renamed into place) and the .json sidecar last, so a sidecar means a complete sample;
+Files: per sample i, sample_{i:04d}.npy / .mid / .png / .json, each written atomically (a
+temporary name renamed into place; `write_sample_files`) and the .json sidecar last, so a
+sidecar means a complete sample;
 run.json, the job's settings, which a rerun must repeat; samples.jsonl, the manifest (one line
 per sample), rebuilt from the sidecars by process 0 at the end of every run.
 
@@ -23,6 +24,9 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
+
+from perceivers_jax.data import piano_roll
+from perceivers_jax.data import tokens
 
 RUN_FILE = "run.json"
 MANIFEST = "samples.jsonl"
@@ -150,3 +154,39 @@ def finish(out: pathlib.Path, generated: Sequence[int], seconds: float) -> str |
           f"{jax.process_count()} process(es) x {jax.local_device_count()} device(s): "
           f"{rate(len(new)):.2f} samples/s, {rate(new_tokens):.0f} tokens/s; "
           f"{len(entries)} samples in {out / MANIFEST}")
+
+
+def _trim(prompt_P: np.ndarray, generated_T: np.ndarray) -> tuple[np.ndarray, bool]:
+  """prompt + generated tokens up to and including EOS (or all); whether EOS was reached."""
+  eos = np.flatnonzero(generated_T == tokens.EOS_ID)
+  end = eos[0] + 1 if eos.size else len(generated_T)
+  return np.concatenate([prompt_P, generated_T[:end]]).astype(np.int32), bool(eos.size)
+
+
+def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
+  with open(path, "wb") as f:  # a file object: np.save would append .npy to the name.
+    np.save(f, array)
+
+
+def write_sample_files(stem: pathlib.Path, prompt_P: np.ndarray, generated_T: np.ndarray, *,
+                       max_note_seconds: float, sidecar: dict[str, Any]) -> dict[str, Any]:
+  """Writes a sample's .npy (prompt + generated tokens up to EOS), .mid, .png (its piano roll,
+  the prompt shaded), then, completing it, the .json `sidecar` with the token counts, duration
+  and whether EOS was reached added; each file atomically. Returns the sidecar."""
+  sequence, eos_reached = _trim(prompt_P, generated_T)
+  atomic_write(stem.with_suffix(".npy"), lambda path: _save_npy(path, sequence))
+  # The MIDI holds the notes as the tokeniser reads them: re-encoding first resolves
+  # same-pitch overlaps (common in samples), whose NOTE_OFFs a MIDI reader would pair otherwise.
+  notes = tokens.tokens_to_note_sequence(sequence, max_note_seconds)
+  atomic_write(stem.with_suffix(".mid"), lambda path: tokens.tokens_to_midi_file(
+      tokens.note_sequence_to_tokens(notes), path))
+  atomic_write(stem.with_suffix(".png"), lambda path: piano_roll.write(
+      notes, path, title=stem.name, primer_seconds=tokens.tokens_duration_seconds(prompt_P)))
+  sidecar = dict(sidecar, num_tokens=int(len(sequence)),
+                 num_generated=int(len(sequence) - len(prompt_P)),
+                 prompt_tokens=int(len(prompt_P)),
+                 duration_seconds=tokens.tokens_duration_seconds(sequence),
+                 eos_reached=eos_reached)
+  atomic_write(stem.with_suffix(".json"), lambda path: path.write_text(
+      json.dumps(sidecar, indent=2, sort_keys=True), encoding="utf-8"))
+  return sidecar

@@ -8,9 +8,11 @@ its audio and piano roll when they sit beside it. Links are relative and the
 page loads nothing else, so it works straight from the file system (file://), copied
 or zipped with its folder. A small inline script marks every image and audio element
 `data-status="ok"` once it has loaded and `"broken"` (with a visible note) if its file is
-missing or unreadable; the browser test reads those marks.
+missing or unreadable; the browser test reads those marks. `write_comparison_page` sets
+samples side by side (`comparison_page`: the music evaluator's same seed at every checkpoint).
 """
 
+import dataclasses
 import html
 import json
 import os
@@ -31,6 +33,12 @@ code { font-size: 0.8em; background: #f4f4f4; display: block; padding: 0.4em;
        white-space: pre-wrap; word-break: break-all; }
 .broken { color: #b00; font-weight: bold; }
 audio { width: 100%; }
+body.wide { max-width: none; margin: 1.5em; }
+.compare { overflow-x: auto; } .compare table { border-collapse: collapse; }
+.compare td, .compare th { border: 1px solid #ccc; padding: 0.3em; vertical-align: top;
+                           font-size: 0.85em; }
+.compare td { min-width: 300px; }
+.compare img { max-width: 300px; display: block; }
 """
 
 # Marks each <img>/<audio> as loaded or broken (no network, nothing fetched but the files).
@@ -109,6 +117,13 @@ def _sample_card(sidecar_path: pathlib.Path, page_dir: pathlib.Path) -> str:
   return "\n".join(parts)
 
 
+def _page(title: str, body: Sequence[str], *, wide: bool = False) -> str:
+  return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+          f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n"
+          f"<body{' class=wide' if wide else ''}>\n"
+          + "\n".join(body) + f"\n<script>{_SCRIPT}</script>\n</body></html>\n")
+
+
 def write_page(path: str | os.PathLike, title: str, *,
                sections: Sequence[tuple[str, str | os.PathLike]] = (),
                figures: Sequence[tuple[str, str | os.PathLike]] = (),
@@ -147,11 +162,43 @@ def write_page(path: str | os.PathLike, title: str, *,
       body.append(f"<div class='figure'><h2>{html.escape(caption)}</h2>"
                   f"<img src='{_href(pathlib.Path(image), page_dir)}' "
                   f"alt='{html.escape(caption)}'></div>")
-  page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-          f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n<body>\n"
-          + "\n".join(body) + f"\n<script>{_SCRIPT}</script>\n</body></html>\n")
-  path.write_text(page, encoding="utf-8")
+  path.write_text(_page(title, body), encoding="utf-8")
   return path
+
+
+@dataclasses.dataclass(frozen=True)
+class ComparisonCell:
+  """One sample on a comparison page: its files' stem relative to the page (e.g.
+  "200/unconditional/sample_0003"), whether a .wav sits beside its .png/.mid, a facts line."""
+  stem: str
+  has_wav: bool
+  facts: str
+
+
+def _comparison_cell(cell: ComparisonCell | None) -> str:
+  if cell is None:
+    return "<td>(none)</td>"
+  stem = parse.quote(cell.stem)
+  audio = (f"<audio controls preload='metadata' src='{html.escape(stem)}.wav'></audio>"
+           if cell.has_wav else "")
+  return (f"<td>{audio}<img src='{html.escape(stem)}.png' alt='piano roll of "
+          f"{html.escape(cell.stem)}'>{html.escape(cell.facts)} · "
+          f"<a href='{html.escape(stem)}.mid'>MIDI</a></td>")
+
+
+def comparison_page(title: str, columns: Sequence[str],
+                    rows: Sequence[tuple[str, Sequence[ComparisonCell | None]]], *,
+                    intro: str = "") -> str:
+  """The HTML of a page setting samples side by side: one column per label of `columns` (e.g.
+  a checkpoint), one row per (heading, a cell per column, None where missing), e.g. the same
+  seed at every checkpoint. Built from the cells alone (no file is read), so it can be written
+  anywhere, a bucket included."""
+  head = "".join(f"<th>{html.escape(label)}</th>" for label in columns)
+  body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>" if intro else "",
+          f"<div class='compare'><table><tr><th></th>{head}</tr>"]
+  body += [f"<tr><th>{html.escape(heading)}</th>" + "".join(map(_comparison_cell, cells))
+           + "</tr>" for heading, cells in rows]
+  return _page(title, body + ["</table></div>"], wide=True)
 
 
 def write_folder_page(folder: str | os.PathLike) -> pathlib.Path:

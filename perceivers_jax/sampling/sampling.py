@@ -35,15 +35,16 @@ from typing import Any, Sequence
 
 from flax import nnx
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
 
-from perceivers_jax.data import piano_roll
 from perceivers_jax.data import tokens
 from perceivers_jax.model import perceivers as model_lib
 from perceivers_jax.parallel import mesh as mesh_lib
+from perceivers_jax.runtime import traces
 from perceivers_jax.sampling import decode
 from perceivers_jax.sampling import next_token
 from perceivers_jax.sampling import job
@@ -52,6 +53,7 @@ from perceivers_jax.sampling.job import SamplingError
 from perceivers_jax.state import model_state
 
 CONFIG_FILE = model_state.CONFIG_FILE
+PROFILE_DIR = "profile"  # under the output directory: traces of --profile_steps
 EXPORT_MANIFEST = model_state.MANIFEST  # marks a `perceivers-export` directory.
 DATA_AXIS = "data"
 
@@ -221,17 +223,29 @@ def load_model(path: str | os.PathLike, step: int | None = None, *,
   """
   workdir, step = resolve_path(os.fspath(path), step)
   config = read_config(workdir, attention_impl)
-  is_export = os.path.isfile(os.path.join(workdir, EXPORT_MANIFEST))
-  if is_export:
-    step = _exported_step(workdir, step)
-  else:
-    step = model_state.saved_step(workdir, config, step)
+  step = checkpoint_step(workdir, config, step)
   model = _model_state(config, mesh)
-  if is_export:
-    _, params, _ = model_state.load_exported(workdir, model.abstract_params)
-  else:
-    params = model_state.restore_params(workdir, step, model.abstract_params)
+  params = restore_params(workdir, step, model.abstract_params)
   return model.merge(params, model.init_rest()), config, step
+
+
+def _is_export(workdir: str) -> bool:
+  return os.path.isfile(os.path.join(workdir, EXPORT_MANIFEST))
+
+
+def checkpoint_step(workdir: str, config: ml_collections.ConfigDict, step: int | None) -> int:
+  """The step `load_model` reads from a `resolve_path` directory (default: the latest)."""
+  if _is_export(workdir):
+    return _exported_step(workdir, step)
+  return model_state.saved_step(workdir, config, step)
+
+
+def restore_params(workdir: str, step: int, abstract_params: Any) -> Any:
+  """The parameters (only) of checkpoint `step` of a `resolve_path` directory (a training
+  workdir or an export), in the shardings and dtypes of `abstract_params`."""
+  if _is_export(workdir):
+    return model_state.load_exported(workdir, abstract_params)[1]
+  return model_state.restore_params(workdir, step, abstract_params)
 
 
 def _exported_step(path: str, step: int | None) -> int:
@@ -270,17 +284,14 @@ def _rows_here(tokens_BT: jax.Array) -> tuple[np.ndarray, np.ndarray]:
   return np.array(order, np.int64), np.stack([rows[row] for row in order])
 
 
-def generate_rows(model: model_lib.PerceiverS, prompt_P: np.ndarray, keys_B: jax.Array, *,
-                  num_tokens: int, sampling: next_token.SamplingConfig
-                  ) -> tuple[np.ndarray, np.ndarray, int]:
-  """Continues `prompt_P` once per key, over every device of every process of the model's mesh.
-
-  Returns the rows this process holds, (row indices R, tokens int32[R, num_tokens]), and the
-  steps run. A row is PAD after its EOS; the loop stops early once every row has ended. The
-  rows are padded (copies) to a multiple of the mesh's data axis; padding is not returned.
-  """
+def _generate_global(model: model_lib.PerceiverS, prompt: np.ndarray, keys_B: jax.Array, *,
+                     num_tokens: int, sampling: next_token.SamplingConfig
+                     ) -> tuple[jax.Array, int]:
+  """(tokens [B', num_tokens], steps run): the rows of `generate_rows` as one global array,
+  B' >= B rows (padding copies at the end)."""
   batch = keys_B.shape[0]
-  prompt_BP = np.broadcast_to(np.asarray(prompt_P, np.int32), (batch, len(prompt_P)))
+  prompt = np.asarray(prompt, np.int32)
+  prompt_BP = prompt if prompt.ndim == 2 else np.broadcast_to(prompt, (batch, len(prompt)))
   mesh = _model_mesh(nnx.state(model))
   if mesh is not None:
     pad = -batch % mesh.shape[DATA_AXIS]  # rows copied so that every device gets as many.
@@ -294,19 +305,35 @@ def generate_rows(model: model_lib.PerceiverS, prompt_P: np.ndarray, keys_B: jax
         impl=jax.random.key_impl(keys_B))
   out = decode.generate(model, prompt_BP, num_steps=num_tokens, keys_B=keys_B,
                         sampling=sampling, mesh=mesh, batch_axis=DATA_AXIS)
-  rows_R, tokens_RT = _rows_here(out["tokens"])
-  real_R = rows_R < batch
-  return rows_R[real_R], tokens_RT[real_R], int(out["num_steps"])
+  return out["tokens"], int(out["num_steps"])
 
 
-def generate(model: model_lib.PerceiverS, prompt_P: np.ndarray, keys_B: jax.Array, *,
+def generate_rows(model: model_lib.PerceiverS, prompt: np.ndarray, keys_B: jax.Array, *,
+                  num_tokens: int, sampling: next_token.SamplingConfig
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+  """Continues the prompt once per key, over every device of every process of the model's mesh.
+
+  `prompt`: int32[P], the same for every row, or [B, P], one per row (left-padded with PAD).
+  Returns the rows this process holds, (row indices R, tokens int32[R, num_tokens]), and the
+  steps run. A row is PAD after its EOS; the loop stops early once every row has ended. The
+  rows are padded (copies) to a multiple of the mesh's data axis; padding is not returned.
+  """
+  tokens_BT, steps = _generate_global(model, prompt, keys_B, num_tokens=num_tokens,
+                                      sampling=sampling)
+  rows_R, tokens_RT = _rows_here(tokens_BT)
+  real_R = rows_R < keys_B.shape[0]
+  return rows_R[real_R], tokens_RT[real_R], steps
+
+
+def generate(model: model_lib.PerceiverS, prompt: np.ndarray, keys_B: jax.Array, *,
              num_tokens: int, sampling: next_token.SamplingConfig) -> tuple[np.ndarray, int]:
-  """`generate_rows` in one process, which holds every row: (tokens int32[B, T], steps run)."""
-  rows_R, tokens_RT, steps = generate_rows(model, prompt_P, keys_B, num_tokens=num_tokens,
-                                           sampling=sampling)
-  if len(rows_R) != keys_B.shape[0]:
-    raise ValueError("generate: the rows are spread over processes; use generate_rows.")
-  return tokens_RT, steps
+  """`generate_rows` with every row on every process, each host having sampled its own rows
+  (gathered from all hosts): (tokens int32[B, T], steps run)."""
+  tokens_BT, steps = _generate_global(model, prompt, keys_B, num_tokens=num_tokens,
+                                      sampling=sampling)
+  if jax.process_count() > 1:
+    tokens_BT = multihost_utils.process_allgather(tokens_BT, tiled=True)
+  return np.asarray(tokens_BT)[:keys_B.shape[0]], steps
 
 
 def batch_plan(sample_indices: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -325,17 +352,11 @@ def batch_plan(sample_indices: Sequence[int], batch_size: int) -> list[list[int]
   return plan
 
 
-def _trim(prompt_P: np.ndarray, generated_T: np.ndarray) -> tuple[np.ndarray, bool]:
-  """prompt + generated tokens up to and including EOS (or all); whether EOS was reached."""
-  eos = np.flatnonzero(generated_T == tokens.EOS_ID)
-  end = eos[0] + 1 if eos.size else len(generated_T)
-  return np.concatenate([prompt_P, generated_T[:end]]).astype(np.int32), bool(eos.size)
-
-
 def sample_to_dir(model: model_lib.PerceiverS, config: ml_collections.ConfigDict,
                   settings: SampleSettings, output_dir: str | os.PathLike, *,
                   checkpoint_step: int, checkpoint_path: str,
-                  sample_indices: Sequence[int] | None = None) -> list[dict[str, Any]]:
+                  sample_indices: Sequence[int] | None = None,
+                  profile_steps: Sequence[int] = ()) -> list[dict[str, Any]]:
   """Generates the samples (all, or only `sample_indices`) not yet in `output_dir`.
 
   Every process of a multi-host job calls this alike; each writes the samples of the rows
@@ -343,7 +364,10 @@ def sample_to_dir(model: model_lib.PerceiverS, config: ml_collections.ConfigDict
   skipped, so rerunning a killed job completes it (`--batch_size` may change: tokens do not
   depend on it; every other setting must repeat the first run's). Process 0 shows the
   progress, then rebuilds samples.jsonl and prints the job's samples/s and tokens/s.
+  `profile_steps`: batches of this run (1 = the first, which compiles and is not traced) whose
+  profiler trace goes to `output_dir`/profile (`runtime/traces.py`).
   """
+  profile_steps = traces.check_steps(profile_steps, "--profile_steps")
   prompt_P = check_settings(settings, config.model, sample_indices)
   run = dict(settings.flag_values(), checkpoint_path=checkpoint_path,
              checkpoint_step=checkpoint_step)
@@ -353,16 +377,23 @@ def sample_to_dir(model: model_lib.PerceiverS, config: ml_collections.ConfigDict
   missing = job.missing_samples(out, wanted)
   progress = job.Progress(total=len(wanted), done=len(wanted) - len(missing))
   sidecars = []
-  for slots in batch_plan(missing, settings.batch_size):
-    rows_R, generated_RT, _ = generate_rows(model, prompt_P, sample_keys(settings.seed, slots),
-                                            num_tokens=settings.num_tokens,
-                                            sampling=settings.sampling)
+  tracer = traces.StepTracer(str(out / PROFILE_DIR), profile_steps, first_step=1,
+                             name="sampling batch")
+  plan = batch_plan(missing, settings.batch_size)
+  for batch_number, slots in enumerate(plan, start=1):
+    with tracer.step(batch_number):
+      rows_R, generated_RT, _ = generate_rows(model, prompt_P,
+                                              sample_keys(settings.seed, slots),
+                                              num_tokens=settings.num_tokens,
+                                              sampling=settings.sampling)
+    tracer.after(batch_number, generated_RT)
     for slot, generated_T in zip(rows_R, generated_RT):
       index = slots[slot]
       if index % settings.batch_size == slot:  # other slots hold padding copies.
         sidecars.append(_write_sample(out, index, int(slot), prompt_P, generated_T, settings,
                                       checkpoint_step, checkpoint_path))
     progress.advance(len(set(slots)))
+  tracer.close(len(plan))
   end_line = job.finish(out, missing, progress.close())
   if jax.process_index() == 0:
     listening_page.write_folder_page(out)
@@ -371,46 +402,24 @@ def sample_to_dir(model: model_lib.PerceiverS, config: ml_collections.ConfigDict
   return sidecars
 
 
-def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
-  with open(path, "wb") as f:  # a file object: np.save would append .npy to the name.
-    np.save(f, array)
-
-
 def _write_sample(out: pathlib.Path, index: int, slot: int, prompt_P: np.ndarray,
                   generated_T: np.ndarray, settings: SampleSettings, checkpoint_step: int,
                   checkpoint_path: str) -> dict[str, Any]:
-  """Writes sample `index`'s .npy, .mid, .png, then (completing it) .json, each atomically."""
-  sequence, eos_reached = _trim(prompt_P, generated_T)
-  stem = job.stem(out, index)
-  job.atomic_write(stem.with_suffix(".npy"), lambda path: _save_npy(path, sequence))
-  # The MIDI holds the notes as the tokeniser reads them: re-encoding first resolves
-  # same-pitch overlaps (common in samples), whose NOTE_OFFs a MIDI reader would pair otherwise.
-  notes = tokens.tokens_to_note_sequence(sequence, settings.max_note_seconds)
-  job.atomic_write(stem.with_suffix(".mid"), lambda path: tokens.tokens_to_midi_file(
-      tokens.note_sequence_to_tokens(notes), path))
-  job.atomic_write(stem.with_suffix(".png"), lambda path: piano_roll.write(
-      notes, path, title=stem.name, primer_seconds=tokens.tokens_duration_seconds(prompt_P)))
-  sidecar = {
+  """Writes sample `index`'s files (`write_sample_files`) with its sidecar."""
+  return job.write_sample_files(job.stem(out, index), prompt_P, generated_T,
+                            max_note_seconds=settings.max_note_seconds, sidecar={
       "sample_index": index,
       "seed": settings.seed,
       "key": f"jax.random.fold_in(jax.random.key({settings.seed}), {index})",
       "batch_size": settings.batch_size,
       "batch_slot": slot,
       "settings": settings.flag_values(),
-      "num_tokens": int(len(sequence)),
-      "num_generated": int(len(sequence) - len(prompt_P)),
-      "prompt_tokens": int(len(prompt_P)),
-      "duration_seconds": tokens.tokens_duration_seconds(sequence),
-      "eos_reached": eos_reached,
       "checkpoint_step": checkpoint_step,
       "checkpoint_path": checkpoint_path,
       "primer": settings.primer,
       "primer_seconds": settings.primer_seconds,
       "regenerate": regenerate_command(settings, index, checkpoint_path, checkpoint_step),
-  }
-  job.atomic_write(stem.with_suffix(".json"), lambda path: path.write_text(
-      json.dumps(sidecar, indent=2, sort_keys=True), encoding="utf-8"))
-  return sidecar
+  })
 
 
 def regenerate_command(settings: SampleSettings, index: int, checkpoint_path: str,

@@ -1,4 +1,5 @@
-"""Training metrics to TensorBoard event files, `metrics.jsonl` and a readable log line.
+"""Training metrics to TensorBoard event files, `metrics.jsonl` and a readable log line
+(images and audio to TensorBoard only).
 
 TensorBoard files are written with tensorboardX, so TensorFlow is not needed. Only process 0
 writes; other hosts get a writer whose calls do nothing. `workdir` may be a local path or a
@@ -70,6 +71,17 @@ class MetricsWriter:
     record.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
+
+  def write_image(self, step: int, name: str, image_HWC: np.ndarray) -> None:
+    """An RGB uint8 image [H, W, 3] (a piano roll) in TensorBoard's images tab."""
+    if self._enabled:
+      self._tb.add_image(name, np.asarray(image_HWC), global_step=step, dataformats="HWC")
+
+  def write_audio(self, step: int, name: str, samples_T: np.ndarray, sample_rate: int) -> None:
+    """Mono audio (float samples in [-1, 1]) in TensorBoard's audio tab."""
+    if self._enabled:
+      self._tb.add_audio(name, np.asarray(samples_T, np.float32), global_step=step,
+                         sample_rate=sample_rate)
 
   def log_progress(self, step: int, num_steps: int, scalars: Mapping[str, Any]) -> str:
     """Logs and returns one readable line: `step 120/400 | loss 3.512 | ...`."""

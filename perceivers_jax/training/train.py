@@ -3,7 +3,10 @@
 `train_and_evaluate(config, workdir)` trains (resuming from the latest checkpoint in
 `workdir`, or fine-tuning from config.train.init_from while there is none), evaluates
 periodically on the validation split's sequential windows (`validation.py`, which also holds
-the one-off evaluation of a checkpoint) and saves on an interval and on preemption. The dry
+the one-off evaluation of a checkpoint), runs the periodic evaluators it is given (the music
+evaluator, built above training in perceivers_jax/watch/) and saves on an interval and on
+preemption. Around the loop (perceivers_jax/runtime/): jax's persistent compilation cache,
+profiler traces of config.profile.steps and the time account of the process. The dry
 run (sizes and compiled memory) is `dry_run.py`; FLOPs and MFU are `flops.py`.
 
 State layout (what the checkpoints hold): {"step": int32, "params": nested dict of arrays (the
@@ -31,7 +34,7 @@ update. The state also holds the loss-spike check's window of accepted losses (`
 import dataclasses
 import functools
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from absl import logging
 from etils import epath
@@ -48,6 +51,9 @@ from perceivers_jax.model import losses
 from perceivers_jax.model import param_groups
 from perceivers_jax.parallel import mesh as mesh_lib
 from perceivers_jax.parallel import partitioning
+from perceivers_jax.runtime import compilation_cache
+from perceivers_jax.runtime import time_account
+from perceivers_jax.runtime import traces
 from perceivers_jax.state import checkpointing
 from perceivers_jax.state import model_state
 from perceivers_jax.training import config_validation
@@ -313,41 +319,61 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       train_source: Any = None, eval_source: Any = None) -> dict[str, float]:
+                       train_source: Any = None, eval_source: Any = None,
+                       evaluators: Sequence[validation.PeriodicEvaluator] = ()) -> dict[str, float]:
   """Trains to config.train.num_steps, resuming from `workdir`; returns the last eval metrics.
 
   `train_source` / `eval_source` default to the TFDS splits of config.data; tests pass any
-  random-access sequence of {"tokens": int32 array}.
+  random-access sequence of {"tokens": int32 array}. `evaluators` run at their own intervals.
+  The time account goes to TensorBoard and metrics.jsonl (time/) and the last log line.
   """
-  trainer = build_trainer_for(config)
-  _write_config(config, workdir)
-  if train_source is None:
-    train_source = input_pipeline.open_data_source(config, config.data.train_split)
-  if eval_source is None:
-    eval_source = input_pipeline.open_data_source(config, config.data.eval_split)
-  validation_batches = validation.eval_batches(config, eval_source)
-  train_iter = input_pipeline.make_train_iterator(
-      config, train_source, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
+  cache = compilation_cache.settings(config, workdir)
+  profile_steps = traces.check_steps(config.get("profile", {}).get("steps", ()),
+                                     "config.profile.steps")
+  account = time_account.TimeAccount()
+  try:
+    with compilation_cache.enabled(*cache):
+      return _train(config, workdir, account, profile_steps, train_source, eval_source,
+                    evaluators)
+  finally:
+    account.close()
 
-  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), config.checkpoint,
-                                    clean_partial_saves=True)
-  latest = ckpt.latest_step()
-  if latest is None and config.train.get("init_from"):
-    state = trainer.state_from_params(pretrained_params(trainer, config.train.init_from))
-    rest = trainer.init_rest()
-  elif latest is None:
-    state, rest = trainer.init_fn()
-  else:
-    state = _resume(ckpt, latest, trainer, train_iter)
-    rest = trainer.init_rest()
-    logging.info("Resuming from step %d.", latest)
-  step = start_step = int(jax.device_get(state["step"]))
+
+def _train(config: ml_collections.ConfigDict, workdir: str, account: time_account.TimeAccount,
+           profile_steps: Sequence[int], train_source: Any, eval_source: Any,
+           evaluators: Sequence[validation.PeriodicEvaluator]) -> dict[str, float]:
+  with account.span("setup"):
+    trainer = build_trainer_for(config)
+    _write_config(config, workdir)
+    if train_source is None:
+      train_source = input_pipeline.open_data_source(config, config.data.train_split)
+    if eval_source is None:
+      eval_source = input_pipeline.open_data_source(config, config.data.eval_split)
+    validation_batches = validation.eval_batches(config, eval_source)
+    train_iter = input_pipeline.make_train_iterator(
+        config, train_source, seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+    ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), config.checkpoint,
+                                      clean_partial_saves=True)
+    latest = ckpt.latest_step()
+    if latest is None and config.train.get("init_from"):
+      state = trainer.state_from_params(pretrained_params(trainer, config.train.init_from))
+      rest = trainer.init_rest()
+    elif latest is None:
+      state, rest = trainer.init_fn()
+    else:
+      state = _resume(ckpt, latest, trainer, train_iter)
+      rest = trainer.init_rest()
+      logging.info("Resuming from step %d.", latest)
+    step = start_step = int(jax.device_get(state["step"]))
 
   # Steps after start_step that a killed run had logged are redone: their records are dropped.
   writer = metrics_writer.MetricsWriter(workdir, resume_step=start_step)
   watcher = checkpointing.PreemptionWatcher()
   guard = update_guard.UpdateGuard(config.train.on_bad_update, trainer.limits, ckpt)
+  tracer = traces.StepTracer(str(epath.Path(workdir) / "tensorboard"), profile_steps,
+                             first_step=start_step + 1, name="train")
   num_steps = config.train.num_steps
   peak = flops.peak_flops_per_device(config)
   if jax.process_index() == 0:
@@ -359,18 +385,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   interval_start, interval_steps = time.perf_counter(), 0
   try:
     while step < num_steps:
-      batch = input_pipeline.to_global_arrays(next(train_iter), trainer.batch_sharding)
-      state, metrics = trainer.train_step(state, rest, batch)
-      step += 1
-      interval_steps += 1
-      if step == start_step + 1:
-        jax.block_until_ready(metrics)  # Throughput excludes the first step's compilation.
-        interval_start, interval_steps = time.perf_counter(), 0
-      guard.after_step(step, metrics)
+      with account.span("data_wait"):
+        batch = input_pipeline.to_global_arrays(next(train_iter), trainer.batch_sharding)
+      with account.span("train_steps"):
+        with tracer.step(step + 1):
+          state, metrics = trainer.train_step(state, rest, batch)
+        step += 1
+        interval_steps += 1
+        guard.after_step(step, metrics)  # waits for the previous step.
+        if step == start_step + 1:
+          jax.block_until_ready(metrics)  # Throughput excludes the first step's compilation.
+          account.first_step_done()
+          interval_start, interval_steps = time.perf_counter(), 0
+        is_last = step == num_steps
+        run_eval = step % config.eval.every_steps == 0 or is_last
+        due = [e for e in evaluators if step % e.every_steps == 0 or is_last]
+        more_work = run_eval or bool(due) or ckpt.should_save(step)
+        if more_work or step % config.log_every_steps == 0:
+          guard.settle()  # waits for this step; "stop" raises before it is logged or saved.
+        tracer.after(step, metrics, more_work=more_work)
 
-      is_last = step == num_steps
       if step % config.log_every_steps == 0 or is_last:
-        guard.settle()
         scalars = jax.device_get(metrics)
         for key in ("rejected", "update_ratio", "loss_z"):  # the guard's, per step.
           del scalars[key]
@@ -383,26 +418,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             "loss", "accuracy", "grad_norm", "lr", "tokens_per_s") if k in scalars})
         interval_start, interval_steps = time.perf_counter(), 0
 
-      if step % config.eval.every_steps == 0 or is_last:
-        guard.settle()
-        eval_metrics = validation.run_evaluation(trainer, state["params"], rest,
-                                                 validation_batches)
+      if run_eval:
+        with account.span("evaluation"):
+          eval_metrics = validation.run_evaluation(trainer, state["params"], rest,
+                                                   validation_batches)
         writer.write_scalars(step, eval_metrics, prefix="eval/")
         writer.log_progress(step, num_steps, {f"eval_{k}": eval_metrics[k] for k in (
             "nll", "bits_per_token", "accuracy")})
+      for evaluator in due:
+        with account.span(evaluator.name):
+          scalars = evaluator.run(step, trainer.model.merge(state["params"], rest), writer)
+        writer.write_scalars(step, scalars, prefix=f"{evaluator.name}/")
+      if run_eval or due:
+        writer.write_scalars(step, account.summary(), prefix="time/")
         interval_start, interval_steps = time.perf_counter(), 0
 
       stop = watcher.should_stop(step)
       if is_last or stop or ckpt.should_save(step):
-        guard.settle()  # "stop" raises before a step after a rejected update is saved.
-        ckpt.save(step, state, train_iter, force=True)
+        with account.span("checkpoints"):
+          guard.settle()  # "stop" raises before a step after a rejected update is saved.
+          ckpt.save(step, state, train_iter, force=True)
       if stop:
         logging.warning("Preempted: saved step %d to %s; rerun the same command to resume.",
                         step, ckpt.directory)
         break
   finally:
-    ckpt.close()
+    tracer.close(step)
+    with account.span("checkpoints"):
+      ckpt.close()  # waits for an asynchronous save.
+    writer.write_scalars(step, account.summary(), prefix="time/")
     writer.close()
     watcher.close()
+    if jax.process_index() == 0:
+      logging.info("%s", account.line())
   return eval_metrics
-

@@ -3,7 +3,9 @@
 `make_eval_step` jits the summed losses of one batch for a model state (the Trainer holds
 one); `run_evaluation` runs it over this host's sequential validation windows
 (`eval_batches`); `evaluate(config, workdir)` is the one-off evaluation of a saved checkpoint
-(`perceivers-train --mode=eval`), which restores the parameters only.
+(`perceivers-train --mode=eval`), which restores the parameters only. `make_token_nll_step`
+and `token_nll` are the same pass per target (whole-piece surprisal, perceivers-score).
+`PeriodicEvaluator` is what the training loop runs besides this pass (the music evaluator).
 """
 
 import dataclasses
@@ -39,27 +41,73 @@ class Evaluator(Protocol):
   batch_sharding: NamedSharding
 
 
-def make_eval_step(model: model_state.ModelState, batch_sharding: NamedSharding) -> EvalStep:
-  """The jitted (params, rest, batch) -> summed NLL, accuracy, count and per-bucket NLL."""
+class PeriodicEvaluator(Protocol):
+  """Work the loop runs besides the validation pass, as big_vision's evaluators: the music
+  evaluator (perceivers_jax/watch/music.py) is one. Called on every host alike."""
+  name: str  # its TensorBoard prefix and time-account category
+  every_steps: int  # it runs at multiples of it and after the last step
+
+  def run(self, step: int, model: nnx.Module,
+          writer: metrics_writer.MetricsWriter) -> Mapping[str, float]:
+    """Evaluates `model` (the parameters of `step`); returns scalars (images and audio may go
+    to `writer` directly)."""
+
+
+def _window_step(model: model_state.ModelState, batch_sharding: NamedSharding,
+                 reduce: Callable[[dict[str, jax.Array]], dict[str, jax.Array]]) -> EvalStep:
+  """The jitted (params, rest, batch) -> `reduce` of the per-target losses of the windows."""
   num_latents = model.config.model.num_latents
 
-  def eval_step(params, rest, batch):
+  def window_step(params, rest, batch):
     logits_BNV = model.merge(params, rest)(batch["inputs"], batch["positions"],
                                            deterministic=True)
-    per = losses.token_losses(logits_BNV, batch, num_latents, 0.0)
-    out = losses.sum_losses(per)
-    del out["z_loss"]
-    positions_BN = per["positions_BN"]  # -1 where there is no target.
-    for low, high in zip(POSITION_BUCKETS[:-1], POSITION_BUCKETS[1:]):
-      in_bucket_BN = (positions_BN >= low) & (positions_BN < high)
-      out[f"bucket_{low}_nll"] = jnp.where(in_bucket_BN, per["nll_BN"], 0.0).sum()
-      out[f"bucket_{low}_count"] = in_bucket_BN.sum().astype(jnp.float32)
-    return out
+    return reduce(losses.token_losses(logits_BNV, batch, num_latents, 0.0))
 
-  jitted = jax.jit(eval_step,
+  jitted = jax.jit(window_step,
                    in_shardings=(model.param_shardings, model.rest_shardings, batch_sharding),
                    out_shardings=NamedSharding(model.mesh, PartitionSpec()))
   return partitioning.InMesh(jitted, model.mesh, tuple(model.config.logical_axis_rules))
+
+
+def _summed(per: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Summed NLL, accuracy and count, and the NLL per target-position bucket."""
+  out = losses.sum_losses(per)
+  del out["z_loss"]
+  positions_BN = per["positions_BN"]  # -1 where there is no target.
+  for low, high in zip(POSITION_BUCKETS[:-1], POSITION_BUCKETS[1:]):
+    in_bucket_BN = (positions_BN >= low) & (positions_BN < high)
+    out[f"bucket_{low}_nll"] = jnp.where(in_bucket_BN, per["nll_BN"], 0.0).sum()
+    out[f"bucket_{low}_count"] = in_bucket_BN.sum().astype(jnp.float32)
+  return out
+
+
+def make_eval_step(model: model_state.ModelState, batch_sharding: NamedSharding) -> EvalStep:
+  """The jitted (params, rest, batch) -> summed NLL, accuracy, count and per-bucket NLL."""
+  return _window_step(model, batch_sharding, _summed)
+
+
+def make_token_nll_step(model: model_state.ModelState,
+                        batch_sharding: NamedSharding) -> EvalStep:
+  """The jitted (params, rest, batch) -> per target nll_BN and positions_BN (-1: none)."""
+  return _window_step(model, batch_sharding, lambda per: {
+      "nll_BN": per["nll_BN"], "positions_BN": per["positions_BN"]})
+
+
+def token_nll(token_nll_step: EvalStep, batch_sharding: NamedSharding, params: Any,
+              rest: nnx.State, batches: Iterable[Mapping[str, np.ndarray]]
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """(target positions, NLL in nats) of every target of `batches`, by position: over the
+  sequential windows of one piece (one process), each of its tokens after SOS once."""
+  positions, nlls = [], []
+  for local in batches:
+    out = jax.device_get(token_nll_step(params, rest,
+                                        input_pipeline.to_global_arrays(local, batch_sharding)))
+    has_target = out["positions_BN"] >= 0
+    positions.append(out["positions_BN"][has_target])
+    nlls.append(out["nll_BN"][has_target])
+  positions_T, nll_T = np.concatenate(positions), np.concatenate(nlls)
+  order = np.argsort(positions_T, kind="stable")
+  return positions_T[order], nll_T[order]
 
 
 def run_evaluation(evaluator: Evaluator, params: Any, rest: nnx.State,
