@@ -153,7 +153,7 @@ def test_score_equals_the_validation_nll_of_the_same_tokens(resumed_runs, tmp_pa
 
 
 def test_bad_music_or_profile_settings_fail_before_any_work(tmp_path):
-  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.configs import tiny  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.eval.music.update(dict(every_evals=1, num_reference=1))
   with pytest.raises(config_base.ConfigError, match=r"config.eval.music.num_reference=1: .*>= 2"):
