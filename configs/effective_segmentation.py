@@ -18,7 +18,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Effective Segmentation with a single full-context cross-attention, paper size."""
   if arg:
     raise ValueError(f"configs/effective_segmentation.py has no variants (got {arg!r}).")
-  config = config_base.base_config()
-  config.model.cross_attention_scales = (config_base.FULL_CONTEXT,)
-  config.data.windows = "effective"
-  return config
+  return config_base.paper_model(config_base.base_config(), "effective_segmentation")

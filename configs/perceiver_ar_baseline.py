@@ -18,7 +18,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Perceiver AR baseline at paper size."""
   if arg:
     raise ValueError(f"configs/perceiver_ar_baseline.py has no variants (got {arg!r}).")
-  config = config_base.base_config()
-  config.model.cross_attention_scales = (config_base.FULL_CONTEXT,)
-  config.data.windows = "baseline"
-  return config
+  return config_base.paper_model(config_base.base_config(), "perceiver_ar")

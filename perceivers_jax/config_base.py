@@ -4,6 +4,8 @@ Each `configs/*.py` starts from `base_config()` and changes what its experiment 
 as big_vision's configs start from `big_vision.configs.common`.
 """
 
+import copy
+
 import ml_collections
 
 
@@ -21,6 +23,17 @@ def fail(field: str, value, why: str) -> None:
 
 # 0 in `cross_attention_scales` means "full context" (ml_collections lists cannot hold None).
 FULL_CONTEXT = 0
+
+# The paper's three models, then two controls that separate Multi-Scale from its confounds
+# (README "Results"). Each differs from PerceiverS (effective windows, cascade [full, W]) in:
+PAPER_MODELS = {
+    "perceiver_ar": "baseline windows, one full cross-attention (Perceiver AR as published)",
+    "effective_segmentation": "effective windows, one full cross-attention",
+    "perceivers": "effective windows, Multi-Scale cascade [full, W] (PerceiverS)",
+    # PerceiverS's parameter count and depth, no short scale: depth without Multi-Scale.
+    "effective_two_full": "effective windows, cascade [full, full]",
+    "perceivers_sum": "effective windows, [full, W] summed instead of cascaded",
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -113,6 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
       every_steps=5_000,
       batch_size=8,
       max_batches=0,  # 0: the whole split's sequential windows.
+      max_targets_per_piece=0,  # >0: only each piece's first targets (positions 1..max).
   ))
 
   config.checkpoint = ml_collections.ConfigDict(dict(
@@ -137,3 +151,27 @@ def base_config() -> ml_collections.ConfigDict:
       ("layers", None),
   )
   return config
+
+
+def paper_model(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """A copy of `config`, a PerceiverS config (scales [full, W]), made into model `name` of
+  PAPER_MODELS; everything else (sizes, training, data) stays, so the models differ only where
+  PAPER_MODELS says."""
+  if name not in PAPER_MODELS:
+    raise ConfigError(f"model {name!r}: not one of {', '.join(PAPER_MODELS)}")
+  scales = tuple(config.model.cross_attention_scales)
+  if (len(scales) != 2 or scales[0] != FULL_CONTEXT or scales[1] == FULL_CONTEXT
+      or config.model.combine != "cascade" or config.data.windows != "effective"):
+    fail("model.cross_attention_scales", scales,
+         f"{name} is derived from a PerceiverS config (effective windows, cascade [full, W], "
+         "W > 0), e.g. configs/tiny.py or configs/perceivers.py")
+  model = copy.deepcopy(config)  # ConfigDict(config) would share the nested dicts.
+  if name in ("perceiver_ar", "effective_segmentation"):
+    model.model.cross_attention_scales = (FULL_CONTEXT,)
+  if name == "perceiver_ar":
+    model.data.windows = "baseline"
+  elif name == "effective_two_full":
+    model.model.cross_attention_scales = (FULL_CONTEXT, FULL_CONTEXT)
+  elif name == "perceivers_sum":
+    model.model.combine = "sum"
+  return model
