@@ -47,7 +47,8 @@ audio-tools:
 demo: fetch-data audio-tools
 	$(PY) -m perceivers_jax.cli.demo $(DEMO_FLAGS)
 
-# The paper's comparison of its three models at CPU size (about 25 minutes on 2 idle cores).
+# The paper's comparison (three models and the size-matched control, three folds) at CPU size
+# (about 30 minutes on 2 idle cores; BUILD.md section 9).
 reproduce: fetch-data
 	$(PY) -m perceivers_jax.cli.reproduce $(REPRODUCE_FLAGS)
 
