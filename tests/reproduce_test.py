@@ -165,40 +165,34 @@ def test_openings_are_the_first_seconds_of_samples_and_held_out_pieces(reproduce
     assert again["sets"][model]["oa_mean"] == reported["sets"][model]["oa_mean"]
 
 
-def test_rerun_skips_finished_stages_and_redoes_a_missing_evaluation(reproduce_run):
-  done, redo = _stage(reproduce_run, _MODELS[0], 0), _stage(reproduce_run, _MODELS[1], 0)
-  stamp = (done / "eval.json").stat().st_mtime_ns
-  sample_stamp = (done / "samples" / "sample_0000.npy").stat().st_mtime_ns
-  (redo / "eval.json").unlink()
-  log = redo / "train" / "metrics.jsonl"
-  lines_before = log.read_text().count("\n")
-  result = subprocess.run(_RUN + [f"--workdir={reproduce_run}"], capture_output=True, text=True)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert (done / "eval.json").stat().st_mtime_ns == stamp
-  assert (done / "samples" / "sample_0000.npy").stat().st_mtime_ns == sample_stamp
-  new_lines = log.read_text().splitlines()[lines_before:]
-  assert not any("train/loss" in line for line in new_lines)  # resumed at its last step
-  assert any("eval_once/nll" in line for line in new_lines)  # only the evaluation reran
-  assert json.loads((redo / "eval.json").read_text())["step"] == 10
-
-
-def test_a_stage_whose_config_changed_runs_again(reproduce_run, capsys):
-  """A finished stage is reused only with the config it was trained with."""
+def test_a_stage_is_skipped_when_done_resumed_when_cut_short_and_rerun_when_changed(
+    reproduce_run, capsys):
+  """What a rerun of the command does to each stage (run_reproduce calls run_stage for each)."""
   folder = _stage(reproduce_run, _MODELS[0], 1)
   config = sampling.read_config(folder / "train")
   settings = sampling.SampleSettings.from_flag_values(
       json.loads((folder / "samples.json").read_text())["sampled"]["settings"])
-  stamp = (folder / "eval.json").stat().st_mtime_ns
-  reproduce.run_stage(config, settings, folder)  # the same config: nothing to do
-  assert (folder / "eval.json").stat().st_mtime_ns == stamp
+  files = [folder / "eval.json", folder / "samples" / "sample_0000.npy"]
+  stamps = [f.stat().st_mtime_ns for f in files]
+  log = folder / "train" / "metrics.jsonl"
+  reproduce.run_stage(config, settings, folder)  # the same config, done: nothing to do
+  assert [f.stat().st_mtime_ns for f in files] == stamps
+
+  (folder / "eval.json").unlink()  # cut short after training
+  lines_before = log.read_text().count("\n")
+  reproduce.run_stage(config, settings, folder)
+  new_lines = log.read_text().splitlines()[lines_before:]
+  assert not any("train/loss" in line for line in new_lines)  # resumed at its last step
+  assert any("eval_once/nll" in line for line in new_lines)  # only the evaluation reran
+  assert files[1].stat().st_mtime_ns == stamps[1]
+
   config.train.learning_rate = 0.001  # as --config.train.learning_rate=0.001 would
   reproduce.run_stage(config, settings, folder)
   assert "config.train.learning_rate: 0.002 -> 0.001" in capsys.readouterr().out
-  assert (folder / "eval.json").stat().st_mtime_ns != stamp
   assert sampling.read_config(folder / "train").train.learning_rate == 0.001
-  records = [json.loads(line) for line in (folder / "train" / "metrics.jsonl").open()]
+  records = [json.loads(line) for line in log.open()]
   assert any("train/loss" in r for r in records)  # trained afresh, not resumed at step 10
-  assert len(list((folder / "samples").glob("*.npy"))) == 2
+  assert files[1].stat().st_mtime_ns != stamps[1]  # and sampled again
 
 
 def test_bad_models_flag_is_one_clear_line(tmp_path):
