@@ -22,8 +22,15 @@ $(VENV)/.installed: setup.py
 fetch-data: setup
 	$(PY) -m data_prep.fetch_maestro_samples
 
-test: fetch-data test-tools
+test: fetch-data test-tools $(VENV)/.libtpu
 	$(PY) -m pytest $(PYTEST_FLAGS) tests
+
+# libtpu beside the CPU jaxlib, pinned to the installed jax (what `.[tpu]` gives on a TPU VM):
+# it compiles for TPU topologies on this host (tests/tpu_compile_test.py; BUILD.md section
+# "Compiling for TPU topologies"). Installed once; the tests keep jax on the CPU backend.
+$(VENV)/.libtpu: $(VENV)/.installed
+	$(PY) -m pip install --quiet "jax[tpu]==$$($(PY) -c 'import jax; print(jax.__version__)')"
+	touch $@
 
 # Test tools (root + apt only; their tests skip with a message elsewhere): headless
 # Chromium opens the listening page, shellcheck checks the launchers.

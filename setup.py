@@ -26,7 +26,7 @@ REQUIRED = [
 setuptools.setup(
     name="perceivers-jax",
     version="0.1.0",
-    description=__doc__,
+    description=" ".join(__doc__.split()),  # one line: a summary holds no newline
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["perceivers_jax*", "data_prep*"]),
     install_requires=REQUIRED,
@@ -35,6 +35,8 @@ setuptools.setup(
         # Optional tf.data path; nothing else needs TensorFlow.
         "tf": ["tensorflow-cpu"],
         "gpu": ["jax[cuda12]"],
+        # TPU VMs; on any host also what compiles for TPU topologies (`make test` pins it to
+        # the installed jax: jax[tpu]==<jax.__version__>).
         "tpu": ["jax[tpu]"],
     },
     entry_points={

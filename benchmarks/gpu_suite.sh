@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite in one call (about 8 minutes on one H100/H200): cuDNN attention
-# correctness, then paper-size train steps and cached sampling. Writes JSON files into
-# $OUT (the device tool's output folder) or benchmarks/gpu_results/, and prints one table
-# row per benchmark.
+# correctness, then paper-size train steps at 1 and 8 windows per GPU over every GPU of the
+# host (the global batch is GPUs x k; figures also per GPU) and cached sampling on one GPU.
+# Writes JSON files into $OUT (the device tool's output folder) or benchmarks/gpu_results/,
+# and prints one table row per benchmark.
 #
 #   bash benchmarks/gpu_suite.sh                 # on a GPU machine with the package installed
 #

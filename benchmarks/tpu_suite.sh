@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The TPU benchmark suite in one call (a TPU VM, one host; the same figures as gpu_suite.sh):
-# attention kernels against the XLA reference, then paper-size train steps at batch 1 and 8
-# (attention_impl=auto: splash for both cross-attention scales and the latents in the train
-# step's forward; the cached sampler's chunked/XLA kernels) and cached sampling at batch 1
-# and 16. Writes JSON files into $OUT
-# or benchmarks/tpu_results/ and prints one table row per benchmark.
+# attention kernels against the XLA reference, then paper-size train steps at 1 and 8
+# windows per chip over every chip of the VM (the global batch is chips x k; figures also per
+# chip; attention_impl=auto: splash for both cross-attention scales and the latents in the
+# train step's forward; the cached sampler's chunked/XLA kernels) and cached sampling at
+# batch 1 and 16 on one chip. Writes JSON files into $OUT or benchmarks/tpu_results/ and
+# prints one table row per benchmark.
 #
 #   pip install -e '.[tpu,test]' && bash benchmarks/tpu_suite.sh
 #

@@ -2,7 +2,7 @@
 
 Builds the model sharded over all local devices (config.mesh), warms up (compilation), then
 times steps with device sync and reports medians. Tokens/s counts predicted slots (batch x N,
-as SPEC 6); TFLOP/s and MFU use 3 x forward matmul FLOPs per window
+as SPEC 6), over all chips and per chip; TFLOP/s and MFU use 3 x forward matmul FLOPs per window
 (`perceivers_jax.training.flops.train_flops_per_window`, every cross-attention layer included) and the
 device's peak (`flops.PEAK_TFLOPS`, or --peak_tflops). Batches are windows of random tokens
 with real window structure (left padding, positions), so masks and gathers are exercised.
@@ -131,6 +131,10 @@ def _result(v: dict) -> dict:
       "step_time_s": step_s,
       "step_time_s_all": times,
       "tokens_per_s": config.train.batch_size * config.model.num_latents / step_s,
+      # Each chip runs batch / chips windows (data x fsdp split the batch).
+      "batch_per_device": config.train.batch_size / jax.device_count(),
+      "tokens_per_s_per_device": (config.train.batch_size * config.model.num_latents / step_s
+                                  / jax.device_count()),
       "formula_flops_per_window": flops.train_flops_per_window(config.model),
       "compiled_flops_per_window": (v["compiled_flops_per_step"] / config.train.batch_size
                                     if v["compiled_flops_per_step"] else None),
@@ -159,9 +163,10 @@ def main(argv):
       if i >= _WARMUP.value:
         v["times"].append(elapsed)
   results = [_result(v) for v in variants]
-  print("| variant | device | L | N | batch | step ms | tokens/s | formula GFLOP/window | "
-        "compiled GFLOP/window | compiled peak MB | MFU |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| variant | device | L | N | batch | batch per chip | step ms | tokens/s | "
+        "tokens/s per chip | formula GFLOP/window | compiled GFLOP/window | compiled peak MB | "
+        "MFU |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in results:
     c = r["config"]
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
@@ -169,7 +174,8 @@ def main(argv):
                 else "n/a")
     peak_mb = f"{r['compiled_peak_bytes'] / 1e6:.0f}" if r["compiled_peak_bytes"] else "n/a"
     print(f"| {r['variant']} | {r['device']} x{r['num_devices']} | {c['L']} | {c['N']} | "
-          f"{c['batch_size']} | {1e3 * r['step_time_s']:.1f} | {r['tokens_per_s']:.0f} | "
+          f"{c['batch_size']} | {r['batch_per_device']:g} | {1e3 * r['step_time_s']:.1f} | "
+          f"{r['tokens_per_s']:.0f} | {r['tokens_per_s_per_device']:.0f} | "
           f"{r['formula_flops_per_window'] / 1e9:.1f} | {compiled} | {peak_mb} | {mfu} |")
   pathlib.Path(_OUTPUT.value).write_text(
       json.dumps(results if len(results) > 1 else results[0], indent=2) + "\n")

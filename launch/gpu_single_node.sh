@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Train on one GPU node (all its GPUs, one process; no jax.distributed needed).
 #
-# Usage:
+# Usage (an 8-GPU H100 / H200 node; the config's batches of 8, 1 window per GPU):
 #   launch/gpu_single_node.sh --config=configs/perceivers.py \
 #       --config.data.data_dir=$HOME/tfds --workdir=$HOME/runs/perceivers [more perceivers-train flags]
+# The batches (config.train.batch_size, config.eval.batch_size) are global and must split over
+# the GPUs (data x fsdp); perceivers-train checks this before it builds anything.
 #
 # Environment (optional):
 #   PERCEIVERS_VENV       virtualenv to use (default: <repo>/.venv, created with '.[gpu]' if missing).

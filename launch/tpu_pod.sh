@@ -6,10 +6,15 @@
 #   launch/tpu_pod.sh --name=NAME --zone=ZONE [--job=train|sample] [--accelerator=v5p-64]
 #       [--version=RUNTIME] [--project=PROJECT] [--create] [--spot] [--log_dir=DIR] -- FLAGS...
 #
-# Example (the paper's model on a v5p-64, data built beforehand into a GCS bucket):
+# Example (the paper's model on a v5p-64: 32 chips on 8 hosts; data built beforehand into a
+# GCS bucket):
 #   launch/tpu_pod.sh --name=perceivers --zone=us-east5-a --accelerator=v5p-64 --create -- \
 #     --config=configs/perceivers.py --config.data.data_dir=gs://BUCKET/tfds \
-#     --config.mesh.fsdp=-1 --config.mesh.data=1 --workdir=gs://BUCKET/runs/perceivers
+#     --config.mesh.fsdp=-1 --config.mesh.data=1 --config.train.batch_size=32 \
+#     --config.eval.batch_size=32 --workdir=gs://BUCKET/runs/perceivers
+# The batches are global: each must split over the chips that share it (data x fsdp, here
+# all 32; 1 window per chip to start, more while memory allows). perceivers-train checks
+# this on the workers before it builds anything and names the field to change.
 # Sampling 1,024 pieces from it (--batch_size is the global batch; --workdir and --output_dir
 # must be paths every worker sees, e.g. a gcsfuse mount of the bucket):
 #   launch/tpu_pod.sh --name=perceivers --zone=us-east5-a --job=sample -- \

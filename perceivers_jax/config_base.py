@@ -57,10 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
       rotary_fraction=0.5,
       max_wavelength=0,  # 0 -> max_length, as Perceiver AR.
       # auto | xla | cudnn | chunked | splash: a runtime choice (model/attention.py:
-      # resolve_impl); auto is cuDNN on GPU (bf16), splash on TPU for the forward over
-      # left-padded windows, else chunked above one chunk of keys and xla below (the decoder's
-      # cached calls never run splash and its one-query steps run xla; `splash` off a TPU is
-      # Pallas interpret mode, for tests).
+      # resolve_impl); auto is cuDNN on GPU (bf16, where cuDNN accepts the call), splash on
+      # TPU for the forward over left-padded windows, else chunked above one chunk of keys and
+      # xla below (the decoder's cached calls never run splash and its one-query steps run
+      # xla; `splash` off a TPU is Pallas interpret mode, for tests).
       attention_impl="auto",
       attention_chunk_size=1024,  # keys per step of the chunked kernel (memory ~ chunk)
       # Sliding scales key only the N + W - 1 inputs they can see (False: all L, masked).
@@ -137,8 +137,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.log_every_steps = 50
 
-  # Mesh axes and how logical axes map onto them (MaxText style). One axis may be -1.
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Mesh axes and how logical axes map onto them (MaxText style). data/fsdp/tensor split the
+  # devices of a slice, dcn_* the slices of a multi-slice job (one -1 per level; BUILD.md
+  # section 4). Defaults: data parallelism within and across slices.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
+                                               dcn_data=-1, dcn_fsdp=1, dcn_tensor=1))
   config.logical_axis_rules = (
       ("batch", ("data", "fsdp")),
       ("length", None),

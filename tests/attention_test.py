@@ -132,7 +132,8 @@ def test_xla_and_chunked_agree_and_padding_queries_are_zero():
 ])
 def test_auto_impl_per_backend(backend, dtype, kv_length, expected):
   resolve = lambda requested: attention.resolve_impl(
-      requested, backend=backend, dtype=dtype, kv_length=kv_length, chunk_size=4096)
+      requested, backend=backend, dtype=dtype, kv_length=kv_length, chunk_size=4096,
+      head_dim=64)
   assert resolve("auto") == expected
   # cudnn where it cannot run falls back to the backend's auto choice; others run as asked.
   assert resolve("cudnn") == expected
@@ -146,10 +147,91 @@ def test_auto_impl_per_backend(backend, dtype, kv_length, expected):
 def test_auto_runs_a_decoder_step_with_plain_xla_on_every_backend(backend, dtype):
   resolve = lambda requested: attention.resolve_impl(
       requested, backend=backend, dtype=dtype, kv_length=32768, chunk_size=1024, call="step",
-      num_queries=1)
+      num_queries=1, head_dim=64)
   assert resolve("auto") == "xla"  # one query: nothing to save, and no per-token cache copy
   assert resolve("splash") == "xla"
   assert resolve("chunked") == "chunked"  # an explicit kernel runs where it can
+
+
+@pytest.fixture
+def hopper_cudnn(monkeypatch):
+  """jax's own cuDNN shape rules (check_is_flash_attention) runnable here, as on an H100 with
+  cuDNN 9.10: the GPU queries they make are answered as such a machine would."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_rules  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(cudnn_rules, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(cudnn_rules, "check_compute_capability", lambda c: c <= "9.0")
+  monkeypatch.setattr(cudnn_rules, "is_cuda_compute_capability_equal", lambda c: c == "9.0")
+  monkeypatch.setattr(attention, "_cudnn_max_head_dim", lambda: 256)
+  return cudnn_rules
+
+
+def _jax_accepts(cudnn_rules, *, dtype, head_dim, num_queries, kv_length, training):
+  q = jax.ShapeDtypeStruct((2, num_queries, 4, head_dim), dtype)
+  kv = jax.ShapeDtypeStruct((2, kv_length, 4, head_dim), dtype)
+  try:
+    cudnn_rules.check_is_flash_attention(q, kv, kv, cudnn_rules.AttentionLayout.BTNH.value,
+                                         91000, True, training)
+  except NotImplementedError:
+    return False
+  return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)  # its dtype check comes earlier
+
+
+@pytest.mark.parametrize("num_queries, kv_length, head_dim, dtype", [
+    (1024, 2047, 64, jnp.bfloat16),  # the short scale's window before it was padded
+    (1024, 2048, 64, jnp.bfloat16),
+    (1023, 32768, 64, jnp.bfloat16),
+    (512, 1535, 64, jnp.float16),  # the decoder's reset over a short ring (inference)
+    (1024, 32768, 60, jnp.bfloat16),  # head dim not a multiple of 8
+    (1024, 32768, 256, jnp.bfloat16),
+    (1024, 32768, 264, jnp.bfloat16),
+    (1024, 32768, 64, jnp.float32),
+])
+def test_auto_gives_cudnn_only_calls_jax_cudnn_accepts(hopper_cudnn, num_queries, kv_length,
+                                                       head_dim, dtype):
+  for call, training in (("window", True), ("cached", False)):
+    accepted = _jax_accepts(hopper_cudnn, dtype=dtype, head_dim=head_dim,
+                            num_queries=num_queries, kv_length=kv_length, training=training)
+    choice = attention.resolve_impl("auto", backend="gpu", dtype=dtype, kv_length=kv_length,
+                                    chunk_size=1024, call=call, num_queries=num_queries,
+                                    head_dim=head_dim)
+    assert (choice == "cudnn") == accepted, (call, choice, accepted)
+    # Asked for explicitly, cudnn still never runs where jax would refuse it.
+    asked = attention.resolve_impl("cudnn", backend="gpu", dtype=dtype, kv_length=kv_length,
+                                   chunk_size=1024, call=call, num_queries=num_queries,
+                                   head_dim=head_dim)
+    assert asked == choice
+
+
+def test_paper_size_training_passes_jax_cudnn_rules_for_a_gpu(hopper_cudnn):
+  """The paper model built for a GPU: tracing its training step's gradient runs jax's cuDNN
+  checks on every window call (both cross-attention scales and the latent layers), as the
+  first step on an H100 would. The short scale's 2,047 keys failed them ("Unsupported
+  sequence length Q 1024, KV 2047")."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from perceivers_jax import config_base  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.model import perceivers  # pylint: disable=g-import-not-at-top
+  cfg = config_base.base_config().model
+  model = nnx.eval_shape(lambda: perceivers.PerceiverS(cfg, rngs=nnx.Rngs(0),
+                                                       left_padded_windows=True, backend="gpu"))
+  assert {layer.attention.window_impl for layer in model.cross_layers} == {"cudnn"}
+  assert model.latent_layers.attention.window_impl == "cudnn"
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  batch = jax.ShapeDtypeStruct((2, cfg.max_length), jnp.int32)
+
+  def loss(params, rest, inputs, positions):
+    fresh = lambda state: jax.tree.map(lambda x: x, state)  # Variables of this trace
+    model = nnx.merge(graphdef, fresh(params), fresh(rest))
+    return model(inputs, positions, deterministic=False).sum()
+
+  calls = []
+  check = hopper_cudnn.check_is_flash_attention
+  def counted(query, key, *args, **kwargs):
+    calls.append((query.shape[1], key.shape[1]))
+    return check(query, key, *args, **kwargs)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(hopper_cudnn, "check_is_flash_attention", counted)
+    jax.eval_shape(jax.grad(loss), params, rest, batch, batch)
+  assert {(1024, 32768), (1024, 2048), (1024, 1024)} <= set(calls)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
@@ -162,11 +244,16 @@ def test_cudnn_matches_xla_on_gpu():
   np.testing.assert_array_equal(cudnn[1, :2], 0.0)
 
 
+# Long enough that the short scale's key window, padded to whole kernel blocks, is shorter.
+_WINDOWED_L = 320
+
+
 def _windowed_and_full(**overrides):
   """The same parameters as a windowed model and a masked-full (windowed_scales=False) one."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from perceivers_jax.model import perceivers  # pylint: disable=g-import-not-at-top
   import tiny_model  # pylint: disable=g-import-not-at-top
+  overrides = dict(max_length=_WINDOWED_L, **overrides)
   windowed = tiny_model.make_model(tiny_model.tiny_model_config(**overrides))
   full = perceivers.PerceiverS(tiny_model.tiny_model_config(windowed_scales=False, **overrides),
                                rngs=nnx.Rngs(1))
@@ -178,13 +265,12 @@ def _mixed_windows():
   """Rows: a full window (positions from 300), left/right padded 40-token pieces, a 5-token
   piece (fewer than N) and a 20-token one (fewer than N + W - 1)."""
   import tiny_model  # pylint: disable=g-import-not-at-top
-  long_piece = tiny_model.piece(tiny_model.L, seed=1)
+  long_piece = tiny_model.piece(_WINDOWED_L, seed=1)
   short = tiny_model.piece(40, seed=2)
-  return tiny_model.batch([tiny_model.window(long_piece, 300),
-                           tiny_model.window(short, 7, side="left"),
-                           tiny_model.window(short, side="right"),
-                           tiny_model.window(short[:5], side="left"),
-                           tiny_model.window(short[:20], 3, side="left")])
+  window = lambda *a, **k: tiny_model.window(*a, length=_WINDOWED_L, **k)
+  return tiny_model.batch([window(long_piece, 300), window(short, 7, side="left"),
+                           window(short, side="right"), window(short[:5], side="left"),
+                           window(short[:20], 3, side="left")])
 
 
 @pytest.mark.parametrize("combine", ["cascade", "sum"])
@@ -192,8 +278,9 @@ def test_windowed_sliding_scale_equals_masked_full_layer(combine):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   import tiny_model  # pylint: disable=g-import-not-at-top
   windowed, full = _windowed_and_full(combine=combine, cross_attention_scales=(0, 6))
-  assert windowed.key_lengths == (tiny_model.L, tiny_model.N + 5)
-  assert full.key_lengths == (tiny_model.L, tiny_model.L)
+  # N + W - 1 = 21 keys, padded to one kernel block of 128 (the extra keys are masked).
+  assert windowed.key_lengths == (_WINDOWED_L, attention.KEY_BLOCK)
+  assert full.key_lengths == (_WINDOWED_L, _WINDOWED_L)
   inputs, positions = _mixed_windows()
   weights = jax.random.normal(jax.random.key(3), (inputs.shape[0], tiny_model.N, 391))
 

@@ -73,7 +73,12 @@ def test_encode_writes_the_path_it_prints_or_names_the_missing_folder(maestro_pa
   _assert_one_line(_cli("tokens", "encode", maestro_paths[0], tmp_path / "no" / "x.npy"),
                    str(tmp_path / "no"), "does not exist")
   _assert_one_line(_cli("tokens", "encode", tmp_path / "out.ids", tmp_path / "x.npy"),
-                   "out.ids", "not a readable MIDI file")
+                   "out.ids", "not a readable MIDI file", "; pass a Standard MIDI File")
+  _assert_one_line(_cli("tokens", "render", tmp_path / "none.npy", tmp_path / "x.png"),
+                   "none.npy", "no such file; pass the path of an existing .npy of token ids")
+  np.save(tmp_path / "floats.npy", np.ones(3))
+  _assert_one_line(_cli("tokens", "decode", tmp_path / "floats.npy", tmp_path / "x.mid"),
+                   "floats.npy", "dtype float64; save them as integers")
 
 
 def test_verbose_shows_the_traceback(piece_npy, tmp_path):
@@ -106,6 +111,11 @@ def test_train_unknown_field_file_workdir_and_bad_mesh(tmp_path):
   _assert_one_line(_cli("train", f"--config={_TINY}", f"--workdir={workdir}",
                         "--config.model.foo=1"),
                    "--config.model.foo", "config.model has no field 'foo'")
+  # ml_collections' own suggestion, out of the AttributeError(KeyError(...)) it raises.
+  line = _assert_one_line(_cli("train", f"--config={_TINY}", f"--workdir={workdir}",
+                               "--config.train.num_stepz=5"))
+  assert line == ("error: --config.train.num_stepz: config.train has no field 'num_stepz'; "
+                  "did you mean --config.train.num_steps?")
   a_file = tmp_path / "a_file"
   a_file.write_text("")
   _assert_one_line(_cli("train", f"--config={_TINY}", f"--workdir={a_file}"),
@@ -146,3 +156,8 @@ def test_evaluate_skips_an_unreadable_generated_file_and_lists_it(maestro_paths,
   _assert_one_line(_cli("evaluate", f"--reference={tmp_path / 'none'}",
                         f"--generated=model:{generated}", f"--output_dir={out}"),
                    str(tmp_path / "none"), "not a folder")
+  empty, new_out = tmp_path / "empty", tmp_path / "new_out"
+  empty.mkdir()
+  _assert_one_line(_cli("evaluate", f"--reference={reference}", f"--generated=model:{empty}",
+                        f"--output_dir={new_out}"), str(empty), "no .mid/.midi/.npy files")
+  assert not new_out.exists()  # inputs are checked before any output is made

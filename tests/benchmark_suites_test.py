@@ -1,5 +1,6 @@
 """benchmarks/gpu_suite.sh and tpu_suite.sh stay ready to run in one call: valid bash, the
-GPU suite's time limits within 8 minutes, and every flag they pass defined by its script."""
+GPU suite's time limits within 8 minutes, every flag they pass defined by its script, and
+train steps valid on every chip of a multi-chip host."""
 
 import os
 import pathlib
@@ -73,3 +74,38 @@ def test_every_flag_a_suite_passes_is_defined(suite):
         assert f"--{flag.group(1)}" in helpfull, f"{suite.name} step {name}: {word}"
         checked += 1
   assert checked >= 5
+
+
+@pytest.mark.parametrize("suite, chips", [(SUITES[0], 8), (SUITES[1], 4)],
+                         ids=["gpu_suite.sh-8_gpus", "tpu_suite.sh-4_chips"])
+def test_train_steps_are_valid_on_every_chip_of_the_host(tmp_path, suite, chips):
+  """The suite run on a host of `chips` devices (8 GPUs of an H100 node; a v4-8 or v5p-8 TPU
+  VM: 4 chips), with a `python` that counts the devices for real (jax on as many simulated
+  CPU devices) and records the benchmark commands: each train step passes validation for
+  those chips, at 1 and 8 windows per chip."""
+  from perceivers_jax.training import config_validation  # pylint: disable=g-import-not-at-top
+  import example_configs  # pylint: disable=g-import-not-at-top
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  fake = bin_dir / "python"
+  fake.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\n'
+                  'printf "%s\\t" "$@" >> "$CALLS"; printf "\\n" >> "$CALLS"\n')
+  fake.chmod(0o755)
+  calls = tmp_path / "calls.tsv"
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls),
+             OUT=str(tmp_path / "out"), JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={chips}")
+  result = subprocess.run(["bash", str(suite)], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 0, result.stdout + result.stderr
+  train_steps = {}
+  for line in calls.read_text().splitlines():
+    words = line.rstrip("\t").split("\t")
+    if words[0] == "benchmarks/train_step.py":
+      output = next(w for w in words if w.startswith("--output="))
+      train_steps[pathlib.Path(output).stem] = example_configs.config_from_flags(words)
+  assert sorted(train_steps) == ["train_b1", "train_b8"]
+  for name, config in train_steps.items():
+    config_validation.validate(config, num_devices=chips, process_count=1)
+    per_chip = int(name.removeprefix("train_b"))
+    assert config.train.batch_size == per_chip * chips, name

@@ -140,8 +140,30 @@ def test_mesh_shape_fills_the_free_axis():
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, -1, 2
   assert mesh_lib.resolve_mesh_shape(config.mesh, 8) == (2, 2, 2)
   config.mesh.data = -1
-  with pytest.raises(config_validation.ConfigError, match="at most one axis"):
+  with pytest.raises(config_validation.ConfigError, match="at most one of data, fsdp, tensor"):
     mesh_lib.resolve_mesh_shape(config.mesh, 8)
+
+
+def test_dcn_level_splits_slices_and_batch_fits_every_shard():
+  """Multi-slice: data/fsdp/tensor split a slice's devices, dcn_* the slices; each mesh
+  axis is the product of its two levels, and the batch must split over all of it."""
+  config = load_config("tiny")
+  config.mesh.update(data=1, fsdp=-1, tensor=1, dcn_data=-1)
+  assert mesh_lib.resolve_mesh_levels(config.mesh, 32, 2) == ((1, 16, 1), (2, 1, 1))
+  assert mesh_lib.resolve_mesh_shape(config.mesh, 32, 2) == (2, 16, 1)
+  config.train.batch_size = config.eval.batch_size = 32
+  config_validation.validate(config, num_devices=32, num_slices=2, process_count=8)
+  config.train.batch_size = 16
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"config.train.batch_size=16: .* 32 batch shards .* use a multiple "
+                           r"of 32 \(e.g. --config.train.batch_size=32\)"):
+    config_validation.validate(config, num_devices=32, num_slices=2, process_count=8)
+  config.mesh.dcn_fsdp = -1
+  with pytest.raises(config_validation.ConfigError, match="at most one of dcn_data, dcn_fsdp"):
+    mesh_lib.resolve_mesh_shape(config.mesh, 32, 2)
+  config.mesh.update(dcn_data=3, dcn_fsdp=1)
+  with pytest.raises(config_validation.ConfigError, match="there are 2 slices"):
+    mesh_lib.resolve_mesh_shape(config.mesh, 32, 2)
 
 
 def test_bad_value_fails_before_building(monkeypatch, tmp_path):

@@ -82,7 +82,8 @@ def test_cached_logits_equal_uncached_forward_between_resets(overrides):
   width = max(PROMPT_LENGTHS)
   prompt = np.stack([np.pad(p, (width - len(p), 0)) for p in prompts])
   out = decode.generate(model, prompt, num_steps=STEPS, keys_B=_keys(0, len(prompt)),
-                        sampling=next_token.SamplingConfig(temperature=1.0),
+                        sampling=next_token.SamplingConfig(temperature=1.0,
+                                                           note_grammar=False),
                         record_logits=True)
   out = jax.tree.map(np.asarray, out)
   assert out["num_steps"] == STEPS and (out["tokens"] > 2).all()
@@ -216,7 +217,7 @@ def test_bfloat16_decoding_at_batch_4_past_two_resets_matches_float32():
   prompt = np.stack([np.pad(p, (max(lengths) - len(p), 0)) for p in prompts])
   out = jax.tree.map(np.asarray, decode.generate(
       models["bfloat16"], prompt, num_steps=30, keys_B=_keys(4, len(prompt)),
-      record_logits=True))
+      sampling=next_token.SamplingConfig(note_grammar=False), record_logits=True))
   assert out["num_steps"] == 30
   # 3 latents after the prefill (shortest prompt), full after 13 steps, then every 9 steps.
   assert len(np.unique(out["latent_start"][0])) == 3  # prefill + two resets
@@ -250,3 +251,78 @@ def test_compiled_decode_loop_copies_no_cache_per_step(batch, impl):
   assert copies["per_step"] == []
   # The counter sees copies: every reset attends F queries over transposed scores.
   assert copies["per_reset"]
+
+
+def _note_model():
+  """A tiny model whose head prefers NOTE_ON 60, NOTE_OFF 60 and NOTE_OFF 61, never EOS."""
+  model = tiny_model.make_model(tiny_model.tiny_model_config())
+  bias = np.full(model.head.bias.get_value().shape, -40.0, np.float32)
+  for token in (tokens.NOTE_ON_START + 60, tokens.NOTE_OFF_START + 60,
+                tokens.NOTE_OFF_START + 61):
+    bias[token] = 0.0
+  model.head.bias.set_value(jnp.asarray(bias))
+  return model
+
+
+def test_note_grammar_per_row_across_latent_resets():
+  """Rows 0 and 3's primer leaves pitch 60 sounding, rows 1 and 2's does not: with the
+  grammar each row alternates NOTE_OFF 60 / NOTE_ON 60 from its own state, through 10 latent
+  resets, and the silent pitch 61 is never ended, though the model favours all three."""
+  model = _note_model()
+  on, off = tokens.NOTE_ON_START + 60, tokens.NOTE_OFF_START + 60
+  shift = tokens.TIME_SHIFT_START + 9
+  sounding, silent = [tokens.SOS_ID, on, shift, off, on], [tokens.SOS_ID, on, shift, off, shift]
+  # 4 rows of 5 tokens, default sampling (grammar on): test_per_sequence_eos_stop's program.
+  prompt = np.asarray([sounding, silent, silent, sounding])
+  grammar = jax.tree.map(np.asarray, decode.generate(model, prompt, num_steps=STEPS,
+                                                     keys_B=_keys(0, 4)))
+  assert grammar["num_steps"] == STEPS
+  assert len(np.unique(grammar["latent_start"][0])) == 11  # the prefill's block + 10 resets
+  sounding_first, silent_first = [off, on] * (STEPS // 2), [on, off] * (STEPS // 2)
+  np.testing.assert_array_equal(grammar["tokens"],
+                                [sounding_first, silent_first, silent_first, sounding_first])
+
+
+def test_prompt_onsets_are_the_notes_a_real_piece_leaves_sounding(maestro_paths):
+  piece = tokens.midi_file_to_tokens(maestro_paths[2])
+  cuts = (1, 40, 333, 1000, 2500)
+  width = max(cuts)
+  prompt = np.stack([np.pad(piece[:cut], (width - cut, 0)) for cut in cuts])
+  onsets = np.asarray(next_token.prompt_onsets(jnp.asarray(prompt)))
+  for cut, onsets_P in zip(cuts, onsets):
+    hanging = tokens._hanging_notes(piece[1:cut])  # pylint: disable=protected-access
+    expected = np.full(tokens.NUM_PITCHES, next_token.SILENT)
+    for pitch, onset in hanging:
+      expected[pitch] = onset
+    np.testing.assert_array_equal(onsets_P, expected)
+  np.testing.assert_array_equal((onsets != next_token.SILENT).sum(axis=1), [0, 2, 1, 2, 1])
+
+
+def test_note_steering_changes_only_the_logits_it_names(maestro_paths):
+  """Grammar: the masked logits equal the model's on every allowed token and are -inf on the
+  events that decode to nothing. Prior: a sounding note's NOTE_OFF rises by rate x seconds
+  past note_off_after_seconds, nothing else moves."""
+  piece = tokens.midi_file_to_tokens(maestro_paths[2])
+  prompt = np.stack([piece[:2500], piece[500:3000]])
+  onsets_BP = next_token.prompt_onsets(jnp.asarray(prompt))
+  elapsed_B = jnp.asarray([round(tokens.tokens_duration_seconds(row) * 100) for row in prompt])
+  sounding_BP = np.asarray(onsets_BP) != next_token.SILENT
+  logits_BV = jax.random.normal(jax.random.key(0), (2, tokens.VOCAB_SIZE)) * 3.0
+  masked = np.asarray(next_token.steer_notes(
+      logits_BV, onsets_BP, elapsed_B, next_token.SamplingConfig(note_grammar=True)))
+  allowed_BV = np.ones(masked.shape, bool)
+  allowed_BV[:, tokens.NOTE_ON_START:tokens.NOTE_OFF_START] = ~sounding_BP
+  allowed_BV[:, tokens.NOTE_OFF_START:tokens.TIME_SHIFT_START] = sounding_BP
+  np.testing.assert_array_equal(masked[allowed_BV], np.asarray(logits_BV)[allowed_BV])
+  assert np.isneginf(masked[~allowed_BV]).all() and 0 < sounding_BP.sum() < 20
+
+  prior = next_token.SamplingConfig(note_grammar=False, note_off_after_seconds=0.5,
+                                    note_off_nats_per_second=3.0)
+  later_B = elapsed_B + jnp.asarray([30, 120])  # 0.3 and 1.2 s after the cuts
+  raised = np.asarray(next_token.steer_notes(logits_BV, onsets_BP, later_B, prior))
+  held_s_BP = (np.asarray(later_B)[:, None] - np.asarray(onsets_BP)) / 100
+  expected = np.asarray(logits_BV).copy()
+  expected[:, tokens.NOTE_OFF_START:tokens.TIME_SHIFT_START] += np.where(
+      sounding_BP, 3.0 * np.maximum(held_s_BP - 0.5, 0), 0)
+  np.testing.assert_allclose(raised, expected, rtol=1e-6)
+  assert (raised != np.asarray(logits_BV)).any()

@@ -1,6 +1,8 @@
 """README command 1, shortened: the demo end to end on the real MAESTRO pieces, then rerun."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -50,6 +52,8 @@ def test_trained_model_beats_token_frequencies_on_validation_nll(demo_run, maest
                     if demo.SPLIT_OF_PIECE[index] == split] for split in ("train", "validation")}
   bar = unigram.frequency_only_nll(pieces["train"], pieces["validation"])  # 4.82 nats
   assert nll["trained"] < bar < nll["untrained"], (nll, bar)
+  # The report's own token-frequency row (add-one smoothed) sits between them too.
+  assert nll["trained"] < nll["token_frequency"] < nll["untrained"], nll
   assert f"| trained | {nll['trained']:.3f} |" in (out / "report.md").read_text()
 
 
@@ -74,3 +78,33 @@ def test_demo_writes_the_listening_page(demo_run):
                "evaluation/report.md", "training_curve.png", "evaluation/piano_rolls_trained.png"):
     assert f"'{link}'" in page, link
   assert (out / "samples" / "trained" / "index.html").exists()
+
+
+def test_report_links_resolve_and_headings_nest(demo_run):
+  """Every link of report.md resolves from its folder; one H1, no heading skips a level; no
+  machine path."""
+  out, _ = demo_run
+  report = (out / "report.md").read_text()
+  links = re.findall(r"\]\(([^)]+)\)", report)
+  assert "evaluation/distance_kde.png" in links and "evaluation/piano_rolls_trained.png" in links
+  missing = [link for link in links if not (out / link).exists()]
+  assert not missing and len(links) >= 15, (missing, links)
+  levels = [len(hashes) for hashes in re.findall(r"^(#+) ", report, flags=re.M)]
+  assert levels[0] == 1 and levels.count(1) == 1, levels
+  assert all(b <= a + 1 for a, b in zip(levels, levels[1:])), levels
+  assert str(out.parent) not in report
+  assert "| token frequencies (unigram) |" in report and "zero-initialised" in report
+
+
+def test_every_set_with_midi_is_heard_beside_the_reference(demo_run):
+  """The listening page holds the reference excerpts; every card has its audio when
+  fluidsynth rendered it, and the page says why there is none when it did not."""
+  out, _ = demo_run
+  page = (out / "index.html").read_text()
+  assert "'reference/reference_0001.png'" in page and "Real music" in page
+  cards, players = page.count("class='card'"), page.count("<audio")
+  assert cards == 2 + 1 + 2 + 2  # trained, continuation, untrained, reference
+  if shutil.which("fluidsynth"):
+    assert players == cards and "'reference/reference_0000.wav'" in page
+  else:
+    assert players == 0 and "WAV rendering skipped" in page

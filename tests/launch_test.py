@@ -1,7 +1,10 @@
-"""The launchers in launch/: syntax, shellcheck, and the commands they issue (fake gcloud)."""
+"""The launchers in launch/: syntax, shellcheck, the commands they issue (fake gcloud), and
+the training examples they and BUILD.md document, valid on the hardware each names."""
 
 import os
 import pathlib
+import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -118,3 +121,73 @@ def test_slurm_runs_the_job_with_srun(tmp_path, job_flags, module):
                   "--num_samples=8"], check=True, env=env, capture_output=True)
   [call] = log.read_text().splitlines()
   assert call.endswith(f"python -m perceivers_jax.cli.{module} --workdir=/w --num_samples=8")
+
+
+def _launcher(command: str) -> str:
+  return re.search(r"launch/([\w.]+)", command).group(1)
+
+
+def _header_commands(text: str) -> list[str]:
+  """The commands written in a script's leading comment block, continuation lines joined."""
+  comment = []
+  for line in text.splitlines()[1:]:
+    if not line.startswith("#"):
+      break
+    comment.append(line.lstrip("#").strip())
+  joined = re.sub(r"\\\n", " ", "\n".join(comment))
+  return [line for line in joined.splitlines() if line.startswith(("launch/", "sbatch "))]
+
+
+def _build_md_commands() -> list[str]:
+  """The launcher commands in backticks in BUILD.md section 5."""
+  build = (LAUNCH_DIR.parent / "BUILD.md").read_text()
+  section = re.search(r"^## 5\. .*?(?=^## )", build, re.M | re.S).group(0)
+  return [c for c in re.findall(r"`([^`]+)`", section) if c.startswith(("launch/", "sbatch "))]
+
+
+def _hardware(script: str, launcher_words: list[str]) -> tuple[int, int]:
+  """(devices, hosts) of the hardware a launcher command names (flags before the job's)."""
+  import example_configs  # pylint: disable=g-import-not-at-top
+  text = (LAUNCH_DIR / script).read_text()
+  given = dict(w.removeprefix("--").split("=", 1) for w in launcher_words if "=" in w)
+  if script == "tpu_pod.sh":
+    default = re.search(r'accelerator="([\w-]+)"', text).group(1)
+    return example_configs.tpu_slice(given.get("accelerator", default))
+  if script == "gpu_slurm.sbatch":
+    nodes = int(given.get("nodes", re.search(r"#SBATCH --nodes=(\d+)", text).group(1)))
+    per_node = int(re.search(r"#SBATCH --gpus-per-node=(\d+)", text).group(1))
+    return nodes * per_node, nodes
+  return int(re.search(r"\b(\d+)-GPU\b", text).group(1)), 1  # gpu_single_node.sh
+
+
+def _training_examples() -> list[tuple[str, str]]:
+  """(where, command) of every documented launcher command that trains."""
+  found = [(p.name, c) for p in SCRIPTS for c in _header_commands(p.read_text())]
+  found += [("BUILD.md", c) for c in _build_md_commands()]
+  return [(where, c) for where, c in found
+          if "--config=" in c and "--job=sample" not in c]
+
+
+def test_every_launcher_documents_a_training_example_here_and_in_build_md():
+  named = lambda where: {_launcher(c) for w, c in _training_examples() if w == where}
+  launchers = {p.name for p in SCRIPTS}
+  assert named("BUILD.md") == launchers
+  assert set().union(*(named(p.name) for p in SCRIPTS)) == launchers
+
+
+@pytest.mark.parametrize("where, command", _training_examples(),
+                         ids=[f"{where}:{_launcher(c)}" for where, c in _training_examples()])
+def test_training_example_is_valid_on_the_hardware_it_names(where, command):
+  """Each example's config passes perceivers-train's validation for the devices and hosts of
+  the hardware the command names (v5p-64: 32 chips on 8 hosts; 4 SLURM nodes of 8 GPUs)."""
+  import example_configs  # pylint: disable=g-import-not-at-top
+  from perceivers_jax.training import config_validation  # pylint: disable=g-import-not-at-top
+  del where
+  words = shlex.split(command)
+  script_at = next(i for i, w in enumerate(words) if w.startswith("launch/"))
+  script = _launcher(command)
+  job_at = words.index("--") if "--" in words else script_at + 1
+  launcher_words = words[:script_at] + words[script_at + 1:job_at]
+  devices, hosts = _hardware(script, launcher_words)
+  config = example_configs.config_from_flags(words[job_at:])
+  config_validation.validate(config, num_devices=devices, process_count=hosts)

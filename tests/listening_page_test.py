@@ -11,6 +11,8 @@ import wave
 import numpy as np
 import pytest
 
+from perceivers_jax.data import piano_roll
+from perceivers_jax.data import tokens
 from perceivers_jax.sampling import listening_page
 from perceivers_jax.sampling import sampling
 
@@ -105,3 +107,24 @@ def test_broken_image_and_audio_are_reported(sample_dir, tmp_path):
   status = {src: state for _, src, state in _media_after_load(page)}
   assert status == {"sample_0000.wav": "broken", "sample_0000.png": "ok",
                     "sample_0001.png": "broken"}
+
+
+def test_real_music_beside_the_samples_is_heard_too(sample_dir, maestro_paths, tmp_path):
+  """A folder of MIDI files without sidecars (the demo's reference excerpts) gets a card per
+  file, with its audio and piano roll; in Chromium both load."""
+  reference = tmp_path / "reference"
+  reference.mkdir()
+  notes = tokens.tokens_to_midi_file(tokens.midi_file_to_tokens(maestro_paths[8])[:300],
+                                     reference / "reference_0000.mid")
+  piano_roll.write(notes, reference / "reference_0000.png", title="reference_0000")
+  _write_wav(reference / "reference_0000.wav")
+  page = listening_page.write_page(tmp_path / listening_page.INDEX, "Samples and real music",
+                                   sections=[("Samples", sample_dir), ("Real music", reference)])
+  parser = _Media()
+  parser.feed(page.read_text())
+  assert {("audio", "reference/reference_0000.wav", None),
+          ("img", "reference/reference_0000.png", None)} <= set(parser.elements)
+  assert "Real music (1 MIDI file)" in page.read_text()
+  if CHROMIUM is not None:
+    loaded = {src: status for _, src, status in _media_after_load(page)}
+    assert loaded["reference/reference_0000.wav"] == "ok", loaded

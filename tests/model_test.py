@@ -391,9 +391,10 @@ def test_paper_size_parameter_count_and_logical_axes():
       assert axes[0] == "layers" and var.get_value().shape[0] == 24, path
   # The kernel is resolved per layer for this backend: off a GPU, auto (the default) runs the
   # chunked kernel (chunks of 1,024) over the full scale's 32,768 inputs and the windowed
-  # short scale's N + W - 1 = 2,047, plain XLA over the latents' 1,024.
+  # short scale's N + W - 1 = 2,047 keys, padded to 2,048 (even for cuDNN, whole splash
+  # blocks), plain XLA over the latents' 1,024.
   impls = [layer.attention.impl for layer in abstract.cross_layers]
-  assert abstract.key_lengths == (32768, 2047)
+  assert abstract.key_lengths == (32768, 2048)
   if jax.default_backend() != "gpu":
     assert impls == ["chunked", "chunked"]
     assert abstract.latent_layers.attention.impl == "xla"

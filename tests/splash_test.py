@@ -66,7 +66,7 @@ def test_splash_masks_are_the_position_masks_on_left_padded_windows():
 
 @pytest.mark.parametrize("call, num_queries, kv_length, expected", [
     ("window", 1024, 32768, "splash"),  # the paper's full scale
-    ("window", 1024, 2047, "splash"),  # its windowed short scale
+    ("window", 1024, 2048, "splash"),  # its windowed short scale (2,047 keys, padded)
     ("window", 1024, 1024, "splash"),  # its latent self-attention
     ("window", 16, 32768, "chunked"),  # N does not fill splash's blocks
     ("cached", 1024, 32768, "chunked"),  # the decoder's ring-buffer caches: never splash
@@ -77,7 +77,7 @@ def test_auto_on_tpu_runs_splash_for_window_forwards_only(call, num_queries, kv_
                                                           expected):
   resolve = lambda requested, backend="tpu": attention.resolve_impl(
       requested, backend=backend, dtype=jnp.bfloat16, kv_length=kv_length, chunk_size=1024,
-      call=call, num_queries=num_queries)
+      call=call, num_queries=num_queries, head_dim=64)
   assert resolve("auto") == expected
   assert resolve("splash") == expected  # asked for, splash still only runs where it is exact
   # Off a TPU only an explicit request runs splash (in interpret mode).

@@ -78,17 +78,28 @@ def call(fn: Callable[[], Any], *, verbose: bool) -> int:
   return 0
 
 
+def _innermost_message(error: BaseException) -> str:
+  """The message under ml_collections' wrapping: an AttributeError whose argument is a
+  KeyError whose argument is the text, e.g. `'num_stepz'` + newline + `Did you mean ...`."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  return error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+
+
 def _flag_error_line(error: Exception, argv: list[str]) -> str:
   """A flag parser's exception (a --config.* override that fails) as one line."""
-  quoted = re.findall(r"'([^'\s]+)'", str(error))
-  for arg in argv[1:]:
-    name = arg.lstrip("-").partition("=")[0]
-    parent, _, field = name.rpartition(".")
-    if parent and quoted and field == quoted[0]:
-      hint = re.search(r"[Dd]id you mean '[^']+'", str(error))
-      return (f"error: --{name}: {parent} has no field {field!r}; "
-              f"{hint.group(0) + '?' if hint else 'check the name against the config file'}")
-  return "error: bad flag: " + " ".join(f"{type(error).__name__}: {error}".split())
+  message = _innermost_message(error)
+  unknown = re.match(r"'([^']+)'", message)
+  suggestion = re.search(r"""[Dd]id you mean ["']([^"']+)["']""", message)
+  for arg in argv[1:] if unknown else ():
+    parts = arg.lstrip("-").partition("=")[0].split(".")
+    if unknown.group(1) in parts[1:]:
+      depth = parts.index(unknown.group(1), 1)
+      parent, name = ".".join(parts[:depth]), ".".join(parts)
+      fix = ("check the name against the config file" if suggestion is None else
+             f"did you mean --{'.'.join(parts[:depth] + [suggestion.group(1)] + parts[depth + 1:])}?")
+      return f"error: --{name}: {parent} has no field {unknown.group(1)!r}; {fix}"
+  return "error: bad flag: " + " ".join(f"{type(error).__name__}: {message}".split())
 
 
 def run(main: Callable[[list[str]], Any], module_name: str) -> None:

@@ -6,6 +6,8 @@ r"""perceivers-sample: generate MIDI pieces from a trained PerceiverS.
       --primer_seconds=10 --num_tokens=1024
   perceivers-sample --checkpoint=/tmp/tiny/checkpoints/400 --output_dir=/tmp/again \
       --num_samples=8 --batch_size=4 --num_tokens=2048 --top_p=0.95 --sample_index=5
+  perceivers-sample --config=configs/perceivers.py --dry_run --compile_topology=v5p-8 \
+      --batch_size=16 --num_tokens=8192     # the decode loop compiled for a TPU slice
 
 The model config comes from the workdir's config.json; --attention_impl (default auto: the
 best kernel for this backend) replaces its model.attention_impl. Each sample i writes sample_{i:04d}.mid,
@@ -16,7 +18,9 @@ Rerunning the same command completes a killed run (samples already written are s
 Multi-host: run the same command on every host (TPU pods, SLURM and Open MPI are detected;
 otherwise pass --coordinator_address, --num_processes and --process_id, or the JAX_*
 environment variables); --batch_size is the global batch and --output_dir must be a directory
-every host sees.
+every host sees. --dry_run compiles the decode loop instead (on this host's devices, or with
+--compile_topology for a TPU slice) and prints one JSON line of its memory, collectives and
+kernels; the model config then may also come from --config.
 """
 
 import dataclasses
@@ -24,10 +28,13 @@ import typing
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
 from perceivers_jax.cli import distributed
 from perceivers_jax.cli import logs
 from perceivers_jax.model import attention
+from perceivers_jax.parallel import compiled
+from perceivers_jax.parallel import topology
 from perceivers_jax.sampling import sampling
 
 flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags.
@@ -41,6 +48,17 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the samples go (all
 _SAMPLE_INDEX = flags.DEFINE_multi_integer(
     "sample_index", [], "Generate only these samples (repeatable); same other flags as the "
     "original run reproduce them exactly.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Compile the decode loop and print one JSON line of its memory, "
+    "collectives and kernels; nothing is restored or sampled.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "With --dry_run, instead of --workdir/--checkpoint: an experiment config "
+    "file (configs/*.py).", lock_config=True)
+_COMPILE_TOPOLOGY = flags.DEFINE_string(
+    "compile_topology", None, "With --dry_run: compile for this TPU slice (v5p-8, v5e-16, ...; "
+    "needs libtpu) instead of this host's devices.")
+_COMPILE_TOPOLOGY_NUM_SLICES = flags.DEFINE_integer(
+    "compile_topology_num_slices", 1, "With --compile_topology: that many slices.")
 _ATTENTION_IMPL = flags.DEFINE_enum(
     "attention_impl", "auto", attention.ATTENTION_IMPLS,
     "Attention kernel, replacing config.json's model.attention_impl (auto: chosen per backend).")
@@ -60,6 +78,11 @@ _SETTINGS = [_define_setting_flag(f) for f in sampling.SampleSettings.flag_field
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _DRY_RUN.value:
+    _dry_run()
+    return
+  if _COMPILE_TOPOLOGY.value or _CONFIG.value:
+    raise app.UsageError("--compile_topology and --config need --dry_run.")
   if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
     raise app.UsageError("Pass exactly one of --workdir=DIR and --checkpoint=DIR.")
   if not _OUTPUT_DIR.value:
@@ -79,6 +102,28 @@ def main(argv: list[str]) -> None:
                                               attention_impl=_ATTENTION_IMPL.value)
     sampling.sample_to_dir(model, config, settings, _OUTPUT_DIR.value, checkpoint_step=step,
                            checkpoint_path=workdir, sample_indices=indices)
+  except (FileNotFoundError, sampling.SamplingError) as e:
+    raise app.UsageError(str(e)) from e
+
+
+def _dry_run() -> None:
+  sources = [v for v in (_WORKDIR.value, _CHECKPOINT.value, _CONFIG.value) if v is not None]
+  if len(sources) != 1:
+    raise app.UsageError("--dry_run needs exactly one of --workdir, --checkpoint and --config.")
+  if _COMPILE_TOPOLOGY.value:
+    topology.quiet_libtpu()  # Before anything touches a jax backend.
+  from perceivers_jax.sampling import dry_run  # pylint: disable=g-import-not-at-top
+  try:
+    settings = sampling.SampleSettings.from_flag_values({f.name: f.value for f in _SETTINGS})
+    if _CONFIG.value is not None:
+      config = _CONFIG.value.copy_and_resolve_references()
+      config.model.attention_impl = _ATTENTION_IMPL.value
+    else:
+      config = sampling.read_config(sampling.resolve_path(_WORKDIR.value or _CHECKPOINT.value)[0],
+                                    _ATTENTION_IMPL.value)
+    compiled.print_report(dry_run.dry_run(config, settings,
+                                          compile_topology=_COMPILE_TOPOLOGY.value,
+                                          num_slices=_COMPILE_TOPOLOGY_NUM_SLICES.value))
   except (FileNotFoundError, sampling.SamplingError) as e:
     raise app.UsageError(str(e)) from e
 

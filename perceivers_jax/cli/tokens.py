@@ -28,15 +28,33 @@ def _check_output_folder(path: str) -> None:
                                  "first or write elsewhere")
 
 
+def _check_input_file(path: str, kind: str) -> None:
+  if not os.path.isfile(path):
+    raise config_base.InputError(f"{path}: no such file; pass the path of an existing {kind}")
+
+
+def _read_midi(path: str, reader):
+  """`reader(path)` of a MIDI file, its errors ending with what to do."""
+  _check_input_file(path, "MIDI file")
+  try:
+    return reader(path)
+  except tokens.MidiError as e:
+    raise config_base.InputError(f"{e}; pass a Standard MIDI File (.mid) with piano notes") from e
+
+
+_TOKEN_FILE = ".npy of token ids (as `perceivers-tokens encode` and `perceivers-sample` write)"
+_VOCABULARY = "pass token ids of this tokeniser (its vocabulary: README, Tokens)"
+
+
 def _load_ids(path: str) -> np.ndarray:
+  _check_input_file(path, _TOKEN_FILE)
   try:
     ids = np.load(path)
   except (ValueError, OSError) as e:
-    if isinstance(e, FileNotFoundError):
-      raise
-    raise config_base.InputError(f"{path}: not a .npy array of token ids ({e})") from e
+    raise config_base.InputError(f"{path}: not a .npy array ({e}); pass a {_TOKEN_FILE}") from e
   if not np.issubdtype(ids.dtype, np.integer):
-    raise config_base.InputError(f"{path}: expected integer token ids, got dtype {ids.dtype}")
+    raise config_base.InputError(f"{path}: expected integer token ids, got dtype {ids.dtype}; "
+                                 f"save them as integers: np.save(path, ids.astype(np.int32))")
   return ids
 
 
@@ -44,13 +62,13 @@ def _decode_one(ids: np.ndarray, label: str, midi_out: str, max_note_seconds: fl
   try:
     ns = tokens.tokens_to_midi_file(ids, midi_out, max_note_seconds)
   except ValueError as e:
-    raise config_base.InputError(f"{label}: {e}") from e
+    raise config_base.InputError(f"{label}: {e}; {_VOCABULARY}") from e
   print(f"{label}: {len(ns.notes)} notes, {ns.total_time:.1f} s -> {midi_out}")
 
 
 def _encode(args: argparse.Namespace) -> None:
   _check_output_folder(args.npy_out)
-  ids = tokens.midi_file_to_tokens(args.midi_in)
+  ids = _read_midi(args.midi_in, tokens.midi_file_to_tokens)
   with open(args.npy_out, "wb") as f:  # a file object: np.save adds no ".npy"
     np.save(f, ids)
   print(f"{args.midi_in}: {ids.size} tokens, "
@@ -80,15 +98,15 @@ def _render(args: argparse.Namespace) -> None:
   _check_output_folder(args.png_out)
   suffix = pathlib.Path(args.file_in).suffix.lower()
   if suffix in (".mid", ".midi"):
-    ns = tokens.load_note_sequence(args.file_in)
+    ns = _read_midi(args.file_in, tokens.load_note_sequence)
   elif suffix == ".npy":
     try:
       ns = tokens.tokens_to_note_sequence(_load_ids(args.file_in), args.max_note_seconds)
     except ValueError as e:
-      raise config_base.InputError(f"{args.file_in}: {e}") from e
+      raise config_base.InputError(f"{args.file_in}: {e}; {_VOCABULARY}") from e
   else:
-    raise config_base.InputError(f"{args.file_in}: expected a .mid/.midi file or a .npy of "
-                                 "token ids")
+    raise config_base.InputError(f"{args.file_in}: unknown kind of file; pass a .mid/.midi "
+                                 f"file or a {_TOKEN_FILE}")
   piano_roll.write(ns, args.png_out, title=os.path.basename(args.file_in))
   print(f"{args.file_in}: {len(ns.notes)} notes, {ns.total_time:.1f} s -> {args.png_out}")
 

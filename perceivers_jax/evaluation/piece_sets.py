@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import dataclasses
 import os
 import pathlib
+from typing import Any
 import warnings
 
 from absl import logging
@@ -90,19 +91,10 @@ def _load_item(piece_name: str, item) -> tuple[features_lib.Notes, np.ndarray]:
   return features_lib.notes_from_tokens(np.asarray(item), piece_name)
 
 
-def load_set(name: str, source: SetSource, *, data_dir: str | None = None,
-             max_pieces: int | None = None) -> PieceSet:
-  """Loads a set's pieces (notes and tokens), with a progress bar.
-
-  Args:
-    name: the set's name, for messages and the report.
-    source: a folder, "tfds:NAME:SPLIT" (a built TFDS dataset's random-access source;
-      records with a `tokens` field), or a sequence of paths, token arrays or
-      NoteSequences (taken as they are: sustain already folded, as
-      `tokens.load_note_sequence` gives).
-    data_dir: TFDS data directory for a tfds source.
-    max_pieces: keep only the first pieces (sorted paths, record order).
-  """
+def find_pieces(name: str, source: SetSource, *, data_dir: str | None = None,
+                max_pieces: int | None = None) -> tuple[list[tuple[str, Any]], str]:
+  """([(piece name, item to load)], the source's label) of a set, reading no piece: a
+  missing, unbuilt or empty source fails here (`load_set`'s arguments)."""
   if isinstance(source, str) and source.startswith(TFDS_PREFIX):
     items, label = _tfds_items(source, data_dir, max_pieces), source
   elif isinstance(source, (str, os.PathLike)):
@@ -116,6 +108,23 @@ def load_set(name: str, source: SetSource, *, data_dir: str | None = None,
     label = f"{len(items)} pieces given in memory"
   if not items:
     raise EvaluationError(f"the {name} set ({label}) is empty")
+  return items, label
+
+
+def load_set(name: str, source: SetSource, *, data_dir: str | None = None,
+             max_pieces: int | None = None) -> PieceSet:
+  """Loads a set's pieces (notes and tokens), with a progress bar.
+
+  Args:
+    name: the set's name, for messages and the report.
+    source: a folder, "tfds:NAME:SPLIT" (a built TFDS dataset's random-access source;
+      records with a `tokens` field), or a sequence of paths, token arrays or
+      NoteSequences (taken as they are: sustain already folded, as
+      `tokens.load_note_sequence` gives).
+    data_dir: TFDS data directory for a tfds source.
+    max_pieces: keep only the first pieces (sorted paths, record order).
+  """
+  items, label = find_pieces(name, source, data_dir=data_dir, max_pieces=max_pieces)
   piece_set = PieceSet(name, label, [], [], [])
   for piece_name, item in tqdm.tqdm(items, desc=f"{name}: loading", unit="piece"):
     try:

@@ -239,14 +239,20 @@ def evaluate_sets(reference: piece_sets.SetSource,
     raise ValueError(f"kld must be one of {distances.KLD_MODES}, got {kld!r}")
   if not generated:
     raise ValueError("no generated sets given")
-  output_dir = pathlib.Path(output_dir)
-  output_dir.mkdir(parents=True, exist_ok=True)
   load = dict(data_dir=data_dir, max_pieces=max_pieces)
+  # Every set is found before any is read, and read before anything is written: a missing
+  # or empty one fails at once and leaves no output behind.
+  for name, source in [("reference", reference), *generated.items()]:
+    piece_sets.find_pieces(name, source, **load)
   reference_set = piece_sets.load_set("reference", reference, **load)
   if len(reference_set.notes) < 2:
     raise piece_sets.EvaluationError(
         f"the reference set ({reference_set.source}) needs at least 2 pieces "
         f"for intra-set distances, found {len(reference_set.notes)}")
+  generated_sets = {name: piece_sets.load_set(name, source, **load)
+                    for name, source in generated.items()}
+  output_dir = pathlib.Path(output_dir)
+  output_dir.mkdir(parents=True, exist_ok=True)
   reference_features = _set_features(reference_set, num_segments)
   reference_intra = {name: distances.intra_set_distances(values)
                      for name, values in reference_features.items()}
@@ -263,10 +269,8 @@ def evaluate_sets(reference: piece_sets.SetSource,
           "repetition": _repetition(reference_set, max_lag)},
       "sets": {},
   }
-  comparisons, loaded = {}, [reference_set]
-  for set_name, source in generated.items():
-    piece_set = piece_sets.load_set(set_name, source, **load)
-    loaded.append(piece_set)
+  comparisons, loaded = {}, [reference_set, *generated_sets.values()]
+  for set_name, piece_set in generated_sets.items():
     set_features = _set_features(piece_set, num_segments)
     comparison = {name: distances.compare_feature(reference_features[name],
                                                   set_features[name], kld,

@@ -16,7 +16,8 @@ resumes from its last checkpoint).
                            .wav; index.html)
     samples/continuation/  the trained model continuing the validation piece's opening
     samples/untrained/     the same sampling from the untrained model, for comparison
-    reference/             excerpts of the held-out pieces, as long as the samples
+    reference/             excerpts of the held-out pieces, as long as the samples (.mid,
+                           .png, .wav)
     evaluation/            metrics.json, report.md and plots of the evaluation
     report.md              the summary: validation NLL and the metric table
     summary.json           the same numbers for scripts
@@ -27,6 +28,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import time
@@ -45,7 +47,9 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wron
 from data_prep import fetch_maestro_samples  # pylint: disable=g-import-not-at-top
 from data_prep.maestro_performance import maestro_performance_dataset_builder as builder_lib
 from perceivers_jax.data import input_pipeline
+from perceivers_jax.data import piano_roll
 from perceivers_jax.data import tokens as tokens_lib
+from perceivers_jax.evaluation import note_lengths
 from perceivers_jax.evaluation import report as report_lib
 from perceivers_jax.sampling import listening_page
 from perceivers_jax.sampling import sampling
@@ -151,12 +155,32 @@ def plot_training_curve(workdir: pathlib.Path, path: pathlib.Path) -> None:
 
 
 def untrained_validation_metrics(config: ml_collections.ConfigDict) -> dict[str, float]:
-  """Validation NLL of the freshly initialised model (the reference point for training)."""
+  """Validation NLL of the freshly initialised model. Its head is zero-initialised, so it
+  predicts the uniform distribution: NLL ln(vocabulary size) at every position."""
   trainer = train.build_trainer_for(config)
   state, rest = trainer.init_fn()
   source = input_pipeline.open_data_source(config, config.data.eval_split)
   return evaluation_lib.run_evaluation(trainer, state["params"], rest,
                                        evaluation_lib.eval_batches(config, source))
+
+
+def _split_pieces(config: ml_collections.ConfigDict, split: str) -> list[np.ndarray]:
+  source = input_pipeline.open_data_source(config, split)
+  return [np.asarray(source[i]["tokens"]) for i in range(len(source))]
+
+
+def token_frequency_metrics(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """Validation NLL and accuracy of the training pieces' token frequencies (a unigram model,
+  add-one smoothed): the floor a model that uses no context reaches. Its targets are the
+  validation evaluation's: every token after each piece's SOS."""
+  counts_V = 1 + np.bincount(np.concatenate(_split_pieces(config, config.data.train_split)),
+                             minlength=config.model.vocab_size)
+  log_p_V = np.log(counts_V / counts_V.sum())
+  targets = np.concatenate([piece[1:] for piece in _split_pieces(config,
+                                                                 config.data.eval_split)])
+  nll = -float(np.mean(log_p_V[targets]))
+  return {"nll": nll, "bits_per_token": nll / np.log(2),
+          "accuracy": float(np.mean(targets == np.argmax(counts_V)))}
 
 
 # -- samples and reference -----------------------------------------------------------------------
@@ -169,13 +193,12 @@ def write_reference_excerpts(config: ml_collections.ConfigDict, folder: pathlib.
   `splits`, default the validation and test splits).
 
   Ten pieces leave two held out; comparing whole pieces would give one intra-set distance.
-  Excerpts as long as the generated samples compare like with like.
+  Excerpts as long as the generated samples compare like with like. Each gets its piano
+  roll (.png) beside it, for the listening page.
   """
   folder.mkdir(parents=True, exist_ok=True)
-  pieces = []
-  for split in splits or (config.data.eval_split, "test"):
-    source = input_pipeline.open_data_source(config, split)
-    pieces.extend(np.asarray(source[i]["tokens"]) for i in range(len(source)))
+  pieces = [piece for split in splits or (config.data.eval_split, "test")
+            for piece in _split_pieces(config, split)]
   per_piece = [count // len(pieces) + (i < count % len(pieces)) for i in range(len(pieces))]
   paths = []
   for piece, k in zip(pieces, per_piece):
@@ -183,7 +206,8 @@ def write_reference_excerpts(config: ml_collections.ConfigDict, folder: pathlib.
     for start in starts:
       excerpt = np.concatenate([[tokens_lib.SOS_ID], piece[start:start + num_tokens]])
       path = folder / f"reference_{len(paths):04d}.mid"
-      tokens_lib.tokens_to_midi_file(excerpt, path)
+      notes = tokens_lib.tokens_to_midi_file(excerpt, path)
+      piano_roll.write(notes, path.with_suffix(".png"), title=path.stem)
       paths.append(path)
   return paths
 
@@ -193,34 +217,38 @@ def render_wavs(folders: list[pathlib.Path]) -> str:
   fluidsynth = shutil.which("fluidsynth")
   soundfont = next((p for p in SOUNDFONT_CANDIDATES if os.path.exists(p)), None)
   if fluidsynth is None or soundfont is None:
-    return ("WAV rendering skipped: fluidsynth and a General MIDI soundfont are needed "
-            "(Debian: apt-get install fluidsynth fluid-soundfont-gm).")
+    return ("none: WAV rendering skipped, fluidsynth and a General MIDI soundfont are needed "
+            "(Debian: apt-get install fluidsynth fluid-soundfont-gm; `make demo` installs them "
+            "when it runs as root).")
   midis = [p for folder in folders for p in sorted(folder.glob("*.mid"))]
   for midi in tqdm.tqdm(midis, desc="rendering WAV", unit="file"):
     wav = midi.with_suffix(".wav")
     if not wav.exists():
       subprocess.run([fluidsynth, "-ni", "-g", "0.8", "-r", "22050", "-F", str(wav), soundfont,
                       str(midi)], check=True, capture_output=True)
-  return f"rendered {len(midis)} WAV files with {soundfont}"
+  return f"{len(midis)} WAV files rendered by fluidsynth ({os.path.basename(soundfont)})."
 
 
 # -- report --------------------------------------------------------------------------------------
 
 
-def write_listening_page(out: pathlib.Path) -> pathlib.Path:
+def write_listening_page(out: pathlib.Path, audio_status: str) -> pathlib.Path:
   """index.html in `out` and in each sample folder, now that the WAVs (if any) exist."""
   samples, evaluation = out / "samples", out / "evaluation"
-  sections = [("Trained model, unconditional", samples / "trained"),
-              ("Trained model continuing the validation piece (primer shaded)",
-               samples / "continuation"),
-              ("Untrained model, for comparison", samples / "untrained")]
-  for _, folder in sections:
+  sample_sections = [("Trained model, unconditional", samples / "trained"),
+                     ("Trained model continuing the validation piece (primer shaded)",
+                      samples / "continuation"),
+                     ("Untrained model, for comparison", samples / "untrained")]
+  for _, folder in sample_sections:
     listening_page.write_folder_page(folder)
+  sections = [sample_sections[0],
+              ("Real music: excerpts of the held-out MAESTRO pieces, as long as the samples",
+               out / "reference"), *sample_sections[1:]]
   plots = ("distance_kde.png", "repetition_density.png", "token_autocorrelation.png")
   return listening_page.write_page(
       out / listening_page.INDEX, "PerceiverS demo: look and listen", sections=sections,
       intro="Tiny PerceiverS trained on 8 real MAESTRO performances. Piano rolls: pitch up, "
-      "time right, colour = velocity (dark soft, yellow loud).",
+      f"time right, colour = velocity (dark soft, yellow loud). Audio: {audio_status}",
       links=[("demo report", out / "report.md"), ("evaluation report", evaluation / "report.md"),
              ("metrics.json", evaluation / "metrics.json"),
              *[(name, evaluation / name) for name in plots],
@@ -230,17 +258,53 @@ def write_listening_page(out: pathlib.Path) -> pathlib.Path:
                  for name in ("reference", "trained", "untrained")]])
 
 
-def _nll_table(trained: dict[str, float], untrained: dict[str, float]) -> str:
+# The validation rows of report.md (and summary.json's keys), weakest first.
+NLL_ROWS = (("untrained", "untrained (uniform)"),
+            ("token_frequency", "token frequencies (unigram)"), ("trained", "trained"))
+
+
+def _nll_table(validation: dict[str, dict[str, float]]) -> str:
   rows = ["| model | NLL (nats/token) | bits/token | accuracy |", "|---|---|---|---|"]
-  for name, m in (("untrained", untrained), ("trained", trained)):
-    rows.append(f"| {name} | {m['nll']:.3f} | {m['bits_per_token']:.3f} | {m['accuracy']:.3f} |")
+  for key, label in NLL_ROWS:
+    m = validation[key]
+    rows.append(f"| {label} | {m['nll']:.3f} | {m['bits_per_token']:.3f} | {m['accuracy']:.3f} |")
   return "\n".join(rows)
 
 
-def write_summary(out: pathlib.Path, *, config_steps: int, trained: dict[str, float],
-                  untrained: dict[str, float], evaluation: dict[str, Any], audio_status: str,
-                  seconds: float) -> pathlib.Path:
-  table = (out / "evaluation" / "report.md").read_text(encoding="utf-8")
+def _notes_table(out: pathlib.Path) -> tuple[str, dict[str, dict[str, float]]]:
+  """How each set plays its notes (`note_lengths`), as a table and as numbers."""
+  folders = {"reference": out / "reference", "trained": out / "samples" / "trained",
+             "untrained": out / "samples" / "untrained"}
+  stats = {name: note_lengths.summary(
+      [np.load(p) for p in sorted(folder.glob("*.npy"))] if name != "reference" else
+      [tokens_lib.midi_file_to_tokens(p) for p in sorted(folder.glob("*.mid"))])
+           for name, folder in folders.items()}
+  rows = ["| set | notes/s | median note (s) | 90th percentile (s) | ended by the "
+          f"{tokens_lib.DEFAULT_MAX_NOTE_SECONDS:g} s cap | events decoding to nothing "
+          "(per 100) |", "|---|---|---|---|---|---|"]
+  rows += [f"| {name} | {m['notes_per_second']:.1f} | {m['median_note_seconds']:.2f} | "
+           f"{m['p90_note_seconds']:.2f} | {100 * m['capped_share']:.1f}% | "
+           f"{m['dead_events_per_100']:.1f} |" for name, m in stats.items()]
+  return "\n".join(rows), stats
+
+
+def embedded_markdown(path: pathlib.Path, into: pathlib.Path, levels: int) -> str:
+  """The markdown file `path` as a section of a page in the folder `into`: its headings
+  `levels` deeper, its relative links resolved from `into`, and `into`'s absolute path
+  (written by a tool that was given it) shown relative."""
+  text = path.read_text(encoding="utf-8").replace(f"{into}{os.sep}", "")
+  text = re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + levels) + " ", text, flags=re.M)
+  prefix = os.path.relpath(path.parent, into).replace(os.sep, "/") + "/"
+  return re.sub(r"\]\((?![a-z]+:|/|#)([^)]+)\)", lambda m: f"]({prefix}{m.group(1)})", text)
+
+
+def write_summary(out: pathlib.Path, *, config_steps: int,
+                  validation: dict[str, dict[str, float]], sampling: dict[str, Any],
+                  evaluation: dict[str, Any], audio_status: str, seconds: float) -> pathlib.Path:
+  """report.md (the summary a reader opens first) and summary.json."""
+  table = embedded_markdown(out / "evaluation" / "report.md", out, levels=2)
+  notes_table, note_stats = _notes_table(out)
+  sampling_line = ", ".join(f"{name}={value}" for name, value in sampling.items())
   oa = evaluation["sets"]
   wins = sum(oa["trained"]["features"][f]["oa"] > oa["untrained"]["features"][f]["oa"]
              for f in oa["trained"]["features"])
@@ -252,7 +316,18 @@ the 9th, reference excerpts from the 9th and 10th (held out).
 
 ## Validation NLL (sequential effective windows)
 
-{_nll_table(trained, untrained)}
+{_nll_table(validation)}
+
+The untrained model's head is zero-initialised, so it predicts every token with probability
+1/{tokens_lib.VOCAB_SIZE} (NLL ln {tokens_lib.VOCAB_SIZE} = {np.log(tokens_lib.VOCAB_SIZE):.3f}).
+The token-frequency row knows only how often each token occurs in the training pieces: a
+model below it uses context.
+
+## How the notes are played
+
+Sampling: {sampling_line}.
+
+{notes_table}
 
 ## Generated music against the held-out reference
 
@@ -262,18 +337,22 @@ The trained model has the larger overlap area (OA) on {wins} of {total} features
 
 ## Files
 
-- `index.html`: the listening page (audio, piano rolls, settings of every sample)
-- `samples/trained/`, `samples/continuation/`, `samples/untrained/`: MIDI, raw tokens, piano
-  rolls, JSON sidecars
-- `training_curve.png`; evaluation plots in `evaluation/`
-- {audio_status}
+- [index.html](index.html): the listening page (audio, piano rolls, settings of every sample)
+- [samples/trained/](samples/trained/), [samples/continuation/](samples/continuation/),
+  [samples/untrained/](samples/untrained/): MIDI, raw tokens, piano rolls, JSON sidecars
+- [reference/](reference/): the held-out excerpts (MIDI, piano rolls)
+- [training_curve.png](training_curve.png); the evaluation in [evaluation/](evaluation/)
+- [summary.json](summary.json): these numbers for scripts; [train/](train/): the training
+  workdir (checkpoints, metrics); [tfds/](tfds/): the dataset built from the pieces
+- Audio: {audio_status}
 
 Total time: {seconds / 60:.1f} min.
 """
   path = out / "report.md"
   path.write_text(text, encoding="utf-8")
-  summary = {"steps": config_steps, "validation": {"trained": trained, "untrained": untrained},
-             "oa_wins_of_trained": wins, "features": total, "seconds": seconds}
+  summary = {"steps": config_steps, "validation": validation, "sampling": sampling,
+             "notes": note_stats, "oa_wins_of_trained": wins, "features": total,
+             "seconds": seconds}
   (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
   return path
 
@@ -298,9 +377,11 @@ def run_demo(options: DemoOptions) -> pathlib.Path:
   workdir = out / "train"
   train.train_and_evaluate(config, str(workdir))
   trained = evaluation_lib.evaluate(config, str(workdir))
-  untrained = untrained_validation_metrics(config)
+  validation = {"untrained": untrained_validation_metrics(config),
+                "token_frequency": token_frequency_metrics(config), "trained": trained}
   plot_training_curve(workdir, out / "training_curve.png")
-  print(f"validation NLL: untrained {untrained['nll']:.3f}, trained {trained['nll']:.3f} nats/token")
+  print("validation NLL: " + ", ".join(f"{label} {validation[key]['nll']:.3f}"
+                                       for key, label in NLL_ROWS) + " nats/token")
 
   _stage("3/6 sampling")
   samples = out / "samples"
@@ -331,13 +412,14 @@ def run_demo(options: DemoOptions) -> pathlib.Path:
                        "trained": str(samples / "trained")}, str(out / "evaluation"))
 
   _stage("6/6 audio and report")
-  audio_status = render_wavs([samples / "trained", samples / "continuation", reference])
+  audio_status = render_wavs([samples / "trained", samples / "continuation",
+                              samples / "untrained", reference])
   print(audio_status)
   seconds = time.perf_counter() - start
-  path = write_summary(out, config_steps=config.train.num_steps, trained=trained,
-                       untrained=untrained, evaluation=evaluation, audio_status=audio_status,
-                       seconds=seconds)
-  print(f"listening page: {write_listening_page(out)}")
+  path = write_summary(out, config_steps=config.train.num_steps, validation=validation,
+                       sampling=dataclasses.asdict(settings.sampling), evaluation=evaluation,
+                       audio_status=audio_status, seconds=seconds)
+  print(f"listening page: {write_listening_page(out, audio_status)}")
   print(f"\nDone in {seconds / 60:.1f} min: {path}")
   logging.info("demo finished on %s", jax.devices()[0].platform)
   return path

@@ -17,7 +17,11 @@ config.model.attention_impl names one of them or `auto`. The kernel is a runtime
 a property of the parameters: `resolve_impl` picks it per layer and per call (a window
 forward, a decoder reset over the caches, or a decoder step of one query) when the model is built, for the backend it runs on, so a
 model trained with `cudnn` or `splash` restores, samples and fine-tunes on any backend (with
-a log line saying what runs instead).
+a log line saying what runs instead). The backend is the one the model is built for (a TPU
+topology compiled for on a CPU host gets TPU kernels), and `auto` never picks a kernel whose
+documented limits the call breaks (`cudnn_fits`, `splash.fits`). Splash and cuDNN run once
+per device on its shard of rows (`partitioning.per_shard`): jax cannot partition a Mosaic
+kernel, and cuDNN's shapes are then the per-device ones.
 Queries that see no key (padding latents) get zeros, never NaN.
 """
 
@@ -39,23 +43,49 @@ ATTENTION_IMPLS = ("auto",) + KERNELS
 # mask: never splash. step: the decoder's plain step, one new latent's query per row.
 CALLS = ("window", "cached", "step")
 _HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# Key lengths every kernel accepts: whole splash blocks, which are even (cuDNN's training
+# rule). A windowed short scale's keys are padded to them (`perceivers.cross_key_lengths`).
+KEY_BLOCK = splash.BLOCK
 # Finite stand-in for -inf, so fully masked rows stay finite in float32.
 _NEG = -1e30
 
 
+def _cudnn_max_head_dim() -> int:
+  """jax's cuDNN limit on the head dim: 256 from Hopper (compute capability 9.0) on, 128
+  before, and 128 where no GPU is visible (a target compiled for elsewhere)."""
+  try:
+    capability = jax.devices("gpu")[0].compute_capability
+  except RuntimeError:
+    return 128
+  return 256 if tuple(int(x) for x in capability.split(".")) >= (9, 0) else 128
+
+
+def cudnn_fits(*, dtype, head_dim: int, num_queries: int, kv_length: int, call: str) -> bool:
+  """Does jax's cuDNN attention accept this call (its check_is_flash_attention, in
+  jax/_src/cudnn/fused_attention_stablehlo.py)? bfloat16/float16; a head dim that is a
+  multiple of 8 and at most `_cudnn_max_head_dim()`; and in training with a mask (the
+  gradient of a window call: the mask is passed as a bias) even query and key lengths."""
+  if jnp.dtype(dtype) not in _HALF_DTYPES:
+    return False
+  if head_dim % 8 or head_dim > _cudnn_max_head_dim():
+    return False
+  return call != "window" or (num_queries % 2 == 0 and kv_length % 2 == 0)
+
+
 def auto_impl(*, backend: str, dtype, kv_length: int, chunk_size: int, call: str = "cached",
-              num_queries: int = 0) -> str:
-  """`auto`: plain XLA for a decoder step; cuDNN on GPU in bf16/fp16; splash on TPU for window
-  calls whose `num_queries` fill its blocks (`splash.fits`); elsewhere the chunked kernel once
-  the keys outnumber one chunk (its memory grows with the chunk, not the keys) and plain XLA
-  below that.
+              num_queries: int = 0, head_dim: int) -> str:
+  """`auto`: plain XLA for a decoder step; cuDNN on GPU where it accepts the call
+  (`cudnn_fits`); splash on TPU for window calls whose `num_queries` fill its blocks
+  (`splash.fits`); elsewhere the chunked kernel once the keys outnumber one chunk (its memory
+  grows with the chunk, not the keys) and plain XLA below that.
 
   A step's scores are one row per head, so a fused or chunked kernel has no memory to save,
   and XLA's two einsums read the caches where they lie: the chunked kernel's padding and
   reshape, or cuDNN's [B, T, H, K] layout, would copy every cache each token."""
   if call == "step":
     return "xla"
-  if backend == "gpu" and jnp.dtype(dtype) in _HALF_DTYPES:
+  if backend == "gpu" and cudnn_fits(dtype=dtype, head_dim=head_dim, num_queries=num_queries,
+                                     kv_length=kv_length, call=call):
     return "cudnn"
   if backend == "tpu" and call == "window" and splash.fits(num_queries):
     return "splash"
@@ -63,27 +93,36 @@ def auto_impl(*, backend: str, dtype, kv_length: int, chunk_size: int, call: str
 
 
 def resolve_impl(requested: str, *, backend: str, dtype, kv_length: int, chunk_size: int,
-                 call: str = "cached", num_queries: int = 0) -> str:
-  """The kernel a `call` (`CALLS`) of a layer with `num_queries` queries over `kv_length` keys
-  runs on `backend` (e.g. jax.default_backend()).
+                 call: str = "cached", num_queries: int = 0, head_dim: int) -> str:
+  """The kernel a `call` (`CALLS`) of a layer with `num_queries` queries of `head_dim` over
+  `kv_length` keys runs on `backend`, the platform the model is built for (a mesh's devices:
+  a TPU topology compiled for on a CPU host is `tpu`).
 
   `requested` (config.model.attention_impl) is used when it can run there; `auto`, or a
-  kernel that cannot run there (cudnn off a GPU or in float32; splash outside a window call
-  or with queries that do not fill its blocks), gives `auto_impl`'s choice. This is the one
-  place a kernel is chosen.
+  kernel that cannot run there (cudnn off a GPU or where `cudnn_fits` refuses the call;
+  splash outside a window call or with queries that do not fill its blocks), gives
+  `auto_impl`'s choice. This is the one place a kernel is chosen.
   """
   if requested not in ATTENTION_IMPLS:
     raise ValueError(f"config.model.attention_impl={requested!r}; use one of {ATTENTION_IMPLS}.")
   if call not in CALLS:
     raise ValueError(f"attention call {call!r}; use one of {CALLS}.")
   choice = auto_impl(backend=backend, dtype=dtype, kv_length=kv_length, chunk_size=chunk_size,
-                     call=call, num_queries=num_queries)
+                     call=call, num_queries=num_queries, head_dim=head_dim)
   if requested == "auto":
     return choice
-  if requested == "cudnn" and (backend != "gpu" or jnp.dtype(dtype) not in _HALF_DTYPES):
-    logging.warning("config.model.attention_impl='cudnn' cannot run on %s with %s activations "
-                    "(it needs an NVIDIA GPU and bfloat16/float16): using %r for %d keys.",
-                    backend, jnp.dtype(dtype).name, choice, kv_length)
+  if requested == "cudnn" and backend != "gpu":
+    logging.warning("config.model.attention_impl='cudnn' cannot run on %s (it needs an NVIDIA "
+                    "GPU): using %r for %d keys.", backend, choice, kv_length)
+    return choice
+  if requested == "cudnn" and not cudnn_fits(dtype=dtype, head_dim=head_dim,
+                                             num_queries=num_queries, kv_length=kv_length,
+                                             call=call):
+    logging.warning("config.model.attention_impl='cudnn' refuses %d queries over %d keys of "
+                    "head dim %d in %s (it needs bfloat16/float16, a head dim that is a "
+                    "multiple of 8 up to %d, even lengths in training): using %r.",
+                    num_queries, kv_length, head_dim, jnp.dtype(dtype).name,
+                    _cudnn_max_head_dim(), choice)
     return choice
   if requested == "splash" and call != "window":
     return choice
@@ -164,24 +203,40 @@ def _cudnn_attention(q_BNHK, k_BLHK, v_BLHK, mask: masks_lib.Mask) -> jax.Array:
   return jnp.where(any_BN[:, :, None, None], out_BNHK, 0)
 
 
+# The logical axes of a kernel's arguments: rows and heads may be split over devices, the
+# query and key lengths never (a kernel sees whole windows).
+_Q_AXES = ("batch", None, "heads", None)
+_Q_VALID_AXES = ("batch", None)
+
+
 def dot_product_attention(q_BNHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
                           mask: masks_lib.Mask, *, impl: str = "xla", chunk_size: int = 4096,
-                          splash_scale: int = 0) -> jax.Array:
+                          splash_scale: int = 0, backend: str | None = None) -> jax.Array:
   """softmax(q k^T / sqrt(K)) v over the keys `mask` lets each query see; dtype of v out.
 
   `splash` reads only the padding from `mask`: its slots are a left-padded window's, and
-  `splash_scale` is the sliding scale (0: causal; see `splash.splash_mask`)."""
+  `splash_scale` is the sliding scale (0: causal; see `splash.splash_mask`). It runs in
+  Pallas interpret mode unless `backend` (where the program runs; default
+  jax.default_backend()) is a TPU. Splash and cuDNN run once per device on its rows (and
+  heads, when tensor-parallel): `partitioning.per_shard`.
+  """
   q_BNHK = q_BNHK * jnp.asarray(q_BNHK.shape[-1] ** -0.5, q_BNHK.dtype)
   if impl == "xla":
     out = _xla_attention(q_BNHK, k_BLHK, v_BLHK, mask)
   elif impl == "chunked":
     out = _chunked_attention(q_BNHK, (k_BLHK, v_BLHK), mask, chunk_size)
   elif impl == "cudnn":
-    out = _cudnn_attention(q_BNHK, k_BLHK, v_BLHK, mask)
+    out = partitioning.per_shard(
+        lambda q, k, v, *positions: _cudnn_attention(q, k, v, masks_lib.Mask(*positions)),
+        (q_BNHK, k_BLHK, v_BLHK, mask.q_positions_BN, mask.q_lower_BN, mask.kv_positions_BL,
+         mask.kv_valid_BL), (_Q_AXES,) * 3 + (_Q_VALID_AXES,) * 4)
   elif impl == "splash":
-    out = splash.splash_attention(q_BNHK, k_BLHK, v_BLHK, mask.q_positions_BN >= 0,
-                                  mask.kv_valid_BL, scale=splash_scale,
-                                  interpret=jax.default_backend() != "tpu")
+    interpret = (backend or jax.default_backend()) != "tpu"
+    out = partitioning.per_shard(
+        lambda q, k, v, q_valid, kv_valid: splash.splash_attention(
+            q, k, v, q_valid, kv_valid, scale=splash_scale, interpret=interpret),
+        (q_BNHK, k_BLHK, v_BLHK, mask.q_positions_BN >= 0, mask.kv_valid_BL),
+        (_Q_AXES,) * 3 + (_Q_VALID_AXES,) * 2)
   else:
     raise ValueError(f"attention kernel {impl!r}; use one of {KERNELS} (resolve_impl picks one).")
   return out.astype(v_BLHK.dtype)
@@ -190,15 +245,16 @@ def dot_product_attention(q_BNHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Arra
 class Attention(nnx.Module):
   """Multi-head attention with rotary q/k; projections and kernel usable separately.
 
-  `impl`, `step_impl` and `window_impl` are kernels of `KERNELS` (already resolved for this
-  backend, see `resolve_impl`) for cached calls, for cached calls of one query (a decoder
-  step) and for window calls (`window=True`, `attend_inputs`);
+  `impl`, `step_impl` and `window_impl` are kernels of `KERNELS` (already resolved for
+  `backend`, the platform the model runs on, see `resolve_impl`) for cached calls, for cached
+  calls of one query (a decoder step) and for window calls (`window=True`, `attend_inputs`);
   `window_scale` is the layer's sliding scale (0: causal), which only splash reads.
   """
 
   def __init__(self, q_dim: int, kv_dim: int, *, num_heads: int, head_dim: int,
                rotary_fraction: float, max_wavelength: float, impl: str, step_impl: str,
-               window_impl: str, window_scale: int, chunk_size: int, dtype, param_dtype, rngs: nnx.Rngs):
+               window_impl: str, window_scale: int, chunk_size: int, backend: str, dtype,
+               param_dtype, rngs: nnx.Rngs):
     init = nnx.initializers.lecun_normal
     proj_init = partitioning.logical_param(init(in_axis=0, out_axis=(1, 2)),
                                            ("embed", "heads", "kv"))
@@ -225,6 +281,7 @@ class Attention(nnx.Module):
     self.window_impl = window_impl
     self.window_scale = window_scale
     self.chunk_size = chunk_size
+    self.backend = backend
     self.dtype = dtype
 
   def _project(self, x_BTD, kernel, bias, positions_BT, length_axis, rotate):
@@ -261,7 +318,8 @@ class Attention(nnx.Module):
     else:
       impl = self.step_impl if q_BNHK.shape[1] == 1 else self.impl
     out_BNHK = dot_product_attention(q_BNHK, k_BLHK, v_BLHK, mask, impl=impl,
-                                     chunk_size=self.chunk_size, splash_scale=self.window_scale)
+                                     chunk_size=self.chunk_size, splash_scale=self.window_scale,
+                                     backend=self.backend)
     return self._output(out_BNHK)
 
   def attend_inputs(self, q_BNHK: jax.Array, x_BLD: jax.Array, positions_BL: jax.Array,

@@ -44,23 +44,24 @@ def gather_latent_block(x_BL: jax.Array, inputs_BL: jax.Array, num_latents: int)
   return jnp.take_along_axis(x_BL, idx, axis=1)
 
 
-def sliding_window_size(scale: int, num_latents: int, length: int) -> int:
+def sliding_window_size(scale: int, num_latents: int, length: int, multiple: int = 1) -> int:
   """Keys a `sliding` layer of scale W needs in training: the N + W - 1 slots ending at the
-  latent block's end (the first latent sees W - 1 inputs before the block), at most L."""
-  return min(num_latents + scale - 1, length)
+  latent block's end (the first latent sees W - 1 inputs before the block), rounded up to a
+  multiple of `multiple` (the extra slots are keys the mask hides), at most L."""
+  return min(-(-(num_latents + scale - 1) // multiple) * multiple, length)
 
 
-def slice_sliding_window(x_BL: jax.Array, latent_start_B: jax.Array, *, scale: int,
+def slice_sliding_window(x_BL: jax.Array, latent_start_B: jax.Array, *, size: int,
                          num_latents: int) -> jax.Array:
-  """x's slots [start - (W - 1), start + N) per row, clamped into [0, L): [B, L, ...] ->
-  [B, sliding_window_size, ...].
+  """x's `size` slots ending at the latent block's end, [start + N - size, start + N) per row,
+  clamped into [0, L): [B, L, ...] -> [B, size, ...].
 
-  In a window of contiguous positions these are the only inputs a `sliding` scale W lets the
-  latent block [start, start + N) see; the mask, applied to them, still decides which are
-  visible, so the result equals the masked computation over all L inputs.
+  In a window of contiguous positions, with size >= N + W - 1 (`sliding_window_size`), these
+  hold every input a `sliding` scale W lets the latent block [start, start + N) see; the
+  mask, applied to them, still decides which are visible, so the result equals the masked
+  computation over all L inputs.
   """
-  size = sliding_window_size(scale, num_latents, x_BL.shape[1])
-  first_B = jnp.clip(latent_start_B - (scale - 1), 0, x_BL.shape[1] - size)
+  first_B = jnp.clip(latent_start_B + num_latents - size, 0, x_BL.shape[1] - size)
   return jax.vmap(lambda x, first: jax.lax.dynamic_slice_in_dim(x, first, size))(x_BL, first_B)
 
 

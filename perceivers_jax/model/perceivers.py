@@ -12,10 +12,11 @@ Layers expose their steps (`CrossAttentionLayer.key_value` / `attend`,
 `LatentLayer.project` / `finish`) so the cached decoder runs the same code; training uses
 `CrossAttentionLayer.attend_inputs` (the same function, keys/values computed inside the
 chunked kernel). A windowed `sliding` scale W keys only the N + W - 1 inputs its latents can
-see (`cross_key_lengths`); each layer's kernels are chosen for the backend when it is built
-(`attention.resolve_impl`): one for the forward over windows (`attend_inputs`,
-`LatentLayer.__call__`; splash on a TPU when the model is told its windows are left-padded,
-`left_padded_windows`) and one for the decoder's cached calls (never splash).
+see, padded to whole kernel blocks (`cross_key_lengths`); each layer's kernels are chosen for
+the model's backend when it is built (`attention.resolve_impl`): one for the forward over
+windows (`attend_inputs`, `LatentLayer.__call__`; splash on a TPU when the model is told its
+windows are left-padded, `left_padded_windows`) and one for the decoder's cached calls
+(never splash).
 """
 
 import functools
@@ -78,9 +79,11 @@ def windowed_layers(cfg: ml_collections.ConfigDict) -> tuple[bool, ...]:
 
 def cross_key_lengths(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
   """Keys each cross-attention layer projects and scores per window in training: all L, or
-  a windowed sliding scale's N + W - 1 (`masks.sliding_window_size`)."""
+  a windowed sliding scale's N + W - 1 rounded up to whole `attention.KEY_BLOCK`s (what every
+  kernel accepts: 2,048 at paper size; `masks.sliding_window_size`)."""
   return tuple(
-      masks_lib.sliding_window_size(int(scale), cfg.num_latents, cfg.max_length) if windowed
+      masks_lib.sliding_window_size(int(scale), cfg.num_latents, cfg.max_length,
+                                    attention_lib.KEY_BLOCK) if windowed
       else cfg.max_length
       for scale, windowed in zip(cfg.cross_attention_scales, windowed_layers(cfg)))
 
@@ -88,7 +91,8 @@ def cross_key_lengths(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
 class _Settings:
   """The static settings the layers share, read once from config.model."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, left_padded_windows: bool):
+  def __init__(self, cfg: ml_collections.ConfigDict, left_padded_windows: bool, backend: str):
+    self.backend = backend
     self.embed_dim = cfg.embed_dim
     self.num_heads = cfg.num_heads
     self.head_dim = cfg.head_dim
@@ -119,21 +123,22 @@ def _layer_norm(s: _Settings, rngs: nnx.Rngs) -> nnx.LayerNorm:
 def _attention(s: _Settings, kv_length: int, rngs: nnx.Rngs, *,
                scale: int = 0) -> attention_lib.Attention:
   """Attention of the N latents over `kv_length` keys (at scale `scale`, 0: causal), with
-  kernels chosen for this backend and length: for cached calls, decoder steps (one query)
-  and window calls. A window call is a slot-masked one (splash can run) only over
+  kernels chosen for the model's backend and this length: for cached calls, decoder steps
+  (one query) and window calls. A window call is a slot-masked one (splash can run) only over
   left-padded windows and with a causal or `sliding` mask (a `final_block` window is no slot
   mask)."""
   slot_masked = s.left_padded_windows and (scale == 0 or s.scale_mask == "sliding")
   impl, step_impl, window_impl = (
-      attention_lib.resolve_impl(s.requested_impl, backend=jax.default_backend(),
-                                 dtype=s.dtype, kv_length=kv_length, chunk_size=s.chunk_size,
-                                 call=call, num_queries=1 if call == "step" else s.num_latents)
+      attention_lib.resolve_impl(s.requested_impl, backend=s.backend, dtype=s.dtype,
+                                 kv_length=kv_length, chunk_size=s.chunk_size, call=call,
+                                 num_queries=1 if call == "step" else s.num_latents,
+                                 head_dim=s.head_dim)
       for call in ("cached", "step", "window" if slot_masked else "cached"))
   return attention_lib.Attention(
       s.embed_dim, s.embed_dim, num_heads=s.num_heads, head_dim=s.head_dim,
       rotary_fraction=s.rotary_fraction, max_wavelength=s.max_wavelength, impl=impl,
-      step_impl=step_impl, window_impl=window_impl, window_scale=scale, chunk_size=s.chunk_size, dtype=s.dtype,
-      param_dtype=s.param_dtype, rngs=rngs)
+      step_impl=step_impl, window_impl=window_impl, window_scale=scale, chunk_size=s.chunk_size,
+      backend=s.backend, dtype=s.dtype, param_dtype=s.param_dtype, rngs=rngs)
 
 
 class Dense(nnx.Module):
@@ -242,13 +247,15 @@ class PerceiverS(nnx.Module):
 
   `left_padded_windows`: the forward is only given left-padded windows of contiguous positions
   (training's config.data.padding_side == "left"), so its masks are slot masks and splash may
-  run them; False (the default: layout unknown) keeps splash out.
+  run them; False (the default: layout unknown) keeps splash out. `backend`: the platform
+  the model runs on, whose kernels its layers get (default jax.default_backend(); a model
+  compiled for a TPU topology from a CPU host is built for `tpu`).
   """
 
   def __init__(self, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
-               left_padded_windows: bool = False):
+               left_padded_windows: bool = False, backend: str | None = None):
     cfg = model_config
-    s = _Settings(cfg, left_padded_windows)
+    s = _Settings(cfg, left_padded_windows, backend or jax.default_backend())
     if cfg.combine not in COMBINES:
       raise ValueError(f"config.model.combine={cfg.combine!r}; use one of {COMBINES}.")
     if cfg.scale_mask not in masks_lib.SCALE_MASKS:
@@ -352,7 +359,8 @@ class PerceiverS(nnx.Module):
         inputs = (embedded_BLD, kv_positions_BL)
         if self.windowed[index] and latent_start_B is not None:
           window = functools.partial(masks_lib.slice_sliding_window,
-                                     latent_start_B=latent_start_B, scale=scale,
+                                     latent_start_B=latent_start_B,
+                                     size=self.key_lengths[index],
                                      num_latents=self.num_latents)
           kv_positions, kv_valid = window(kv_positions_BL), window(kv_valid_BL)
           inputs = (window(embedded_BLD), kv_positions)

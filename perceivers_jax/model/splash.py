@@ -15,6 +15,8 @@ The cached decoder's ring-buffer caches have no such slot structure: it needs an
 Splash works in blocks of `BLOCK` (a multiple of the TPU's 128 lanes, also in interpret mode):
 N must be a multiple of it (`fits`), and the keys are left-padded up to one with padding keys.
 `interpret=True` runs the kernel on CPU in Pallas interpret mode (how the tests check it).
+`splash_attention` sees one device's rows: jax refuses to partition a Mosaic kernel, so
+`attention.dot_product_attention` calls it inside a shard_map (`partitioning.per_shard`).
 """
 
 import functools
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mask_info_lib
 
 BLOCK = 128
 
@@ -46,15 +49,25 @@ def splash_mask(num_q: int, num_kv: int, num_heads: int, *,
 
 @functools.lru_cache(maxsize=32)
 def _kernel(num_q: int, num_kv: int, num_heads: int, scale: int, block: int, interpret: bool):
-  sizes = dict(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
-               block_kv_dq=block)
-  # The kernel holds its mask's block tables as arrays: made concrete even when the first call
-  # is traced, so that the cached kernel leaks no tracer into later traces.
-  with jax.ensure_compile_time_eval():
-    return kernel_lib.make_splash_mha(
-        splash_mask(num_q, num_kv, num_heads, scale=scale), head_shards=1, q_seq_shards=1,
-        block_sizes=kernel_lib.BlockSizes(**sizes), interpret=interpret)
+  """The splash kernel of `splash_mask`, its mask's block tables held as numpy arrays.
+
+  `make_splash_mha` turns the tables into jax arrays, which places them on a device: inside
+  a trace for a TPU topology (no such device here) that fails, and a traced first call would
+  leave tracers in this cache. The tables are built here, as jax's constructor builds them,
+  with numpy only: constants of whichever program calls the kernel.
+  """
+  sizes = kernel_lib.BlockSizes(
+      block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+      block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  mask = splash_mask(num_q, num_kv, num_heads, scale=scale)
+  tables = dict(head_shards=1, q_seq_shards=1)
+  # The dq pass uses the forward's blocks, hence its tables.
+  fwd_info, mask_function = mask_info_lib.process_mask(mask, (block, block), **tables)
+  dkv_info, _ = mask_info_lib.process_mask_dkv(mask, (block, block), shrink_grid=True, **tables)
+  return kernel_lib.SplashAttentionKernel(
+      fwd_info, fwd_info, dkv_info, block_sizes=sizes, is_mqa=False, save_residuals=False,
+      mask_value=kernel_lib.DEFAULT_MASK_VALUE, attn_logits_soft_cap=None,
+      residual_checkpoint_name=None, mask_function=mask_function, interpret=interpret)
 
 
 def splash_attention(q_BNHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array,

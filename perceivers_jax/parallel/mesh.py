@@ -1,16 +1,29 @@
-"""Multi-host start-up and the (data, fsdp, tensor) device mesh built from `config.mesh`."""
+"""Multi-host start-up and the (data, fsdp, tensor) device mesh built from `config.mesh`.
+
+The mesh has two levels, as MaxText's ici_*/dcn_* parallelism: `config.mesh.data`, `fsdp`,
+`tensor` split the devices of one slice (a TPU slice's ICI, a GPU node's NVLink), and
+`dcn_data`, `dcn_fsdp`, `dcn_tensor` split the slices (the data-centre network between
+them). Each mesh axis is the product of its two levels (a 2 x v5p-32 job with data=1,
+fsdp=-1 and dcn_data=-1 has data 2, fsdp 16); devices of one slice are neighbours along the
+slice level (jax's hybrid device mesh), so only the DCN level's collectives cross slices.
+One axis per level may be -1 (the rest of that level). With one slice every dcn_* is 1.
+"""
 
 import math
 import os
 
 from absl import logging
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 import ml_collections
 
 from perceivers_jax import config_base
 
 MESH_AXES = ("data", "fsdp", "tensor")
+DCN_AXES = tuple(f"dcn_{axis}" for axis in MESH_AXES)  # config.mesh fields of the DCN level
+# The DCN level of configs saved before it existed: data parallelism across slices.
+_DCN_DEFAULTS = {"dcn_data": -1, "dcn_fsdp": 1, "dcn_tensor": 1}
 
 # Environment markers of a multi-host launch that `jax.distributed.initialize()` auto-detects.
 _AUTO_DETECT_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
@@ -59,13 +72,27 @@ def initialize_distributed(coordinator_address: str | None = None,
   return True
 
 
+def num_slices(devices) -> int:
+  """Slices the devices span (TPU devices of a multi-slice job carry a slice_index)."""
+  return len({getattr(d, "slice_index", 0) or 0 for d in devices})
+
+
+def platform(mesh: Mesh) -> str:
+  """The platform of the mesh's devices ('tpu' for a TPU topology compiled for on a CPU)."""
+  return mesh.devices.flat[0].platform
+
+
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
-  """The (data, fsdp, tensor) mesh over `devices` (default: all); one axis size may be -1."""
+  """The (data, fsdp, tensor) mesh over `devices` (default: all), slices along the DCN level."""
   devices = jax.devices() if devices is None else list(devices)
-  shape = resolve_mesh_shape(mesh_config, len(devices))
+  slices = num_slices(devices)
+  slice_shape, dcn_shape = resolve_mesh_levels(mesh_config, len(devices), slices)
   # Auto axes: shardings come from the logical-axis rules and GSPMD propagation.
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if slices == 1:
+    return jax.make_mesh(slice_shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  grid = mesh_utils.create_hybrid_device_mesh(slice_shape, dcn_shape, devices)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -73,23 +100,44 @@ def data_mesh(devices=None) -> Mesh:
   return make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)), devices)
 
 
-def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
-  """(data, fsdp, tensor) sizes with the one -1 axis filled in; raises ConfigError if impossible."""
-  sizes = [mesh_config[axis] for axis in MESH_AXES]
-  for axis, size in zip(MESH_AXES, sizes):
-    if not isinstance(size, int) or (size <= 0 and size != -1):
-      config_base.fail(f"mesh.{axis}", size,
-            "must be a positive integer or -1 (filled with the remaining devices).")
+def _resolve_level(fields: tuple[str, ...], sizes: list, num_devices: int, what: str) -> list:
+  for field, size in zip(fields, sizes):
+    if isinstance(size, bool) or not isinstance(size, int) or (size <= 0 and size != -1):
+      config_base.fail(f"mesh.{field}", size,
+                       "must be a positive integer or -1 (filled with the remaining devices).")
+  given = dict(zip(fields, sizes))
   free = [i for i, size in enumerate(sizes) if size == -1]
   if len(free) > 1:
-    config_base.fail("mesh", dict(zip(MESH_AXES, sizes)), "at most one axis may be -1.")
+    config_base.fail("mesh", given, f"at most one of {', '.join(fields)} may be -1.")
   fixed = math.prod(size for size in sizes if size != -1)
   if free:
     if num_devices % fixed:
-      config_base.fail("mesh", dict(zip(MESH_AXES, sizes)),
-            f"the fixed axes multiply to {fixed}, which does not divide the {num_devices} devices.")
+      config_base.fail("mesh", given, f"the fixed axes multiply to {fixed}, which does not "
+                       f"divide the {num_devices} {what}.")
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
-    config_base.fail("mesh", dict(zip(MESH_AXES, sizes)),
-          f"the axes multiply to {fixed} but there are {num_devices} devices; set one axis to -1.")
-  return tuple(sizes)
+    config_base.fail("mesh", given, f"the axes multiply to {fixed} but there are {num_devices} "
+                     f"{what}; set one axis to -1.")
+  return sizes
+
+
+def resolve_mesh_levels(mesh_config: ml_collections.ConfigDict, num_devices: int,
+                        slices: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """((data, fsdp, tensor) within a slice, the same across slices), -1s filled in; raises
+  ConfigError if impossible. Configs without dcn_* fields get data parallelism across slices."""
+  if num_devices % slices:
+    config_base.fail("mesh", dict(mesh_config), f"{num_devices} devices do not split evenly "
+                     f"into {slices} slices.")
+  slice_sizes = _resolve_level(MESH_AXES, [mesh_config[axis] for axis in MESH_AXES],
+                               num_devices // slices, "devices of a slice" if slices > 1
+                               else "devices")
+  dcn_sizes = _resolve_level(DCN_AXES, [mesh_config.get(f, _DCN_DEFAULTS[f]) for f in DCN_AXES],
+                             slices, "slices")
+  return tuple(slice_sizes), tuple(dcn_sizes)
+
+
+def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int,
+                       slices: int = 1) -> tuple[int, ...]:
+  """(data, fsdp, tensor) sizes of the whole mesh: each axis's slice and DCN levels multiplied."""
+  slice_sizes, dcn_sizes = resolve_mesh_levels(mesh_config, num_devices, slices)
+  return tuple(a * b for a, b in zip(slice_sizes, dcn_sizes))

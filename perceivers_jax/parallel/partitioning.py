@@ -132,6 +132,25 @@ class InMesh:
       return self.fn.lower(*args)
 
 
+def per_shard(fn: Callable[..., jax.Array], args: Sequence[jax.Array],
+              axes: Sequence[LogicalAxes]) -> jax.Array:
+  """fn(*args) run on each device's shards, for kernels XLA cannot partition (Mosaic ones,
+  which jax refuses to partition; cuDNN's).
+
+  Inside `activation_sharding`, a `jax.shard_map` over its mesh: argument i is split along
+  the mesh axes its logical `axes[i]` map to under the active rules (where they divide it),
+  and the result is sharded like args[0]. Without an active mesh and rules (a program that
+  is not partitioned) fn itself runs.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = flax.core.spmd.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return fn(*args)
+  specs = tuple(logical_to_mesh_spec(a, rules, dict(mesh.shape), x.shape)
+                for a, x in zip(axes, args))
+  return jax.shard_map(fn, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
+
+
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
   """Sharding constraint from logical axes; a no-op without an active mesh and rules."""
   mesh = jax.sharding.get_abstract_mesh()

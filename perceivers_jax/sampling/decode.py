@@ -279,6 +279,8 @@ def _generate(graphdef, state, prompt_BP, prompt_lengths_B, keys_B, elapsed_B, *
   batch = prompt_BP.shape[0]
   logits_BV, cache = prefill(model, prompt_BP, prompt_lengths_B, num_reset_latents,
                              min_prompt_length)
+  # The sounding notes are the music's, not the caches': latent resets leave them alone.
+  onsets_BP = next_token.prompt_onsets(prompt_BP)
   out = dict(
       tokens=jnp.zeros((batch, num_steps), jnp.int32),
       latent_start=jnp.zeros((batch, num_steps), jnp.int32),
@@ -288,14 +290,14 @@ def _generate(graphdef, state, prompt_BP, prompt_lengths_B, keys_B, elapsed_B, *
   done_B = jnp.zeros((batch,), bool)
 
   def running(carry):
-    step, _, _, _, done_B, _ = carry
+    step, _, _, _, _, done_B, _ = carry
     return (step < num_steps) & ~done_B.all()
 
   def step(carry, reset_latents):
     """Samples each row's next token from the carried logits, records it, feeds it in."""
-    step, logits_BV, cache, elapsed_B, done_B, out = carry
+    step, logits_BV, cache, elapsed_B, onsets_BP, done_B, out = carry
     step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
-    token_B = next_token.sample_step(logits_BV, step_keys_B, elapsed_B, sampling)
+    token_B = next_token.sample_step(logits_BV, step_keys_B, elapsed_B, onsets_BP, sampling)
     token_B = jnp.where(done_B, tokens.PAD_ID, token_B)
     out = dict(out, tokens=out["tokens"].at[:, step].set(token_B),
                latent_start=out["latent_start"].at[:, step].set(cache.latent_start_B),
@@ -303,9 +305,10 @@ def _generate(graphdef, state, prompt_BP, prompt_lengths_B, keys_B, elapsed_B, *
     if record_logits:
       out["logits"] = out["logits"].at[:, step].set(logits_BV)
     done_B = done_B | (token_B == tokens.EOS_ID)
+    onsets_BP = next_token.update_onsets(onsets_BP, token_B, elapsed_B)
     elapsed_B = elapsed_B + next_token.shift_steps(token_B)
     logits_BV, cache = decode_step(model, cache, token_B, reset_latents=reset_latents)
-    return step + 1, logits_BV, cache, elapsed_B, done_B, out
+    return step + 1, logits_BV, cache, elapsed_B, onsets_BP, done_B, out
 
   def plain_steps(carry):
     """Plain steps until the latent caches are full (or the samples end)."""
@@ -313,12 +316,32 @@ def _generate(graphdef, state, prompt_BP, prompt_lengths_B, keys_B, elapsed_B, *
     return jax.lax.while_loop(has_room, lambda carry: step(carry, 0), carry)
 
   # Full latent caches are what ends `plain_steps` while running: reset, then plain steps again.
-  carry = plain_steps((jnp.int32(0), logits_BV, cache, elapsed_B, done_B, out))
+  carry = plain_steps((jnp.int32(0), logits_BV, cache, elapsed_B, onsets_BP, done_B, out))
   carry = jax.lax.while_loop(running, lambda carry: plain_steps(step(carry, num_reset_latents)),
                              carry)
   out = carry[-1]
   out["num_steps"] = carry[0]
   return out
+
+
+def lower_generate(model: model_lib.PerceiverS, *, batch_size: int, prompt_length: int,
+                   num_steps: int, sampling: next_token.SamplingConfig,
+                   mesh: jax.sharding.Mesh, num_reset_latents: int | None = None,
+                   batch_axis: str = "data") -> jax.stages.Lowered:
+  """`generate`'s program for `batch_size` prompts of `prompt_length` tokens, rows split over
+  `mesh`'s `batch_axis`, lowered from shapes alone (`model` may hold ShapeDtypeStructs):
+  what the sampler's dry run compiles."""
+  n = model.num_latents
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axis))
+  row = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct((batch_size,) + shape, dtype,
+                                                             sharding=rows)
+  prompt_BP, lengths_B, keys_B, elapsed_B = (row(prompt_length), row(),
+                                              row(dtype=jax.random.key(0).dtype), row())
+  graphdef, state = nnx.split(model)
+  return _generate.lower(
+      graphdef, state, prompt_BP, lengths_B, keys_B, elapsed_B, num_steps=num_steps,
+      sampling=sampling, min_prompt_length=prompt_length, record_logits=False,
+      num_reset_latents=n // 2 if num_reset_latents is None else num_reset_latents)
 
 
 def generate(model: model_lib.PerceiverS, prompt_BP: jax.Array, *, num_steps: int,

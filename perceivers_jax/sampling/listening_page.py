@@ -2,7 +2,9 @@
 
 One card per sample (found by its `sample_*.json` sidecar, written by `sampling`): an audio
 player when a `.wav` rendering sits beside it, its piano roll (`.png`), duration, token
-counts, the settings and the command that regenerates it. Links are relative and the
+counts, the settings and the command that regenerates it. A folder without sidecars (real
+music to compare with, such as the demo's reference excerpts) gets one card per MIDI file:
+its audio and piano roll when they sit beside it. Links are relative and the
 page loads nothing else, so it works straight from the file system (file://), copied
 or zipped with its folder. A small inline script marks every image and audio element
 `data-status="ok"` once it has loaded and `"broken"` (with a visible note) if its file is
@@ -65,11 +67,10 @@ def _settings_line(settings: dict) -> str:
   return ", ".join(f"{name}={value}" for name, value in settings.items() if value is not None)
 
 
-def _sample_card(sidecar_path: pathlib.Path, page_dir: pathlib.Path) -> str:
-  sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
-  stem = sidecar_path.with_suffix("")
+def _audio_and_roll(stem: pathlib.Path, page_dir: pathlib.Path) -> list[str]:
+  """The card's title, audio player (or why there is none) and piano roll."""
   parts = [f"<div class='card'><h3>{html.escape(stem.name)}</h3>"]
-  wav, png, midi = (stem.with_suffix(s) for s in (".wav", ".png", ".mid"))
+  wav, png = stem.with_suffix(".wav"), stem.with_suffix(".png")
   if wav.exists():
     parts.append(f"<audio controls preload='metadata' src='{_href(wav, page_dir)}'></audio>")
   else:
@@ -77,6 +78,20 @@ def _sample_card(sidecar_path: pathlib.Path, page_dir: pathlib.Path) -> str:
                  "here (the demo does when fluidsynth is installed).</div>")
   if png.exists():
     parts.append(f"<img src='{_href(png, page_dir)}' alt='piano roll of {html.escape(stem.name)}'>")
+  return parts
+
+
+def _midi_card(midi: pathlib.Path, page_dir: pathlib.Path) -> str:
+  parts = _audio_and_roll(midi.with_suffix(""), page_dir)
+  parts.append(f"<div class='facts'><a href='{_href(midi, page_dir)}'>MIDI</a></div></div>")
+  return "\n".join(parts)
+
+
+def _sample_card(sidecar_path: pathlib.Path, page_dir: pathlib.Path) -> str:
+  sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+  stem = sidecar_path.with_suffix("")
+  midi = stem.with_suffix(".mid")
+  parts = _audio_and_roll(stem, page_dir)
   eos = "ended with EOS" if sidecar.get("eos_reached") else "cut at the token budget"
   primer = (f"; primer {html.escape(str(sidecar['primer']))} "
             f"({sidecar.get('prompt_tokens', 0)} tokens)" if sidecar.get("primer") else "")
@@ -103,7 +118,8 @@ def write_page(path: str | os.PathLike, title: str, *,
 
   Args:
     title: the page's heading.
-    sections: (heading, folder) pairs; each folder's samples become cards.
+    sections: (heading, folder) pairs; each folder's samples become cards (its MIDI files,
+      if it holds no samples).
     figures: (caption, image file) pairs shown after the samples (missing files skipped).
     links: (label, file) pairs listed under "Files" (missing files skipped).
     intro: a plain-text paragraph under the heading.
@@ -120,9 +136,12 @@ def write_page(path: str | os.PathLike, title: str, *,
                                    for label, target in present_links) + "</p>")
   for heading, folder in sections:
     sidecars = sorted(pathlib.Path(folder).glob("sample_*.json"))
-    count = f"{len(sidecars)} sample{'' if len(sidecars) == 1 else 's'}"
+    midis = [] if sidecars else sorted(pathlib.Path(folder).glob("*.mid"))
+    count = (f"{len(sidecars)} sample{'' if len(sidecars) == 1 else 's'}" if sidecars else
+             f"{len(midis)} MIDI file{'' if len(midis) == 1 else 's'}")
     body.append(f"<h2>{html.escape(heading)} ({count})</h2>")
     body.extend(_sample_card(sidecar, page_dir) for sidecar in sidecars)
+    body.extend(_midi_card(midi, page_dir) for midi in midis)
   for caption, image in figures:
     if pathlib.Path(image).exists():
       body.append(f"<div class='figure'><h2>{html.escape(caption)}</h2>"

@@ -65,11 +65,12 @@ def windows_are_left_padded(config: ml_collections.ConfigDict) -> bool:
 
 
 def model_fn(config: ml_collections.ConfigDict, *, left_padded_windows: bool = False,
-             ) -> Callable[[], model_lib.PerceiverS]:
+             backend: str | None = None) -> Callable[[], model_lib.PerceiverS]:
   """Builds the model of `config`, initialised from config.seed (`left_padded_windows`: its
-  forwards only see the input pipeline's left-padded windows, see `PerceiverS`)."""
+  forwards only see the input pipeline's left-padded windows; `backend`: the platform it
+  runs on; see `PerceiverS`)."""
   return lambda: model_lib.PerceiverS(config.model, rngs=nnx.Rngs(config.seed),
-                                      left_padded_windows=left_padded_windows)
+                                      left_padded_windows=left_padded_windows, backend=backend)
 
 
 def split(model: model_lib.PerceiverS) -> tuple[Any, nnx.State]:
@@ -121,9 +122,11 @@ class ModelState:
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, *,
           left_padded_windows: bool = False) -> ModelState:
-  """The model of `config` laid out on `mesh` (rules: config.logical_axis_rules);
-  `left_padded_windows` as in `model_fn`."""
-  create = model_fn(config, left_padded_windows=left_padded_windows)
+  """The model of `config` laid out on `mesh` (rules: config.logical_axis_rules), its
+  kernels chosen for the platform of the mesh's devices; `left_padded_windows` as in
+  `model_fn`."""
+  create = model_fn(config, left_padded_windows=left_padded_windows,
+                    backend=mesh_lib.platform(mesh))
   graphdef, param_template, rest = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
   param_shardings = nnx.to_pure_dict(
       partitioning.state_shardings(param_template, mesh, tuple(config.logical_axis_rules)))

@@ -5,6 +5,7 @@ Every failure raises `ConfigError` naming the field, its value and what would fi
 """
 
 from collections.abc import Sequence
+import math
 
 from absl import logging
 import jax
@@ -54,18 +55,25 @@ def _get(config: ml_collections.ConfigDict, field: str):
   return node
 
 
-def job_mesh(config: ml_collections.ConfigDict) -> Mesh:
-  """Validates `config` for this job's devices, then builds its mesh (config.mesh)."""
-  validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
-  mesh = mesh_lib.make_mesh(config.mesh)
+def job_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  """Validates `config` for this job's devices (or `devices`: e.g. a TPU topology's, compiled
+  for from another host), then builds its mesh (config.mesh)."""
+  if devices is None:
+    devices, process_count = jax.devices(), jax.process_count()
+  else:
+    process_count = len({d.process_index for d in devices})
+  validate(config, num_devices=len(devices), process_count=process_count,
+           num_slices=mesh_lib.num_slices(devices))
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
   logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size,
-               jax.devices()[0].device_kind)
+               devices[0].device_kind)
   return mesh
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int,
-             process_count: int = 1) -> None:
-  """Raises ConfigError for the first value that cannot work with `num_devices` devices."""
+             process_count: int = 1, num_slices: int = 1) -> None:
+  """Raises ConfigError for the first value that cannot work with `num_devices` devices on
+  `process_count` hosts in `num_slices` slices."""
   model = config.model
   for field in ("vocab_size", "max_length", "num_latents", "embed_dim", "num_heads", "head_dim",
                 "mlp_ratio", "num_latent_layers", "attention_chunk_size"):
@@ -132,22 +140,26 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
 
   _check_freeze(config)
 
-  mesh_shape = mesh_lib.resolve_mesh_shape(config.mesh, num_devices)
-  batch_shards = mesh_shape[0] * mesh_shape[1]  # data x fsdp split the batch.
+  mesh_shape = mesh_lib.resolve_mesh_shape(config.mesh, num_devices, num_slices)
+  batch_shards = mesh_shape[0] * mesh_shape[1]  # data x fsdp (both levels) split the batch.
   if train.batch_size % train.microbatches:
     _fail("train.batch_size", train.batch_size,
           f"must be divisible by config.train.microbatches={train.microbatches}.")
   microbatch = train.batch_size // train.microbatches
-  if microbatch % batch_shards:
+  rows = math.lcm(batch_shards * train.microbatches, process_count)
+  if microbatch % batch_shards or train.batch_size % process_count:
     _fail("train.batch_size", train.batch_size,
-          f"each microbatch ({microbatch} rows) must split evenly over the data x fsdp mesh axes "
-          f"({batch_shards} shards).")
-  if train.batch_size % process_count:
-    _fail("train.batch_size", train.batch_size, f"must be divisible by the {process_count} hosts.")
+          f"each of the {train.microbatches} microbatch(es) must split evenly over the "
+          f"{batch_shards} batch shards of mesh {dict(zip(mesh_lib.MESH_AXES, mesh_shape))} "
+          f"(data x fsdp) and the batch over {process_count} host(s): use a multiple of "
+          f"{rows} (e.g. --config.train.batch_size={rows}), or move devices to "
+          "config.mesh.tensor.")
   _check_positive(config, "eval.batch_size")
-  if config.eval.batch_size % batch_shards or config.eval.batch_size % process_count:
+  eval_rows = math.lcm(batch_shards, process_count)
+  if config.eval.batch_size % eval_rows:
     _fail("eval.batch_size", config.eval.batch_size,
-          f"must split evenly over {batch_shards} batch shards and {process_count} hosts.")
+          f"must split evenly over {batch_shards} batch shards and {process_count} host(s): "
+          f"use a multiple of {eval_rows}.")
   for field in ("eval.every_steps", "checkpoint.every_steps", "checkpoint.keep", "log_every_steps"):
     _check_positive(config, field)
   for field in ("eval.max_batches", "eval.max_targets_per_piece"):

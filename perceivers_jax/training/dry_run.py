@@ -1,9 +1,15 @@
-"""`perceivers-train --dry_run`: sizes and the compiled step's memory, from abstract shapes only."""
+"""`perceivers-train --dry_run`: sizes and the compiled step, from abstract shapes only.
 
-import collections
-import json
+On this host's devices, or with `compile_topology` on a TPU slice's (`parallel/topology.py`:
+libtpu compiles for it from any host, as MaxText's train_compile.py): the mesh is built over
+those devices and the real train step is compiled (the same function, shardings and batch
+split a pod runs, kernels chosen for the target). The report: parameter count and bytes,
+the compiled step's memory per device against the chip's HBM, FLOPs (the model's formula,
+and XLA's count, which cannot see inside Mosaic kernels such as splash attention), the
+collectives per step and the Mosaic/cuDNN kernel calls (`parallel/compiled.py`).
+"""
+
 import math
-import re
 import time
 from typing import Any
 
@@ -11,50 +17,16 @@ import jax
 import ml_collections
 import numpy as np
 
+from perceivers_jax.parallel import compiled as compiled_lib
+from perceivers_jax.parallel import topology
+from perceivers_jax.training import config_validation
 from perceivers_jax.training import flops
 from perceivers_jax.training import train
 
-# `%name = f32[8,1024]{1,0} op(...), ..., metadata={op_name="jit(step)/..."}` in optimised HLO.
-_HLO_VALUE = re.compile(r"^\s*(?:ROOT )?%\S+ = (\w+)\[([\d,]*)\]\S* ([\w-]+)\(")
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-
-
-def _value_bytes(dtype: str, dims: str) -> int:
-  return math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[dtype]
-
-
-def largest_buffers(hlo_text: str, top: int = 10) -> list[dict[str, Any]]:
-  """The largest array shapes materialised by an optimised HLO module, biggest first.
-
-  Values inside fusions are skipped (they live in registers, not buffers). Each entry: the
-  shape, the bytes of one such value, how many instructions produce one, and the jax ops
-  (model code) that most often produce it. These are candidates, not a liveness analysis:
-  the peak holds some of them at once.
-  """
-  counts: dict[str, int] = collections.Counter()
-  sources: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-  in_fusion = False
-  for line in hlo_text.splitlines():
-    if line and not line[0].isspace():  # a computation header (or its closing brace)
-      in_fusion = "fused" in line.split("(")[0] or "fusion" in line.split("(")[0]
-      continue
-    match = _HLO_VALUE.match(line)
-    if in_fusion or not match or match.group(1) not in _DTYPE_BYTES:
-      continue
-    dtype, dims, opcode = match.groups()
-    if opcode in ("parameter", "constant", "bitcast", "get-tuple-element", "tuple"):
-      continue
-    shape = f"{dtype}[{dims}]"
-    counts[shape] += 1
-    op_name = _OP_NAME.search(line)
-    # The last few name parts say which model code asked for the value.
-    sources[shape]["/".join(op_name.group(1).split("/")[-3:]) if op_name else opcode] += 1
-  ranked = sorted(counts, key=lambda shape: -_value_bytes(*shape[:-1].split("[")))[:top]
-  return [{"shape": shape, "bytes": _value_bytes(*shape[:-1].split("[")),
-           "count": counts[shape], "jax_ops": [name for name, _ in sources[shape].most_common(3)]}
-          for shape in ranked]
+# What lowers the training step's memory per device, for the does-not-fit line.
+KNOBS = ("lower config.train.batch_size or raise config.train.microbatches, set "
+         "config.model.remat_policy=full, or shard parameters and optimizer state over more "
+         "devices with config.mesh.fsdp")
 
 
 def _bytes_per_device(abstract_tree: Any) -> int:
@@ -66,44 +38,42 @@ def _bytes_per_device(abstract_tree: Any) -> int:
   return total
 
 
-def dry_run(config: ml_collections.ConfigDict, *, compile_step: bool = True) -> dict[str, Any]:
-  """Sizes of `config` on this host's devices, from abstract shapes only (nothing trained).
+def dry_run(config: ml_collections.ConfigDict, *, compile_step: bool = True,
+            compile_topology: str | None = None, num_slices: int = 1,
+            compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Sizes of `config` on this host's devices, or on `num_slices` slices of the TPU target
+  `compile_topology` (e.g. "v5p-32"), from abstract shapes only (nothing trained).
+  `compiler_options` go to XLA (the tests lower its optimisation effort to compile faster).
 
-  Returns (and the CLI prints as one JSON line): parameter count, per-device bytes of
-  parameters and optimizer state, train FLOPs per step and, when `compile_step`, the compiled
-  train step's memory analysis (bytes per device: arguments, outputs, temporaries) and its
-  largest buffers (`largest_buffers`: what holds the memory).
+  Returns (and the CLI prints as one JSON line, `compiled.print_report`): parameter count,
+  per-device bytes of parameters and optimizer state, train FLOPs per step and, when
+  `compile_step` (always for a topology), the compiled step's memory per device,
+  collectives, kernels, largest buffers and `does_not_fit`, one line when it exceeds the
+  chip's HBM (`compiled.compile_report`).
   """
-  trainer = train.build_trainer_for(config)
+  target = topology.target(compile_topology) if compile_topology else None
+  devices = topology.target_devices(compile_topology, num_slices) if target else jax.devices()
+  trainer = train.build_trainer(config, config_validation.job_mesh(config, devices))
   params = trainer.abstract_state["params"]
   report: dict[str, Any] = {
       "num_params": trainer.num_params,
       "mesh": dict(trainer.mesh.shape),
-      "devices": jax.device_count(),
-      "device_kind": jax.devices()[0].device_kind,
+      "devices": len(devices),
+      "device_kind": devices[0].device_kind,
       "param_bytes_per_device": _bytes_per_device(params),
       "opt_state_bytes_per_device": _bytes_per_device(trainer.abstract_state["opt_state"]),
+      "batch_size": config.train.batch_size,
+      # The model's formula (flops.py); XLA's count below misses the Mosaic kernels' FLOPs.
       "train_flops_per_step": flops.train_flops_per_window(config.model) * config.train.batch_size,
   }
+  if target:
+    report.update(compile_topology=target.name, slices=num_slices)
   batch = train.abstract_batch(config, config.train.batch_size, trainer.batch_sharding)
   start = time.perf_counter()
   lowered = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_rest, batch)
   report["lower_seconds"] = round(time.perf_counter() - start, 2)
-  if compile_step:
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    report["compile_seconds"] = round(time.perf_counter() - start, 2)
-    analysis = compiled.memory_analysis()
-    if analysis is not None:
-      memory = {name: int(getattr(analysis, f"{name}_size_in_bytes")) for name in (
-          "argument", "output", "temp", "alias", "generated_code")}
-      # Donated state aliases its output: live peak = arguments + outputs - aliased + temps.
-      memory["estimated_peak"] = (memory["argument"] + memory["output"] - memory["alias"]
-                                  + memory["temp"])
-      report["compiled_memory_bytes_per_device"] = memory
-    report["largest_buffers"] = largest_buffers(compiled.as_text())
+  if compile_step or target:
+    report.update(compiled_lib.compile_report(
+        lowered, hbm_bytes=target.hbm_bytes if target else None, knobs=KNOBS,
+        compiler_options=compiler_options))
   return report
-
-
-def dry_run_json(config: ml_collections.ConfigDict, **kwargs) -> str:
-  return json.dumps(dry_run(config, **kwargs), sort_keys=True)

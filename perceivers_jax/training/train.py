@@ -43,6 +43,7 @@ import optax
 from perceivers_jax.data import input_pipeline
 from perceivers_jax.model import losses
 from perceivers_jax.model import param_groups
+from perceivers_jax.parallel import mesh as mesh_lib
 from perceivers_jax.parallel import partitioning
 from perceivers_jax.state import checkpointing
 from perceivers_jax.state import model_state
@@ -127,7 +128,8 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
   schedule = optimizer_lib.make_schedule(config.train)
   left_padded = model_state.windows_are_left_padded(config)
   model = model_state.build(config, mesh, left_padded_windows=left_padded)
-  create_model = model_state.model_fn(config, left_padded_windows=left_padded)
+  create_model = model_state.model_fn(config, left_padded_windows=left_padded,
+                                      backend=mesh_lib.platform(mesh))
   optimizer = optimizer_lib.make_optimizer(config.train)
   # Configs saved before fine-tuning existed have no train.freeze.
   freeze = tuple(config.train.get("freeze", ()))
