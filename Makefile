@@ -65,7 +65,8 @@ audio-tools:
 demo: fetch-data audio-tools
 	$(PY) -m perceivers_jax.cli.demo $(DEMO_FLAGS)
 
-# The paper's comparison of its three models at CPU size (about 25 minutes on 2 idle cores).
+# The paper's comparison (three models and the size-matched control, three folds) at CPU size
+# (71 min measured on the shared 2-core machine, about 30 expected idle: benchmarks/reproduction).
 reproduce: fetch-data
 	$(PY) -m perceivers_jax.cli.reproduce $(REPRODUCE_FLAGS)
 

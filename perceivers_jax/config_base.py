@@ -5,6 +5,8 @@ changes,
 as big_vision's configs start from `big_vision.configs.common`.
 """
 
+import copy
+
 import ml_collections
 
 
@@ -22,6 +24,17 @@ def fail(field: str, value, why: str) -> None:
 
 # 0 in `cross_attention_scales` means "full context" (ml_collections lists cannot hold None).
 FULL_CONTEXT = 0
+
+# The paper's three models, then two controls that separate Multi-Scale from its confounds
+# (README "Results"). Each differs from PerceiverS (effective windows, cascade [full, W]) in:
+PAPER_MODELS = {
+    "perceiver_ar": "baseline windows, one full cross-attention (Perceiver AR as published)",
+    "effective_segmentation": "effective windows, one full cross-attention",
+    "perceivers": "effective windows, Multi-Scale cascade [full, W] (PerceiverS)",
+    # PerceiverS's parameter count and depth, no short scale: depth without Multi-Scale.
+    "effective_two_full": "effective windows, cascade [full, full]",
+    "perceivers_sum": "effective windows, [full, W] summed instead of cascaded",
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -138,6 +151,7 @@ def base_config() -> ml_collections.ConfigDict:
           num_reference=16,  # validation excerpts of num_tokens tokens (Table I reference)
           max_train_pieces=0,  # training pieces checked for copies (0: all)
       )),
+      max_targets_per_piece=0,  # >0: only each piece's first targets (positions 1..max).
   ))
 
   # Profiler traces of these train steps (e.g. (101, 102, 103)) into WORKDIR/tensorboard
@@ -175,3 +189,27 @@ def base_config() -> ml_collections.ConfigDict:
       ("layers", None),
   )
   return config
+
+
+def paper_model(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """A copy of `config`, a PerceiverS config (scales [full, W]), made into model `name` of
+  PAPER_MODELS; everything else (sizes, training, data) stays, so the models differ only where
+  PAPER_MODELS says."""
+  if name not in PAPER_MODELS:
+    raise ConfigError(f"model {name!r}: not one of {', '.join(PAPER_MODELS)}")
+  scales = tuple(config.model.cross_attention_scales)
+  if (len(scales) != 2 or scales[0] != FULL_CONTEXT or scales[1] == FULL_CONTEXT
+      or config.model.combine != "cascade" or config.data.windows != "effective"):
+    fail("model.cross_attention_scales", scales,
+         f"{name} is derived from a PerceiverS config (effective windows, cascade [full, W], "
+         "W > 0), e.g. perceivers_jax/configs/tiny.py or perceivers.py")
+  model = copy.deepcopy(config)  # ConfigDict(config) would share the nested dicts.
+  if name in ("perceiver_ar", "effective_segmentation"):
+    model.model.cross_attention_scales = (FULL_CONTEXT,)
+  if name == "perceiver_ar":
+    model.data.windows = "baseline"
+  elif name == "effective_two_full":
+    model.model.cross_attention_scales = (FULL_CONTEXT, FULL_CONTEXT)
+  elif name == "perceivers_sum":
+    model.model.combine = "sum"
+  return model

@@ -11,8 +11,10 @@ from flax import nnx
 import jax
 import pytest
 
+from perceivers_jax import config_base
 from perceivers_jax.model import perceivers as model_lib
 from perceivers_jax.parallel import mesh as mesh_lib
+from perceivers_jax.state import model_state
 from perceivers_jax.training import config_validation
 from perceivers_jax.training import flops
 from perceivers_jax.training import optimizer as optimizer_lib
@@ -36,14 +38,50 @@ def load_config(name: str, arg: str | None = None):
     ("perceivers", "sum", "effective", (0, 1024), "sliding"),
     ("tiny", None, "effective", (0, 64), "sliding"),
     ("tiny", "final_block", "effective", (0, 64), "final_block"),
-    ("tiny", "baseline", "baseline", (0,), "sliding"),
+    ("reproduce_gpu_hour", None, "effective", (0, 256), "sliding"),
+    ("tiny", "perceiver_ar", "baseline", (0,), "sliding"),
+    ("tiny", "effective_segmentation", "effective", (0,), "sliding"),
+    ("tiny", "effective_two_full", "effective", (0, 0), "sliding"),
+    ("tiny", "perceivers_sum", "effective", (0, 64), "sliding"),
 ])
 def test_configs_load_and_validate(name, arg, windows, scales, scale_mask):
   config = load_config(name, arg)
   assert config.data.windows == windows
   assert tuple(config.model.cross_attention_scales) == scales
   assert config.model.scale_mask == scale_mask
+  assert config.model.combine == ("sum" if arg in ("sum", "perceivers_sum") else "cascade")
   config_validation.validate(config, num_devices=8)
+
+
+@pytest.mark.parametrize("size", ["tiny", "reproduce_gpu_hour", "perceivers"])
+def test_paper_models_differ_only_where_the_table_says(size):
+  """One owner of the model variants; the control `effective_two_full` has PerceiverS's
+  parameters (its depth) but no short scale, so Multi-Scale is compared at equal size."""
+  base = load_config(size)
+  fields = {}
+  for name in config_base.PAPER_MODELS:
+    config = config_base.paper_model(base, name)
+    diff = {k for k, v in _flat(config.to_dict()).items() if _flat(base.to_dict())[k] != v}
+    fields[name] = (diff, config.data.windows, tuple(config.model.cross_attention_scales),
+                    config.model.combine)
+  scales, w = "model.cross_attention_scales", tuple(base.model.cross_attention_scales)[1]
+  assert fields == {
+      "perceiver_ar": ({"data.windows", scales}, "baseline", (0,), "cascade"),
+      "effective_segmentation": ({scales}, "effective", (0,), "cascade"),
+      "perceivers": (set(), "effective", (0, w), "cascade"),
+      "effective_two_full": ({scales}, "effective", (0, 0), "cascade"),
+      "perceivers_sum": ({"model.combine"}, "effective", (0, w), "sum")}
+  count = lambda name: model_state.count_params(
+      model_state.param_shapes(config_base.paper_model(base, name).model))
+  assert count("effective_two_full") == count("perceivers") > count("effective_segmentation")
+  with pytest.raises(config_base.ConfigError, match="derived from a PerceiverS config"):
+    config_base.paper_model(config_base.paper_model(base, "perceiver_ar"), "perceivers")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  return {k: v for key, value in tree.items() for k, v in (
+      _flat(value, f"{prefix}{key}.").items() if isinstance(value, dict)
+      else [(f"{prefix}{key}", value)])}
 
 
 def test_unknown_variant_is_rejected():
@@ -77,6 +115,7 @@ def _set(config, field, value):
     ("train.max_update_ratio", -1.0, 1, "config.train.max_update_ratio=-1.0: must be a number"),
     ("train.loss_spike_sigmas", -2.0, 1, "config.train.loss_spike_sigmas=-2.0: must be a number"),
     ("train.loss_spike_window", 2, 1, "config.train.loss_spike_window=2: must be an integer >= 4"),
+    ("eval.max_targets_per_piece", -1, 1, "config.eval.max_targets_per_piece=-1"),
 ])
 def test_bad_value_names_the_field(field, value, devices, message):
   config = load_config("tiny")

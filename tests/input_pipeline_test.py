@@ -189,6 +189,22 @@ def test_eval_two_hosts_cover_every_target_once_with_equal_batches():
                                               process_count=2)) == 2
 
 
+def test_eval_max_targets_per_piece_predicts_each_piece_opening_once():
+  lengths = [2, 17, 40, 95]
+  source = _tagged_pieces(lengths)
+  config = _config(max_length=24, num_latents=8, batch_size=4)
+  config.eval.max_targets_per_piece = 20
+  counts = [np.zeros(n, int) for n in lengths]
+  for batch in input_pipeline.make_eval_batches(config, source, process_index=0,
+                                                process_count=1):
+    for row in _rows(batch):
+      if _record_of(row) >= 0:
+        predicted = row["targets"] != tokens.PAD_ID
+        np.add.at(counts[_record_of(row)], row["positions"][predicted] + 1, 1)
+  for n, count in zip(lengths, counts):
+    assert count[0] == 0 and np.all(count[1:21] == 1) and not count[21:].any()
+
+
 class _StoredSplit(list):
   """A list of records posing as a TFDS split source (dataset_info.data_dir, split)."""
 

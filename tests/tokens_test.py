@@ -212,3 +212,20 @@ def test_cli_decode_max_note_seconds(tmp_path, capsys):
   with pytest.raises(SystemExit):
     tokens_cli.main(["decode", str(npy), str(mid), "--max_note_seconds=-2"])
   assert "--max_note_seconds: -2: must be >= 0" in capsys.readouterr().err
+
+
+def test_opening_is_the_first_seconds_of_a_real_piece(encoded):
+  """The notes of `opening(tokens, T)` are the piece's notes that start before T."""
+  _, _, piece = encoded[8]
+  for seconds in (2.0, 10.0, 30.0):
+    head = tokens.opening(piece, seconds)
+    assert np.array_equal(head, piece[:len(head)])  # a prefix
+    assert tokens.tokens_duration_seconds(head) <= seconds
+    assert tokens.tokens_duration_seconds(piece[:len(head) + 1]) > seconds  # cut at T
+    cut = tokens.tokens_duration_seconds(head)
+    onsets = [sorted((n.pitch, round(n.start_time, 2))
+                     for n in tokens.tokens_to_note_sequence(t).notes if n.start_time < cut)
+              for t in (head, piece)]
+    assert onsets[0] == onsets[1] and len(onsets[0]) > seconds
+  eos = np.array([tokens.SOS_ID, tokens.TIME_SHIFT_START, tokens.EOS_ID, tokens.NOTE_ON_START])
+  assert tokens.opening(eos, 10.0).tolist() == eos[:2].tolist()  # stops at EOS

@@ -59,7 +59,8 @@ def test_tiny_learns_below_unigram_entropy(pieces, tmp_path):
   assert metrics["nll"] < entropy - 0.4, (metrics["nll"], entropy)
   assert metrics["bits_per_token"] == pytest.approx(metrics["nll"] / np.log(2))
   assert 0.0 < metrics["accuracy"] < 1.0
-  assert "nll_pos_0_512" in metrics and "nll_pos_2048_4096" in metrics
+  assert "nll_pos_1_2" in metrics and "nll_pos_2048_4096" in metrics
+  assert metrics["targets_in_nll_first_16"] == 16  # one piece's first 16 targets
 
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   losses = [r["train/loss"] for r in records if "train/loss" in r]

@@ -26,15 +26,13 @@ from perceivers_jax import config_base
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """PerceiverS, paper size; `arg` picks a variant (final_block | sum)."""
-  config = config_base.base_config()
-  config.model.cross_attention_scales = (config_base.FULL_CONTEXT, 1024)
-  config.data.windows = "effective"
+  config = config_base.base_config()  # scales [full, 1024], effective windows, cascade
   if arg == "final_block":
     config.model.scale_mask = "final_block"
     config.eval.music.every_evals = 0  # the cached decoder needs sliding windows
   elif arg == "sum":
-    config.model.combine = "sum"
+    return config_base.paper_model(config, "perceivers_sum")
   elif arg:
     raise ValueError(f"perceivers_jax/configs/perceivers.py: unknown variant {arg!r}; use "
                      "final_block or sum.")
-  return config
+  return config_base.paper_model(config, "perceivers")

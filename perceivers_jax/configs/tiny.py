@@ -13,8 +13,10 @@ The music evaluator is off here (README "Watching a run"): `--config.eval.music.
 samples and measures 16 pieces at every validation (about a fifth of a 400-step run's time
 with validation every 100 steps).
 
-Variants: `tiny.py:final_block` (short scale uses the final-block mask), `tiny.py:baseline`
-(Perceiver AR: one full cross-attention, baseline windows).
+Variants: `tiny.py:final_block` (short scale uses the final-block mask), and every model of
+`config_base.PAPER_MODELS` at this size: `tiny.py:perceiver_ar` (one full cross-attention,
+baseline windows), `:effective_segmentation`, `:perceivers` (the default), and the controls
+`:effective_two_full` and `:perceivers_sum`.
 
 Learning rate: a constant 2e-3 after 50 linear warm-up steps, reached quickly enough for a
 few hundred steps; the paper-size configs use the rsqrt schedule (see perceivers.py).
@@ -26,7 +28,7 @@ from perceivers_jax import config_base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Tiny PerceiverS; `arg` picks a variant (final_block | baseline)."""
+  """Tiny PerceiverS; `arg` picks a variant (final_block | a PAPER_MODELS name)."""
   config = config_base.base_config()
   model = config.model
   model.max_length = 1024
@@ -57,10 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg == "final_block":
     model.scale_mask = "final_block"
-  elif arg == "baseline":
-    model.cross_attention_scales = (config_base.FULL_CONTEXT,)
-    config.data.windows = "baseline"
+  elif arg in config_base.PAPER_MODELS:
+    return config_base.paper_model(config, arg)
   elif arg:
-    raise ValueError(f"perceivers_jax/configs/tiny.py: unknown variant {arg!r}; use final_block "
-                     "or baseline.")
+    raise ValueError(f"perceivers_jax/configs/tiny.py: unknown variant {arg!r}; use "
+                     f"final_block or one of {', '.join(config_base.PAPER_MODELS)}.")
   return config

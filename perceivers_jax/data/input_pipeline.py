@@ -130,13 +130,17 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_source: DataSour
 
 
 def eval_plan(lengths: Sequence[int], num_latents: int, *, batch_size: int,
-              process_index: int, process_count: int) -> np.ndarray:
+              process_index: int, process_count: int,
+              max_targets_per_piece: int = 0) -> np.ndarray:
   """This host's sequential windows: int64 [num_batches * batch_size, 3] rows of
   (record, end, first_target), record -1 for padding rows.
 
   Hosts take equal contiguous blocks of the global window list (so each reads mostly
   its own pieces) rounded up to whole batches; every host gets the same row count.
+  `max_targets_per_piece` > 0 predicts only each piece's first targets (positions 1..max).
   """
+  if max_targets_per_piece:
+    lengths = [min(int(n), max_targets_per_piece + 1) for n in lengths]
   plan = [(record, end, first)
           for record, n in enumerate(lengths)
           for end, first in windows.sequential_ends(int(n), num_latents)]
@@ -187,7 +191,8 @@ def make_eval_batches(config: ml_collections.ConfigDict, data_source: DataSource
 
   All hosts get the same number of batches (`len()`); padding rows are all-PAD.
   `lengths`: token counts of the records (default `record_lengths`).
-  `config.eval.max_batches` > 0 keeps only each host's first batches.
+  `config.eval.max_batches` > 0 keeps only each host's first batches;
+  `config.eval.max_targets_per_piece` > 0 only each piece's first targets.
   """
   process_index, process_count = _process_index_and_count(process_index, process_count)
   batch_size = _host_batch_size(config.eval.batch_size, process_count, "eval.batch_size")
@@ -195,7 +200,8 @@ def make_eval_batches(config: ml_collections.ConfigDict, data_source: DataSource
   if lengths is None:
     lengths = record_lengths(data_source)
   rows_R3 = eval_plan(lengths, config.model.num_latents, batch_size=batch_size,
-                      process_index=process_index, process_count=process_count)
+                      process_index=process_index, process_count=process_count,
+                      max_targets_per_piece=config.eval.get("max_targets_per_piece", 0))
   if config.eval.max_batches:
     rows_R3 = rows_R3[:config.eval.max_batches * batch_size]
   make_window = _SequentialWindow(

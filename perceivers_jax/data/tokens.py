@@ -231,3 +231,15 @@ def tokens_duration_seconds(tokens: np.ndarray) -> float:
   events = _event_ids(tokens)
   shifts = events[(events >= TIME_SHIFT_START) & (events < VELOCITY_START)]
   return float(np.sum(shifts - TIME_SHIFT_START + 1)) / STEPS_PER_SECOND
+
+
+def opening(tokens: np.ndarray, seconds: float) -> np.ndarray:
+  """The tokens of a piece's first `seconds` of music: everything before the time shift that
+  would pass `seconds` (cut at EOS; notes still sounding there end at the cut)."""
+  tokens = np.asarray(tokens).reshape(-1)
+  eos = np.flatnonzero(tokens == EOS_ID)
+  if eos.size:
+    tokens = tokens[:eos[0]]
+  is_shift = (tokens >= TIME_SHIFT_START) & (tokens < VELOCITY_START)
+  elapsed = np.cumsum(np.where(is_shift, tokens - TIME_SHIFT_START + 1, 0))
+  return tokens[elapsed <= round(seconds * STEPS_PER_SECOND)]

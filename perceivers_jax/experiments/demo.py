@@ -93,8 +93,11 @@ def _stage(name: str) -> None:
 # -- data ----------------------------------------------------------------------------------------
 
 
-def make_maestro_folder(pieces: list[pathlib.Path], folder: pathlib.Path) -> pathlib.Path:
-  """A MAESTRO-v3-shaped folder (CSV with the split column + MIDI files) over `pieces`."""
+def make_maestro_folder(pieces: list[pathlib.Path], folder: pathlib.Path,
+                        split_of_piece: dict[int, str] | None = None) -> pathlib.Path:
+  """A MAESTRO-v3-shaped folder (CSV with the split column + MIDI files) over `pieces`;
+  piece i (from 1) goes to `split_of_piece[i]` (default SPLIT_OF_PIECE)."""
+  split_of_piece = split_of_piece or SPLIT_OF_PIECE
   year_dir = folder / "2018"
   year_dir.mkdir(parents=True, exist_ok=True)
   rows = []
@@ -104,7 +107,7 @@ def make_maestro_folder(pieces: list[pathlib.Path], folder: pathlib.Path) -> pat
       shutil.copyfile(path, target)
     duration = tokens_lib.load_note_sequence(path).total_time
     rows.append({"canonical_composer": "MAESTRO", "canonical_title": path.stem,
-                 "split": SPLIT_OF_PIECE[index], "year": 2018,
+                 "split": split_of_piece[index], "year": 2018,
                  "midi_filename": f"2018/{path.name}", "audio_filename": "",
                  "duration": f"{duration:.3f}"})
   with open(folder / builder_lib.MAESTRO_CSV, "w", newline="", encoding="utf-8") as f:
@@ -114,12 +117,14 @@ def make_maestro_folder(pieces: list[pathlib.Path], folder: pathlib.Path) -> pat
   return folder
 
 
-def prepare_data(options: DemoOptions, out: pathlib.Path) -> str:
-  """Returns the TFDS data_dir holding maestro_performance/full."""
+def prepare_data(options: DemoOptions, out: pathlib.Path,
+                 split_of_piece: dict[int, str] | None = None) -> str:
+  """Returns the TFDS data_dir holding maestro_performance/full (`split_of_piece`: as in
+  `make_maestro_folder`)."""
   if options.data_dir:
     return options.data_dir
   pieces = fetch_maestro_samples.fetch()
-  manual_dir = make_maestro_folder(pieces, out / "maestro_v3")
+  manual_dir = make_maestro_folder(pieces, out / "maestro_v3", split_of_piece)
   data_dir = out / "tfds"
   _, report = builder_lib.build(manual_dir, data_dir, "full")
   print(f"dataset: {report.get('pieces_per_split')} pieces, {report.get('tokens')} tokens, "
@@ -187,15 +192,19 @@ def token_frequency_metrics(config: ml_collections.ConfigDict) -> dict[str, floa
 
 
 def write_reference_excerpts(config: ml_collections.ConfigDict, folder: pathlib.Path,
-                             count: int, num_tokens: int) -> list[pathlib.Path]:
-  """`count` excerpts of `num_tokens` tokens, spread evenly over the held-out pieces.
+                             count: int, num_tokens: int,
+                             splits: tuple[str, ...] | None = None) -> list[pathlib.Path]:
+  """`count` excerpts of `num_tokens` tokens, spread evenly over the held-out pieces (those of
+  `splits`, default the validation and test splits).
 
   Ten pieces leave two held out; comparing whole pieces would give one intra-set distance.
   Excerpts as long as the generated samples compare like with like. Each gets its piano
   roll (.png) beside it, for the listening page.
   """
   folder.mkdir(parents=True, exist_ok=True)
-  pieces = _split_pieces(config, config.data.eval_split) + _split_pieces(config, "test")
+  pieces = [piece for split in splits or (config.data.eval_split, "test")
+            for piece in _split_pieces(config, split)]
+  per_piece = [count // len(pieces) + (i < count % len(pieces)) for i in range(len(pieces))]
   paths = []
   for excerpt in piece_sets.excerpts(pieces, count, num_tokens):
     path = folder / f"reference_{len(paths):04d}.mid"

@@ -1,56 +1,67 @@
-"""The paper's comparison (BUILD section 9): Perceiver AR, Effective Segmentation and PerceiverS
-trained side by side on the same data, steps, batch and seeds, then compared.
+"""The paper's comparison as an experiment (README "Results", BUILD.md section 9): the paper's
+three models and two controls trained side by side, judged on held-out pieces that change
+with the seed, with paired intervals instead of seed ranges.
 
-The three models are derived from one PerceiverS config (scales [full, W]) so that they
-differ only where the paper says they do:
+Models: `config_base.PAPER_MODELS`, each derived by `config_base.paper_model` from one
+PerceiverS config, so they differ only where that table says. The controls separate the
+paper's Multi-Scale idea from its confounds: `effective_two_full` has PerceiverS's second
+cross-attention block (its parameters, depth and nearly its FLOPs) without the short scale;
+`perceivers_sum` sums the two scales instead of cascading them.
 
-  perceiver_ar            baseline windows,  one full cross-attention
-  effective_segmentation  effective windows, one full cross-attention
-  perceivers              effective windows, Multi-Scale [full, W] (the config's own)
+Folds as seeds: on the 10 fetched pieces, seed s trains on 8 and holds out 2 (fold s mod 5
+holds out pieces 9-10, 7-8, 5-6, 3-4 or 1-2), so the spread over seeds covers the choice of
+pieces and every model is judged on several openings. With --data_dir every seed uses that
+dataset's own splits.
 
-Per model and seed: training, validation NLL on the sequential windows (`validation.evaluate`,
-the numbers `perceivers-train --mode=eval` prints), and unconditional samples from SOS.
-Then per model (samples pooled over seeds) the Table I evaluation against excerpts of the
-held-out pieces, with repetition density and rho(k) (`report.evaluate_sets`).
-
-Every model x seed is its own resumable stage under `workdir`:
+Per model and seed (a stage): training, evaluation on the held-out pieces (their first
+`eval_targets_per_piece` targets; the numbers `perceivers-train --mode=eval` gives for the
+stage's config) and samples from SOS. Then Table I of each seed's samples against excerpts of
+its held-out pieces, of all samples pooled, and of the openings (first `opening_seconds` of
+the samples against the first seconds of the held-out pieces); paired differences between
+models with 95% intervals (`reproduce_results`, `evaluation.paired_differences`) into
+results.json, and report.md from it (`reproduce_report`).
 
   workdir/
-    tfds/, maestro_v3/        the demo's data stage (10 real pieces, 8/1/1)
-    runs/MODEL/seed_S/train/  training workdir (resumes from its checkpoint)
-    runs/MODEL/seed_S/eval.json     validation metrics (stage marker: skipped when present)
+    data/fold_F/               maestro_v3/ (CSV over the 10 pieces) and tfds/ of fold F
+    runs/MODEL/seed_S/train/   training workdir (resumes from its checkpoint)
+    runs/MODEL/seed_S/eval.json     held-out metrics (the stage is done when it is there)
     runs/MODEL/seed_S/samples/      .mid/.npy/.json (+ samples.json marker)
-    reference/                excerpts of the held-out pieces, as long as the samples
-    evaluation/               Table I over the pooled samples (+ seed_S/ for the spread)
+    reference/fold_F/          excerpts of fold F's held-out pieces, as long as the samples
+    evaluation/ (+ seed_S/), openings/   Table I pooled, per seed, on openings
     report.md, results.json, nll_by_position.png
+
+A stage whose config differs from the one it was trained with (any field: a --config.*
+override, --steps, --eval_targets_per_piece) is deleted and run again; a finished stage with
+the same config is skipped.
 """
 
-import copy
 import dataclasses
 import json
 import pathlib
+import shutil
 import time
 from typing import Any
 
-import matplotlib
+import jax
 import ml_collections
 import numpy as np
 
-matplotlib.use("Agg")
-from matplotlib import figure  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from perceivers_jax import config_base  # pylint: disable=g-import-not-at-top
+from data_prep import fetch_maestro_samples
+from perceivers_jax import config_base
+from perceivers_jax.data import input_pipeline
+from perceivers_jax.data import tokens as tokens_lib
 from perceivers_jax.evaluation import report as report_lib
 from perceivers_jax.experiments import demo
+from perceivers_jax.experiments import reproduce_report
+from perceivers_jax.experiments import reproduce_results
 from perceivers_jax.sampling import sampling
-from perceivers_jax.training import validation
+from perceivers_jax.training import config_validation
+from perceivers_jax.training import flops
 from perceivers_jax.training import train
+from perceivers_jax.training import validation
 from perceivers_jax.watch import music
 
-MODELS = ("perceiver_ar", "effective_segmentation", "perceivers")
-LABELS = {"perceiver_ar": "Perceiver AR", "effective_segmentation": "Effective Segmentation",
-          "perceivers": "PerceiverS"}
-BUCKET_PREFIX = "nll_pos_"
+NUM_FOLDS = fetch_maestro_samples.NUM_PIECES // 2
 
 
 @dataclasses.dataclass
@@ -58,54 +69,75 @@ class ReproduceOptions:
   """What to run; the defaults are perceivers-reproduce's flags (cli/reproduce.py)."""
   workdir: str
   config: ml_collections.ConfigDict  # a PerceiverS config (scales [full, W])
-  data_dir: str  # an existing maestro_performance build; "": the 10 pieces
+  data_dir: str  # an existing maestro_performance build; "": the 10 pieces, in folds
   models: tuple[str, ...]
   seeds: tuple[int, ...]
   steps: int
   num_samples: int  # per model and seed
   sample_tokens: int
+  opening_seconds: float = 10.0
+  eval_targets_per_piece: int = 4096  # 0: whole pieces
   temperature: float = 1.0
   top_p: float = 0.95
   command: str = ""  # how it was invoked, for the report
 
 
 class OptionsError(config_base.InputError, ValueError):
-  """A bad --models/--seeds/--steps/--num_samples/--sample_tokens value."""
+  """A bad --models/--seeds/--steps/... value."""
 
 
 def check_options(options: ReproduceOptions) -> None:
   """One clear line per bad value, before any data or training work."""
-  unknown = [m for m in options.models if m not in MODELS]
-  if unknown or len(options.models) < 2 or len(set(options.models)) != len(options.models):
-    raise OptionsError(f"--models={','.join(options.models)}: name at least two distinct models "
-                     f"of {','.join(MODELS)}")
-  if not options.seeds or len(set(options.seeds)) != len(options.seeds):
-    raise OptionsError(f"--seeds={options.seeds}: give one or more distinct integers")
-  if options.steps < 1:
-    raise OptionsError(f"--steps={options.steps}: must be >= 1")
-  if options.num_samples < 2 or options.sample_tokens < 16:
-    raise OptionsError(f"--num_samples={options.num_samples} --sample_tokens="
-                     f"{options.sample_tokens}: need >= 2 samples (intra-set distances) of "
-                     ">= 16 tokens")
+  models = options.models
+  if (any(m not in config_base.PAPER_MODELS for m in models) or len(models) < 2
+      or len(set(models)) != len(models)):
+    raise OptionsError(f"--models={','.join(models)}: name at least two distinct models "
+                       f"of {','.join(config_base.PAPER_MODELS)}")
+  if not options.seeds or len(set(options.seeds)) != len(options.seeds) or any(
+      not 0 <= s < 2**32 for s in options.seeds):
+    raise OptionsError(f"--seeds={','.join(map(str, options.seeds))}: give one or more "
+                       "distinct integers in [0, 2**32)")
+  for flag, value, ok, allowed in (
+      ("steps", options.steps, options.steps >= 1, ">= 1"),
+      ("num_samples", options.num_samples, options.num_samples >= 2,
+       ">= 2 (intra-set distances)"),
+      ("sample_tokens", options.sample_tokens, options.sample_tokens >= 16, ">= 16"),
+      ("opening_seconds", options.opening_seconds, options.opening_seconds > 0, "> 0"),
+      ("eval_targets_per_piece", options.eval_targets_per_piece,
+       options.eval_targets_per_piece >= 0, ">= 0 (0 = whole pieces)")):
+    if not ok:
+      raise OptionsError(f"--{flag}={value}: must be {allowed}")
 
 
-def model_config(base: ml_collections.ConfigDict, model: str, seed: int,
-                 steps: int) -> ml_collections.ConfigDict:
-  """`base` (PerceiverS, scales [full, W]) turned into `model`, trained `steps` with `seed`."""
-  scales = tuple(base.model.cross_attention_scales)
-  if len(scales) != 2 or scales[0] != config_base.FULL_CONTEXT:
-    config_base.fail("model.cross_attention_scales", scales,
-                     "the comparison starts from a PerceiverS config with scales [full, W], "
-                     "e.g. perceivers_jax/configs/tiny.py or perceivers_jax/configs/perceivers.py")
-  config = copy.deepcopy(base)  # ConfigDict(base) would share the nested dicts
-  with config.unlocked():
-    config.seed = seed
-    config.data.windows = "baseline" if model == "perceiver_ar" else "effective"
-    config.model.cross_attention_scales = scales if model == "perceivers" else scales[:1]
-    config.train.num_steps = steps
-    # Validation once, at the end (`evaluate` then reads the same checkpoint).
-    config.eval.every_steps = steps
-    config.checkpoint.every_steps = min(config.checkpoint.every_steps, steps)
+def fold_of(seed: int) -> int:
+  return seed % NUM_FOLDS
+
+
+def held_out_pieces(fold: int) -> tuple[int, int]:
+  """The two pieces (numbered from 1) that fold `fold` holds out; fold 0 is the demo's."""
+  last = fetch_maestro_samples.NUM_PIECES - 2 * fold
+  return last - 1, last
+
+
+def fold_splits(fold: int) -> dict[int, str]:
+  """Split of each piece (from 1) in fold `fold`: its two held-out pieces are validation."""
+  held_out = held_out_pieces(fold)
+  return {i: "validation" if i in held_out else "train"
+          for i in range(1, fetch_maestro_samples.NUM_PIECES + 1)}
+
+
+def stage_config(base: ml_collections.ConfigDict, model: str, seed: int,
+                 options: ReproduceOptions, data_dir: str) -> ml_collections.ConfigDict:
+  """`base` made into `model` (config_base.paper_model), trained `options.steps` with `seed`
+  on `data_dir`, evaluated once at the end on the held-out pieces."""
+  config = config_base.paper_model(base, model)
+  config.seed = seed
+  config.data.data_dir = data_dir
+  config.data.eval_split = "validation"
+  config.train.num_steps = options.steps
+  config.eval.every_steps = options.steps  # `evaluate` then reads the same checkpoint
+  config.eval.max_targets_per_piece = options.eval_targets_per_piece
+  config.checkpoint.every_steps = min(config.checkpoint.every_steps, options.steps)
   return config
 
 
@@ -117,282 +149,147 @@ def _write_json(path: pathlib.Path, value: Any) -> None:
   path.write_text(json.dumps(value, indent=1, allow_nan=False), encoding="utf-8")
 
 
+def _as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as training saves it (config.json), for comparison."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _differences(old: Any, new: Any, prefix: str = "config") -> list[str]:
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [d for key in sorted(set(old) | set(new))
+            for d in _differences(old.get(key), new.get(key), f"{prefix}.{key}")]
+  return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
 def run_stage(config: ml_collections.ConfigDict, settings: sampling.SampleSettings,
-              folder: pathlib.Path) -> dict[str, float]:
-  """One model x seed: train (resuming), evaluate, sample; each part skipped when done."""
+              folder: pathlib.Path) -> dict[str, Any]:
+  """One model x seed: train (resuming), evaluate, sample; each part skipped when done, the
+  whole stage redone when its config changed. Returns eval.json's content."""
   workdir = folder / "train"
+  trained_with = _read_json(workdir / "config.json")
+  if trained_with is not None and trained_with != _as_json(config):
+    changes = _differences(trained_with, _as_json(config))
+    print(f"{folder}: the config changed ({'; '.join(changes[:3])}"
+          f"{'; ...' if len(changes) > 3 else ''}): rerunning this stage", flush=True)
+    shutil.rmtree(folder)
+  folder.mkdir(parents=True, exist_ok=True)
   eval_path, samples_path = folder / "eval.json", folder / "samples.json"
-  metrics = _read_json(eval_path)
-  if metrics is None or metrics["step"] != config.train.num_steps:
-    # Training ends with the validation of its last step, the checkpoint `evaluate` reads;
+  evaluated = _read_json(eval_path)
+  if evaluated is None or evaluated["step"] != config.train.num_steps:
+    start = time.perf_counter()
+    # Training ends with the evaluation of its last step, the checkpoint `evaluate` reads;
     # a run already trained to the end (interrupted before eval.json) returns {}.
     metrics = (train.train_and_evaluate(config, str(workdir),
                                         evaluators=music.evaluators(config, str(workdir)))
                or validation.evaluate(config, str(workdir)))
-    metrics = {"step": config.train.num_steps, **metrics}
-    _write_json(eval_path, metrics)
-  done = _read_json(samples_path)
-  wanted = {"step": metrics["step"], "settings": settings.flag_values()}
-  if done != wanted:
+    evaluated = {"step": config.train.num_steps, "metrics": metrics,
+                 "seconds": time.perf_counter() - start}
+    _write_json(eval_path, evaluated)
+  wanted = {"step": evaluated["step"], "settings": settings.flag_values()}
+  marker = _read_json(samples_path)
+  if marker is None or not marker["complete"] or marker["sampled"] != wanted:
+    if marker is not None and marker["sampled"] != wanted:
+      shutil.rmtree(folder / "samples", ignore_errors=True)  # other settings: start afresh
+    _write_json(samples_path, {"sampled": wanted, "complete": False})
+    start = time.perf_counter()
     model, _, step = sampling.load_model(str(workdir))
     sampling.sample_to_dir(model, config, settings, folder / "samples", checkpoint_step=step,
                            checkpoint_path=str(workdir))
-    _write_json(samples_path, wanted)
-  return metrics
+    marker = {"sampled": wanted, "complete": True, "seconds": time.perf_counter() - start}
+    _write_json(samples_path, marker)
+  return {**evaluated, "sample_seconds": marker["seconds"]}
 
 
-def _spread(values: list[float]) -> dict[str, Any]:
-  v = np.asarray(values, np.float64)
-  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-          "min": float(v.min()), "max": float(v.max()), "per_seed": [float(x) for x in v]}
+def plan(options: ReproduceOptions) -> dict[str, Any]:
+  """The run's size without running it (`perceivers-reproduce --dry_run`): each model's
+  parameters and training FLOPs, the run's training FLOPs, and the hours they take on one
+  chip at its datasheet peak (flops.PEAK_TFLOPS): a lower bound, to divide by the MFU."""
+  check_options(options)
+  base = ml_collections.ConfigDict(options.config)
+  sizes = reproduce_results.model_sizes(base, options.models)
+  windows = options.steps * base.train.batch_size * len(options.seeds)
+  total = sum(size["train_gflops_per_window"] for size in sizes.values()) * 1e9 * windows
+  return {"models": sizes, "stages": len(options.models) * len(options.seeds),
+          "windows_per_model": windows, "train_pflops_total": total / 1e15,
+          "hours_at_peak": {device: total / (tflops * 1e12) / 3600 for device, tflops in
+                            flops.PEAK_TFLOPS.items() if device in ("H100", "H200", "TPU v5p")}}
 
 
-def _buckets(metrics: dict[str, float]) -> list[str]:
-  names = [k for k in metrics if k.startswith(BUCKET_PREFIX)]
-  return sorted(names, key=lambda k: int(k[len(BUCKET_PREFIX):].split("_")[0]))
-
-
-def summarise_nll(per_seed: dict[int, dict[str, float]]) -> dict[str, Any]:
-  """Mean and spread over seeds of the overall NLL and of each position bucket."""
-  runs = list(per_seed.values())
-  buckets = [b for b in _buckets(runs[0]) if all(b in m for m in runs)]
-  return {"nll": _spread([m["nll"] for m in runs]),
-          "accuracy": _spread([m["accuracy"] for m in runs]),
-          "buckets": {b: _spread([m[b] for m in runs]) for b in buckets}}
-
-
-def bucket_label(name: str) -> str:
-  low, high = name[len(BUCKET_PREFIX):].split("_")
-  return f"[{low}, {'end' if high == 'inf' else high})"
-
-
-def plot_nll_by_position(nll: dict[str, dict], path: pathlib.Path) -> None:
-  """Mean NLL per target-position bucket, one curve per model, band = seed min..max."""
-  fig = figure.Figure(figsize=(8, 4), layout="constrained")
-  ax = fig.subplots()
-  for i, (model, summary) in enumerate(nll.items()):
-    names = list(summary["buckets"])
-    x = np.arange(len(names))
-    mean = [summary["buckets"][b]["mean"] for b in names]
-    ax.plot(x, mean, "o-", color=f"C{i}", label=LABELS[model])
-    ax.fill_between(x, [summary["buckets"][b]["min"] for b in names],
-                    [summary["buckets"][b]["max"] for b in names], color=f"C{i}", alpha=0.2)
-  ax.set_xticks(x, [bucket_label(b) for b in names], rotation=25, ha="right")
-  ax.set_xlabel("target position in the piece")
-  ax.set_ylabel("validation NLL (nats/token)")
-  ax.set_title("Validation NLL by position (mean over seeds; band: min..max)")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.savefig(path, dpi=90)
-
-
-def _fmt_spread(s: dict[str, Any]) -> str:
-  return f"{s['mean']:.3f} ± {s['std']:.3f}"
-
-
-def _nll_tables(nll: dict[str, dict], seeds: tuple[int, ...]) -> str:
-  models = list(nll)
-  names = list(nll[models[0]]["buckets"])
-  rows = ["| model | NLL mean ± std | " + " | ".join(f"seed {s}" for s in seeds)
-          + " | accuracy |", "|---|---|" + "---|" * len(seeds) + "---|"]
-  for model in models:
-    s = nll[model]["nll"]
-    rows.append(f"| {LABELS[model]} | {_fmt_spread(s)} | "
-                + " | ".join(f"{v:.3f}" for v in s["per_seed"])
-                + f" | {nll[model]['accuracy']['mean']:.3f} |")
-  rows += ["", "NLL by target position (nats/token, mean ± std over seeds):", "",
-           "| positions | " + " | ".join(LABELS[m] for m in models) + " |",
-           "|---|" + "---|" * len(models)]
-  for b in names:
-    rows.append(f"| {bucket_label(b)} | "
-                + " | ".join(_fmt_spread(nll[m]["buckets"][b]) if b in nll[m]["buckets"]
-                             else "n/a" for m in models) + " |")
-  return "\n".join(rows)
-
-
-def early_position_gaps(nll: dict[str, dict]) -> dict[str, dict]:
-  """Per effective model: the first position bucket's NLL gap to the baseline (baseline minus
-  model, positive = the baseline is worse), and whether the seed ranges separate (the only
-  case read as a finding; never with one seed)."""
-  if "perceiver_ar" not in nll:
-    return {}
-  first = next(iter(nll["perceiver_ar"]["buckets"]))
-  base = nll["perceiver_ar"]["buckets"][first]
-  gaps = {}
-  for model in (m for m in nll if m != "perceiver_ar"):
-    other = nll[model]["buckets"][first]
-    gaps[model] = {"bucket": first, "gap": base["mean"] - other["mean"],
-                   "separated": len(base["per_seed"]) > 1 and (
-                       base["min"] > other["max"] or other["min"] > base["max"])}
-  return gaps
-
-
-def _early_position_lines(nll: dict[str, dict], gaps: dict[str, dict]) -> str:
-  if not gaps:
-    return "Perceiver AR was not trained, so there is no baseline for the early positions."
-  lines = []
-  for model, g in gaps.items():
-    base, other = nll["perceiver_ar"]["buckets"][g["bucket"]], nll[model]["buckets"][g["bucket"]]
-    line = (f"- {bucket_label(g['bucket'])}: Perceiver AR {base['mean']:.3f} vs "
-            f"{LABELS[model]} {other['mean']:.3f} nats/token (baseline minus {LABELS[model]}: "
-            f"{g['gap']:+.3f}); ")
-    if len(base["per_seed"]) < 2:
-      line += "one seed, so no spread to set it against: not a finding."
-    else:
-      line += (f"seed ranges {base['min']:.3f}..{base['max']:.3f} and {other['min']:.3f}.."
-               f"{other['max']:.3f} " + ("do not overlap (clear at this scale)."
-                                         if g["separated"] else
-                                         "overlap (not resolved at this scale)."))
-    lines.append(line)
-  return "\n".join(lines)
-
-
-def _table1_summary(evaluation: dict, per_seed: dict[int, dict]) -> dict[str, dict]:
-  """Per model: the pooled Table I means, the paper's headline (mean over features of the
-  per-feature OA change) and the change of the mean OA, which tiny baseline OAs of single
-  features cannot dominate."""
-  out = {}
-  baseline_oa = next(iter(evaluation["sets"].values()))["oa_mean"]
-  for model, entry in evaluation["sets"].items():
-    out[model] = {
-        "oa_mean": entry["oa_mean"], "kld_mean": entry["kld_mean"],
-        "oa_change_percent_mean": entry["oa_change_percent_mean"],
-        "oa_mean_change_percent": 100.0 * (entry["oa_mean"] - baseline_oa) / baseline_oa,
-        "repetitive_share": entry["repetition"]["repetitive_share_mean"],
-        "autocorrelation_mean": entry["repetition"]["autocorrelation_mean"],
-        "num_pieces": entry["num_pieces"],
-        "oa_mean_by_seed": _spread([e["sets"][model]["oa_mean"] for e in per_seed.values()])
-                           if per_seed else None}
-  return out
-
-
-def _table1_rows(table1: dict[str, dict], baseline: str) -> str:
-  rows = ["| model | pieces | mean OA | mean OA, per-seed sets (mean ± std) | mean KLD | "
-          f"OA change vs {LABELS[baseline]}, mean over features (%) | change of mean OA (%) | "
-          "repetitive share | mean rho |", "|---|---|---|---|---|---|---|---|---|"]
-  for model, t in table1.items():
-    by_seed = _fmt_spread(t["oa_mean_by_seed"]) if t["oa_mean_by_seed"] else "n/a (1 seed)"
-    change = "n/a" if t["oa_change_percent_mean"] is None else f"{t['oa_change_percent_mean']:+.1f}"
-    rho = "n/a" if t["autocorrelation_mean"] is None else f"{t['autocorrelation_mean']:.3f}"
-    rows.append(f"| {LABELS[model]} | {t['num_pieces']} | {t['oa_mean']:.3f} | {by_seed} | "
-                f"{t['kld_mean']:.3f} | {change} | {t['oa_mean_change_percent']:+.1f} | "
-                f"{t['repetitive_share']:.3f} | {rho} |")
-  return "\n".join(rows)
-
-
-def write_report(out: pathlib.Path, options: ReproduceOptions, batch_size: int,
-                 nll: dict[str, dict], gaps: dict[str, dict], table1: dict[str, dict],
-                 reference_pieces: int, seconds: float) -> pathlib.Path:
-  models = list(nll)
-  evaluation_md = (out / "evaluation" / "report.md").read_text(encoding="utf-8")
-  evaluation_md = evaluation_md.split("\n", 1)[1].replace("](", "](evaluation/")
-  spread = max(nll[m]["nll"]["std"] for m in models)
-  text = f"""# Reproducing the paper's comparison
-
-Command: `{options.command or 'perceivers-reproduce'}`
-
-{', '.join(LABELS[m] for m in models)}: {options.steps} steps of batch {batch_size}, seeds \
-{', '.join(map(str, options.seeds))}; trained on 8 MAESTRO pieces, validated on the 9th \
-(sequential effective windows: every target once), reference excerpts from the 9th and 10th. \
-Samples: {options.num_samples} per model and seed, {options.sample_tokens} tokens from SOS, \
-temperature {options.temperature}, top-p {options.top_p}. This invocation: {seconds / 60:.1f} \
-min (a rerun skips the finished stages).
-
-## Claim 1: the baseline's blind spot at early positions
-
-{_nll_tables(nll, options.seeds)}
-
-![NLL by position](nll_by_position.png)
-
-{_early_position_lines(nll, gaps)}
-
-Seed spread: the largest std of the overall NLL over {len(options.seeds)} seed(s) is \
-{spread:.3f} nats/token. A difference between models smaller than the seed ranges is not \
-a finding at this scale: with {len(options.seeds)} seed(s) and {options.steps} steps, \
-only gaps that separate the seed ranges are read as real.
-
-## Claim 2: Multi-Scale, repetition and overlap with the real music
-
-{_table1_rows(table1, models[0])}
-
-Samples pooled over seeds; the per-seed column evaluates each seed's samples alone and \
-shows how far the mean OA moves with the seed. The paper reports about +40% average OA \
-for PerceiverS over Perceiver AR at full scale; {num_pieces_note(table1, reference_pieces)}
-
-Plots: [repetition density over time](evaluation/repetition_density.png),
-[rho(k)](evaluation/token_autocorrelation.png), [KDE grid](evaluation/distance_kde.png).
-
-## Table I in full
-{evaluation_md}
-"""
-  path = out / "report.md"
-  path.write_text(text, encoding="utf-8")
-  return path
-
-
-def num_pieces_note(table1: dict[str, dict], reference_pieces: int) -> str:
-  pieces = next(iter(table1.values()))["num_pieces"]
-  return (f"here each set has {pieces} pieces against {reference_pieces} reference excerpts of "
-          "two held-out performances, and the per-seed column shows how far the mean OA "
-          "moves with the seed alone.")
+def held_out_tokens(config: ml_collections.ConfigDict) -> list[np.ndarray]:
+  """The tokens of each piece of `config`'s evaluation split."""
+  source = input_pipeline.open_data_source(config, config.data.eval_split)
+  return [np.asarray(source[i]["tokens"]) for i in range(len(source))]
 
 
 def run_reproduce(options: ReproduceOptions) -> pathlib.Path:
   """Runs every stage (skipping finished ones); returns the path of report.md."""
   check_options(options)
-  start = time.perf_counter()
+  base = ml_collections.ConfigDict(options.config)
+  folds = {s: None if options.data_dir else fold_of(s) for s in options.seeds}
+  configs = {(m, s): stage_config(base, m, s, options, "") for m in options.models
+             for s in options.seeds}  # paper_model refuses a base that is not PerceiverS
+  for config in configs.values():
+    config_validation.validate(config, num_devices=jax.device_count())
+  sizes = reproduce_results.model_sizes(base, options.models)
+  start, machine = time.perf_counter(), reproduce_results.machine()
   out = pathlib.Path(options.workdir).resolve()
   out.mkdir(parents=True, exist_ok=True)
-  base = ml_collections.ConfigDict(options.config)
-  configs = {(m, s): model_config(base, m, s, options.steps)
-             for m in options.models for s in options.seeds}
 
-  print("\n== data: 10 real MAESTRO performances (8/1/1)", flush=True)
-  data_dir = demo.prepare_data(demo.DemoOptions(data_dir=options.data_dir), out)
-  for config in configs.values():
-    with config.unlocked():
-      config.data.data_dir = data_dir
+  data_dirs = {}
+  for fold in sorted(set(folds.values()), key=str):
+    print(f"\n== data: {'fold %d' % fold if fold is not None else options.data_dir}", flush=True)
+    data_dirs[fold] = demo.prepare_data(
+        demo.DemoOptions(data_dir=options.data_dir), out / "data" / f"fold_{fold}",
+        None if fold is None else fold_splits(fold))
+  data_seconds = time.perf_counter() - start
+  for (model, seed), config in configs.items():
+    config.data.data_dir = data_dirs[folds[seed]]
 
-  per_model: dict[str, dict[int, dict]] = {m: {} for m in options.models}
+  stages: dict[str, dict[int, dict]] = {m: {} for m in options.models}
   samples: dict[tuple[str, int], list[str]] = {}
+  settings = {}
   for (model, seed), config in configs.items():
     print(f"\n== {model}, seed {seed}: {options.steps} steps, evaluation, sampling", flush=True)
     folder = out / "runs" / model / f"seed_{seed}"
-    settings = sampling.SampleSettings.from_flag_values(dict(
+    settings[seed] = sampling.SampleSettings.from_flag_values(dict(
         num_samples=options.num_samples, batch_size=options.num_samples,
         num_tokens=options.sample_tokens, temperature=options.temperature,
         top_p=options.top_p, seed=seed))
-    per_model[model][seed] = run_stage(config, settings, folder)
+    stages[model][seed] = run_stage(config, settings[seed], folder)
     samples[model, seed] = [str(folder / "samples" / f"sample_{i:04d}.npy")
                             for i in range(options.num_samples)]
 
-  print("\n== Table I, repetition and rho(k) against the held-out reference", flush=True)
-  any_config = next(iter(configs.values()))
-  reference = out / "reference"
-  demo.write_reference_excerpts(any_config, reference, options.num_samples * len(options.seeds),
-                                options.sample_tokens)
+  print("\n== Table I per seed, pooled and on openings, against the held-out pieces", flush=True)
+  evaluation_start = time.perf_counter()
+  references, openings = {}, {}
+  for fold in data_dirs:
+    config = configs[options.models[0], next(s for s in options.seeds if folds[s] == fold)]
+    count = options.num_samples * (1 if fold is not None else len(options.seeds))
+    references[fold] = demo.write_reference_excerpts(
+        config, out / "reference" / f"fold_{fold}", count, options.sample_tokens,
+        splits=(config.data.eval_split,))
+    openings[fold] = [tokens_lib.opening(t, options.opening_seconds)
+                      for t in held_out_tokens(config)]
+  per_seed_eval = {s: report_lib.evaluate_sets(
+      references[folds[s]], {m: samples[m, s] for m in options.models},
+      out / "evaluation" / f"seed_{s}") for s in options.seeds}
   pooled = {m: [p for s in options.seeds for p in samples[m, s]] for m in options.models}
-  evaluation = report_lib.evaluate_sets(str(reference), pooled, out / "evaluation")
-  per_seed_eval = {}
-  if len(options.seeds) > 1:
-    per_seed_eval = {s: report_lib.evaluate_sets(
-        str(reference), {m: samples[m, s] for m in options.models},
-        out / "evaluation" / f"seed_{s}") for s in options.seeds}
+  pooled_eval = report_lib.evaluate_sets([p for r in references.values() for p in r], pooled,
+                                         out / "evaluation")
+  openings_eval = report_lib.evaluate_sets(
+      [o for pieces in openings.values() for o in pieces],
+      {m: [tokens_lib.opening(np.load(p), options.opening_seconds) for p in pooled[m]]
+       for m in options.models}, out / "openings")
 
-  nll = {m: summarise_nll(per_model[m]) for m in options.models}
-  plot_nll_by_position(nll, out / "nll_by_position.png")
-  table1 = _table1_summary(evaluation, per_seed_eval)
-  gaps = early_position_gaps(nll)
-  seconds = time.perf_counter() - start
-  batch_size = any_config.train.batch_size
-  results = {"command": options.command, "steps": options.steps, "batch_size": batch_size,
-             "seeds": list(options.seeds), "num_samples": options.num_samples,
-             "sample_tokens": options.sample_tokens, "seconds": seconds,
-             "models": {m: {"validation": nll[m], "per_seed": per_model[m],
-                            "table1": table1[m]} for m in options.models},
-             "early_position_gap_to_perceiver_ar": gaps}
+  results = reproduce_results.assemble(
+      options, next(iter(configs.values())),
+      {str(s): None if f is None else {
+          "fold": f, "held_out": [f"Maestro_{i}.mid" for i in held_out_pieces(f)]}
+       for s, f in folds.items()}, stages, sizes, settings[options.seeds[0]],
+      {"per_seed": per_seed_eval, "pooled": pooled_eval, "openings": openings_eval},
+      {"data": data_seconds, "table1": time.perf_counter() - evaluation_start,
+       "total": time.perf_counter() - start}, machine)
   _write_json(out / "results.json", results)
-  path = write_report(out, options, batch_size, nll, gaps, table1,
-                      evaluation["reference"]["num_pieces"], seconds)
-  print(f"\nDone in {seconds / 60:.1f} min: {path}", flush=True)
+  path = reproduce_report.write_report(results, out)
+  print(f"\nDone in {results['seconds']['total'] / 60:.1f} min: {path}", flush=True)
   return path

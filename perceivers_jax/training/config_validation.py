@@ -170,6 +170,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
           f"use a multiple of {eval_rows}.")
   for field in ("eval.every_steps", "checkpoint.every_steps", "checkpoint.keep", "log_every_steps"):
     _check_positive(config, field)
+  for field in ("eval.max_batches", "eval.max_targets_per_piece"):
+    value = _get(config, field)
+    if not isinstance(value, int) or value < 0:
+      _fail(field, value, "must be an integer >= 0 (0 = no limit).")
 
   for rule in config.logical_axis_rules:
     targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)

@@ -1,4 +1,10 @@
-"""The validation pass: NLL, accuracy and NLL per target-position bucket on validation windows.
+"""The validation pass: NLL, accuracy and NLL by target position on validation windows.
+
+A piece is [SOS, t_1, t_2, ...]: target t_p sits at position p, with p inputs before it.
+By position (`position_ranges`): log-spaced buckets from the first target (`nll_pos_1_2`,
+`nll_pos_2_4`, ... `nll_pos_32768_inf`), each piece's first k targets (`nll_first_16`,
+`_128`, `_512`: where Perceiver AR's baseline windows never put a target) and the targets
+with a full context of L inputs (`nll_full_context`, positions >= L).
 
 `make_eval_step` jits the summed losses of one batch for a model state (the Trainer holds
 one); `run_evaluation` runs it over this host's sequential validation windows
@@ -29,10 +35,24 @@ from perceivers_jax.training import metrics_writer
 
 Batch = dict[str, Any]
 EvalStep = Callable[[Any, nnx.State, Batch], dict[str, jax.Array]]
+_RANGE_SUM, _RANGE_COUNT = "nll_sum/", "count/"
 
-# Target-position buckets of the evaluation NLL: [0, 512), [512, 1k), [1k, 2k), ... [16k, 32k),
-# [32k, inf).
-POSITION_BUCKETS = (0,) + tuple(512 * 2**i for i in range(7)) + (math.inf,)
+# Bucket edges 1, 2, 4, ... up to 2**15 (the paper's L) or L if larger, then infinity.
+MIN_LAST_EDGE = 2**15
+FIRST_TARGETS = (16, 128, 512)  # nll_first_k: each piece's first k targets
+
+
+def position_ranges(max_length: int) -> list[tuple[str, float, float]]:
+  """(metric name, low, high) of each target-position range [low, high) the evaluation
+  reports (module doc): the log-spaced buckets, the first-k prefixes, the full-context part."""
+  edges = [1]
+  while edges[-1] < max(MIN_LAST_EDGE, max_length):
+    edges.append(2 * edges[-1])
+  edges.append(math.inf)
+  ranges = [(f"nll_pos_{low}_{'inf' if math.isinf(high) else high}", low, high)
+            for low, high in zip(edges[:-1], edges[1:])]
+  ranges += [(f"nll_first_{k}", 1, k + 1) for k in FIRST_TARGETS]
+  return ranges + [("nll_full_context", max_length, math.inf)]
 
 
 class Evaluator(Protocol):
@@ -69,21 +89,25 @@ def _window_step(model: model_state.ModelState, batch_sharding: NamedSharding,
   return partitioning.InMesh(jitted, model.mesh, tuple(model.config.logical_axis_rules))
 
 
-def _summed(per: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Summed NLL, accuracy and count, and the NLL per target-position bucket."""
+def _summed(per: dict[str, jax.Array],
+            ranges: list[tuple[str, float, float]]) -> dict[str, jax.Array]:
+  """Summed NLL, accuracy and count, and the NLL and count per position range."""
   out = losses.sum_losses(per)
   del out["z_loss"]
   positions_BN = per["positions_BN"]  # -1 where there is no target.
-  for low, high in zip(POSITION_BUCKETS[:-1], POSITION_BUCKETS[1:]):
-    in_bucket_BN = (positions_BN >= low) & (positions_BN < high)
-    out[f"bucket_{low}_nll"] = jnp.where(in_bucket_BN, per["nll_BN"], 0.0).sum()
-    out[f"bucket_{low}_count"] = in_bucket_BN.sum().astype(jnp.float32)
+  for index, (name, low, high) in enumerate(ranges):
+    in_range_BN = (positions_BN >= low) & (positions_BN < high)
+    # The index keeps position order through jax's sorting of dict keys.
+    out[f"{_RANGE_SUM}{index:03d}/{name}"] = jnp.where(in_range_BN, per["nll_BN"], 0.0).sum()
+    out[f"{_RANGE_COUNT}{index:03d}/{name}"] = in_range_BN.sum().astype(jnp.float32)
   return out
 
 
 def make_eval_step(model: model_state.ModelState, batch_sharding: NamedSharding) -> EvalStep:
-  """The jitted (params, rest, batch) -> summed NLL, accuracy, count and per-bucket NLL."""
-  return _window_step(model, batch_sharding, _summed)
+  """The jitted (params, rest, batch) -> summed NLL, accuracy, count, and NLL and count per
+  position range (`position_ranges`)."""
+  ranges = position_ranges(model.config.model.max_length)
+  return _window_step(model, batch_sharding, lambda per: _summed(per, ranges))
 
 
 def make_token_nll_step(model: model_state.ModelState,
@@ -112,8 +136,9 @@ def token_nll(token_nll_step: EvalStep, batch_sharding: NamedSharding, params: A
 
 def run_evaluation(evaluator: Evaluator, params: Any, rest: nnx.State,
                    batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
-  """NLL (nats, bits), accuracy and NLL per target-position bucket over this host's `batches`
-  (every host runs the same number of batches; sums are global)."""
+  """NLL (nats, bits), accuracy and NLL per position range over this host's `batches` (every
+  host runs the same number of batches; sums are global). A range's `targets_in_{name}` is
+  its target count, so runs over disjoint pieces pool exactly."""
   totals: dict[str, float] = {}
   num_batches = 0
   start = time.perf_counter()
@@ -130,11 +155,10 @@ def run_evaluation(evaluator: Evaluator, params: Any, rest: nnx.State,
   metrics = {"nll": nll, "bits_per_token": nll / math.log(2),
              "accuracy": totals["correct"] / count, "targets": count, "batches": num_batches,
              "seconds": time.perf_counter() - start}
-  for low, high in zip(POSITION_BUCKETS[:-1], POSITION_BUCKETS[1:]):
-    bucket_count = totals[f"bucket_{low}_count"]
-    if bucket_count:
-      name = f"nll_pos_{low}_{'inf' if math.isinf(high) else int(high)}"
-      metrics[name] = totals[f"bucket_{low}_nll"] / bucket_count
+  for key in sorted(k for k in totals if k.startswith(_RANGE_COUNT) and totals[k]):
+    name = key.split("/")[-1]
+    metrics[name] = totals[f"{_RANGE_SUM}{key[len(_RANGE_COUNT):]}"] / totals[key]
+    metrics[f"targets_in_{name}"] = totals[key]
   return metrics
 
 
