@@ -32,15 +32,16 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from perceivers_jax.cli import compile_target
 from perceivers_jax.cli import distributed
 from perceivers_jax.cli import logs
 from perceivers_jax.model import attention
 from perceivers_jax.parallel import compiled
-from perceivers_jax.parallel import topology
 from perceivers_jax.runtime import traces
 from perceivers_jax.sampling import sampling
 
-flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags.
+flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags,
+flags.adopt_module_key_flags(compile_target)  # and the compile-target ones.
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
 _CHECKPOINT = flags.DEFINE_string(
@@ -61,11 +62,6 @@ _DRY_RUN = flags.DEFINE_bool(
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "With --dry_run, instead of --workdir/--checkpoint: an experiment config "
     "file (perceivers_jax/configs/*.py).", lock_config=True)
-_COMPILE_TOPOLOGY = flags.DEFINE_string(
-    "compile_topology", None, "With --dry_run: compile for this TPU slice (v5p-8, v5e-16, ...; "
-    "needs libtpu) or GPU node (h100-8, ...; jax's CUDA plugin) instead of this host's devices.")
-_COMPILE_TOPOLOGY_NUM_SLICES = flags.DEFINE_integer(
-    "compile_topology_num_slices", 1, "With --compile_topology: that many slices.")
 _ATTENTION_IMPL = flags.DEFINE_enum(
     "attention_impl", "auto", attention.ATTENTION_IMPLS,
     "Attention kernel, replacing config.json's model.attention_impl (auto: chosen per backend).")
@@ -88,7 +84,7 @@ def main(argv: list[str]) -> None:
   if _DRY_RUN.value:
     _dry_run()
     return
-  if _COMPILE_TOPOLOGY.value or _CONFIG.value:
+  if compile_target.COMPILE_TOPOLOGY.value or _CONFIG.value:
     raise app.UsageError("--compile_topology and --config need --dry_run.")
   if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
     raise app.UsageError("Pass exactly one of --workdir=DIR and --checkpoint=DIR.")
@@ -119,8 +115,7 @@ def _dry_run() -> None:
   sources = [v for v in (_WORKDIR.value, _CHECKPOINT.value, _CONFIG.value) if v is not None]
   if len(sources) != 1:
     raise app.UsageError("--dry_run needs exactly one of --workdir, --checkpoint and --config.")
-  if _COMPILE_TOPOLOGY.value:
-    topology.quiet_libtpu()  # Before anything touches a jax backend.
+  compile_target.requested()  # Before anything touches a jax backend.
   from perceivers_jax.sampling import dry_run  # pylint: disable=g-import-not-at-top
   try:
     settings = sampling.SampleSettings.from_flag_values({f.name: f.value for f in _SETTINGS})
@@ -131,8 +126,8 @@ def _dry_run() -> None:
       config = sampling.read_config(sampling.resolve_path(_WORKDIR.value or _CHECKPOINT.value)[0],
                                     _ATTENTION_IMPL.value)
     compiled.print_report(dry_run.dry_run(config, settings,
-                                          compile_topology=_COMPILE_TOPOLOGY.value,
-                                          num_slices=_COMPILE_TOPOLOGY_NUM_SLICES.value))
+                                          compile_topology=compile_target.COMPILE_TOPOLOGY.value,
+                                          num_slices=compile_target.NUM_SLICES.value))
   except (FileNotFoundError, sampling.SamplingError) as e:
     raise app.UsageError(str(e)) from e
 

@@ -21,12 +21,13 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from perceivers_jax.cli import compile_target
 from perceivers_jax.cli import distributed
 from perceivers_jax.cli import logs
 from perceivers_jax.parallel import compiled
-from perceivers_jax.parallel import topology
 
-flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags.
+flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags,
+flags.adopt_module_key_flags(compile_target)  # and the compile-target ones.
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (perceivers_jax/configs/*.py[:variant]).",
@@ -39,13 +40,6 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False,
 _DRY_RUN_COMPILE = flags.DEFINE_bool(
     "dry_run_compile", True, "With --dry_run: compile the step for its memory analysis "
     "(off: lowering only, much faster for paper size on CPU).")
-_COMPILE_TOPOLOGY = flags.DEFINE_string(
-    "compile_topology", None, "With --dry_run: compile for this TPU slice or GPU node instead "
-    "of this host's devices (v4-8, v5e-16, v5p-32, v6e-8, ... with libtpu: pip install -e "
-    "'.[tpu]', BUILD.md section 10; h100-8, h200-16 with jax's CUDA plugin, section 5).")
-_COMPILE_TOPOLOGY_NUM_SLICES = flags.DEFINE_integer(
-    "compile_topology_num_slices", 1, "With --compile_topology: that many slices (the mesh's "
-    "config.mesh.dcn_* level spans them).")
 
 
 def main(argv: list[str]) -> None:
@@ -56,12 +50,10 @@ def main(argv: list[str]) -> None:
   if _WORKDIR.value and os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
     raise app.UsageError(f"--workdir={_WORKDIR.value} is a file; pass a folder (new, or "
                          "holding the run to resume)")
-  if _COMPILE_TOPOLOGY.value and not _DRY_RUN.value:
+  if compile_target.COMPILE_TOPOLOGY.value and not _DRY_RUN.value:
     raise app.UsageError("--compile_topology needs --dry_run (it compiles, never runs).")
-  if _COMPILE_TOPOLOGY.value:
-    topology.quiet_libtpu()  # Before anything touches a jax backend.
-  else:
-    distributed.initialize()  # Before anything touches a jax backend.
+  if not compile_target.requested():  # Before anything touches a jax backend.
+    distributed.initialize()
   from perceivers_jax.training import dry_run  # pylint: disable=g-import-not-at-top
   from perceivers_jax.training import validation  # pylint: disable=g-import-not-at-top
   from perceivers_jax.training import train  # pylint: disable=g-import-not-at-top
@@ -70,8 +62,9 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   if _DRY_RUN.value:
     compiled.print_report(dry_run.dry_run(
-        config, compile_step=_DRY_RUN_COMPILE.value, compile_topology=_COMPILE_TOPOLOGY.value,
-        num_slices=_COMPILE_TOPOLOGY_NUM_SLICES.value))
+        config, compile_step=_DRY_RUN_COMPILE.value,
+        compile_topology=compile_target.COMPILE_TOPOLOGY.value,
+        num_slices=compile_target.NUM_SLICES.value))
     return
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required for training and evaluation.")
