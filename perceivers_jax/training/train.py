@@ -330,20 +330,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   cache = compilation_cache.settings(config, workdir)
   profile_steps = traces.check_steps(config.get("profile", {}).get("steps", ()),
                                      "config.profile.steps")
+  mesh = config_validation.job_mesh(config)  # A bad config's one line comes before any other.
   account = time_account.TimeAccount()
   try:
     with compilation_cache.enabled(*cache):
-      return _train(config, workdir, account, profile_steps, train_source, eval_source,
+      return _train(config, workdir, mesh, account, profile_steps, train_source, eval_source,
                     evaluators)
   finally:
     account.close()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, account: time_account.TimeAccount,
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
+           account: time_account.TimeAccount,
            profile_steps: Sequence[int], train_source: Any, eval_source: Any,
            evaluators: Sequence[validation.PeriodicEvaluator]) -> dict[str, float]:
   with account.span("setup"):
-    trainer = build_trainer_for(config)
+    trainer = build_trainer(config, mesh)
     _write_config(config, workdir)
     if train_source is None:
       train_source = input_pipeline.open_data_source(config, config.data.train_split)
