@@ -119,8 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
       loss_spike_sigmas=6.0,
       loss_spike_window=128,
       # Peak TFLOP/s per device for MFU. 0: flops.PEAK_TFLOPS (datasheet dense bf16), or no MFU
-      # for an unlisted device. Set a measured peak here: perceiver-ar's H200 MFU uses 790 (measured),
-      # against the datasheet's 989.
+      # for an unlisted device. Set a measured peak here: perceiver-ar's H200 MFU uses 790
+      # (measured), against the datasheet's 989.
       peak_tflops=0.0,
       # Fine-tuning. init_from: a `perceivers-export` directory or a training workdir whose
       # parameters (only) start this run when its own workdir has no checkpoint yet.
@@ -213,3 +213,12 @@ def paper_model(config: ml_collections.ConfigDict, name: str) -> ml_collections.
   elif name == "perceivers_sum":
     model.model.combine = "sum"
   return model
+
+
+def paper_config_without_variants(name: str, arg: str | None,
+                                  config_file: str) -> ml_collections.ConfigDict:
+  """The paper-size config of model `name` (`paper_model` over `base_config`), for a config
+  file (`config_file`, named in the error) that takes no `:VARIANT` argument."""
+  if arg:
+    raise ValueError(f"{config_file} has no variants (got {arg!r}).")
+  return paper_model(base_config(), name)

@@ -17,7 +17,5 @@ from perceivers_jax import config_base
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Effective Segmentation with a single full-context cross-attention, paper size."""
-  if arg:
-    raise ValueError(
-        f"perceivers_jax/configs/effective_segmentation.py has no variants (got {arg!r}).")
-  return config_base.paper_model(config_base.base_config(), "effective_segmentation")
+  return config_base.paper_config_without_variants(
+      "effective_segmentation", arg, "perceivers_jax/configs/effective_segmentation.py")

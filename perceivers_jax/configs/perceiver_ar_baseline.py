@@ -17,7 +17,5 @@ from perceivers_jax import config_base
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Perceiver AR baseline at paper size."""
-  if arg:
-    raise ValueError(
-        f"perceivers_jax/configs/perceiver_ar_baseline.py has no variants (got {arg!r}).")
-  return config_base.paper_model(config_base.base_config(), "perceiver_ar")
+  return config_base.paper_config_without_variants(
+      "perceiver_ar", arg, "perceivers_jax/configs/perceiver_ar_baseline.py")
