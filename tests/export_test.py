@@ -24,6 +24,7 @@ from perceivers_jax.sampling import sampling
 from perceivers_jax.state import checkpointing
 from perceivers_jax.state import export
 from perceivers_jax.state import model_state
+from perceivers_jax.state import run_dir
 from perceivers_jax.training import train
 import tiny_model
 
@@ -71,7 +72,7 @@ def workdir(tmp_path_factory):
 def test_export_restores_on_one_device(workdir, tmp_path):
   assert jax.device_count() == 1
   manifest = export.export(str(workdir), str(tmp_path / "f32"))
-  config, params, loaded_manifest = model_state.load_exported(str(tmp_path / "f32"))
+  config, params, loaded_manifest = run_dir.load_exported(str(tmp_path / "f32"))
   assert loaded_manifest == manifest
   assert manifest["step"] == 2 and manifest["dtype"] == "float32"
   assert manifest["source_workdir"] == str(workdir)
@@ -100,7 +101,7 @@ def test_cli_bfloat16_export(workdir, tmp_path):
       capture_output=True, text=True, timeout=300, check=True)
   summary = json.loads(result.stdout.strip().splitlines()[-1])
   assert summary["dtype"] == "bfloat16" and summary["step"] == 2
-  _, params, _ = model_state.load_exported(str(output))
+  _, params, _ = run_dir.load_exported(str(output))
   leaves = jax.tree.leaves(params)
   assert all(leaf.dtype == np.dtype("bfloat16") for leaf in leaves)
   assert summary["num_params"] == sum(leaf.size for leaf in leaves)
@@ -114,7 +115,7 @@ def test_bad_requests_are_explained(workdir, tmp_path):
   export.export(str(workdir), str(tmp_path / "z"))
   (tmp_path / "z" / "config.json").write_text("{}")
   with pytest.raises(ValueError, match="does not match the sha256"):
-    model_state.load_exported(str(tmp_path / "z"))
+    run_dir.load_exported(str(tmp_path / "z"))
 
 
 def test_existing_output_is_refused_or_replaced_whole(workdir, tmp_path):
@@ -134,8 +135,8 @@ def test_existing_output_is_refused_or_replaced_whole(workdir, tmp_path):
                  capture_output=True, text=True, timeout=300, check=True)
   assert sorted(os.listdir(output)) == ["config.json", "manifest.json", "params.safetensors"]
   assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary or old folder left behind.
-  _, _, manifest = model_state.load_exported(str(output))
-  assert manifest["format"] == model_state.SAFETENSORS_FORMAT
+  _, _, manifest = run_dir.load_exported(str(output))
+  assert manifest["format"] == run_dir.SAFETENSORS_FORMAT
   assert list(manifest["params_sha256"]) == ["params.safetensors"]
 
 
@@ -148,7 +149,7 @@ def test_a_failed_export_leaves_nothing_and_a_rerun_works(workdir, tmp_path, mon
   assert not (tmp_path / "st").exists()
   monkeypatch.undo()
   export.export(str(workdir), str(tmp_path / "st"), file_format="safetensors")
-  model_state.load_exported(str(tmp_path / "st"))
+  run_dir.load_exported(str(tmp_path / "st"))
   assert sorted(os.listdir(tmp_path)) == ["st"]
 
 
@@ -204,7 +205,7 @@ def _whole_exports(folder):
   found = {}
   for path in sorted(folder.iterdir()):
     try:
-      found[path.name] = model_state.check_export_files(path)["format"]
+      found[path.name] = run_dir.check_export_files(path)["format"]
     except (OSError, ValueError, KeyError):
       pass
   return found
@@ -218,7 +219,7 @@ def test_an_overwrite_killed_at_any_point_leaves_a_whole_export(workdir, tmp_pat
   that was complete instead of deleting it."""
   old_export = tmp_path / "old_export"
   export.export(str(workdir), str(old_export))
-  orbax, safetensors_format = model_state.FORMATS["orbax"], model_state.SAFETENSORS_FORMAT
+  orbax, safetensors_format = run_dir.FORMATS["orbax"], run_dir.SAFETENSORS_FORMAT
   for point in _KILL_POINTS + ("between_renames",):
     folder = tmp_path / point
     folder.mkdir()
@@ -248,13 +249,13 @@ def test_an_overwrite_killed_at_any_point_leaves_a_whole_export(workdir, tmp_pat
       _kill_at("writing", patch)
       with pytest.raises(_Killed):
         export.export(str(workdir), str(output), file_format="safetensors", overwrite=True)
-    _, _, manifest = model_state.load_exported(str(output))
+    _, _, manifest = run_dir.load_exported(str(output))
     assert manifest["format"] == (safetensors_format if new_one_was_complete else orbax), point
     assert not (folder / ".out.export-old").exists(), point
 
     export.export(str(workdir), str(output), file_format="safetensors", overwrite=True)
     assert sorted(os.listdir(folder)) == ["out"], point
-    assert model_state.load_exported(str(output))[2]["format"] == safetensors_format
+    assert run_dir.load_exported(str(output))[2]["format"] == safetensors_format
 
 
 def test_loading_checks_every_parameter_file(workdir, tmp_path):
@@ -268,17 +269,17 @@ def test_loading_checks_every_parameter_file(workdir, tmp_path):
   data[len(data) // 2] ^= 1
   (output / name).write_bytes(bytes(data))
   with pytest.raises(ValueError, match=f"{name} does not match its sha256 in manifest.json"):
-    model_state.load_exported(str(output))
+    run_dir.load_exported(str(output))
   (output / name).unlink()
   with pytest.raises(ValueError, match=f"{name} is missing"):
-    model_state.load_exported(str(output))
+    run_dir.load_exported(str(output))
 
 
 def _checkpoint_params(workdir: pathlib.Path):
   """(config, params of checkpoint 2 restored on this process's devices)."""
-  config = model_state.load_config(workdir / "config.json")
+  config = run_dir.read_config(workdir)
   trainer = train.build_trainer(config, mesh_lib.data_mesh())
-  return config, model_state.restore_params(str(workdir), 2, trainer.abstract_state["params"])
+  return config, run_dir.restore_params(str(workdir), 2, trainer.abstract_state["params"])
 
 
 def _fixed_batch():
@@ -292,7 +293,7 @@ def test_safetensors_export_gives_identical_logits(workdir, tmp_path):
   config, reference_params = _checkpoint_params(workdir)
   output = tmp_path / "st32"
   manifest = export.export(str(workdir), str(output), file_format="safetensors")
-  assert manifest["format"] == model_state.SAFETENSORS_FORMAT
+  assert manifest["format"] == run_dir.SAFETENSORS_FORMAT
   assert json.loads((output / "manifest.json").read_text()) == manifest
   assert not (output / "params").exists()
 
@@ -306,9 +307,9 @@ def test_safetensors_export_gives_identical_logits(workdir, tmp_path):
   assert shapes["cross_layers.1.attention.query_kernel"] == (64, 2, 32)
   assert shapes["latent_layers.attention.query_kernel"] == (1, 64, 2, 32)
   assert shapes["embed.embedding"] == (391, 64)
-  assert metadata["format"] == model_state.SAFETENSORS_FORMAT and metadata["step"] == "2"
+  assert metadata["format"] == run_dir.SAFETENSORS_FORMAT and metadata["step"] == "2"
 
-  loaded_config, params, loaded_manifest = model_state.load_exported(str(output))
+  loaded_config, params, loaded_manifest = run_dir.load_exported(str(output))
   assert loaded_manifest == manifest and loaded_config.to_dict() == config.to_dict()
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
                jax.device_get(reference_params))
@@ -335,13 +336,13 @@ def test_cli_bfloat16_safetensors_matches_orbax(workdir, tmp_path):
        f"--output={output}", "--dtype=bfloat16", "--format=safetensors"],
       capture_output=True, text=True, timeout=300, check=True)
   summary = json.loads(result.stdout.strip().splitlines()[-1])
-  assert summary["format"] == model_state.SAFETENSORS_FORMAT and summary["dtype"] == "bfloat16"
+  assert summary["format"] == run_dir.SAFETENSORS_FORMAT and summary["dtype"] == "bfloat16"
   with safetensors.safe_open(str(output / "params.safetensors"), framework="np") as f:
     assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
   export.export(str(workdir), str(tmp_path / "orbax16"), dtype="bfloat16")
 
-  _, params, _ = model_state.load_exported(str(output))
-  _, orbax_params, _ = model_state.load_exported(str(tmp_path / "orbax16"))
+  _, params, _ = run_dir.load_exported(str(output))
+  _, orbax_params, _ = run_dir.load_exported(str(tmp_path / "orbax16"))
   assert all(leaf.dtype == np.dtype("bfloat16") for leaf in jax.tree.leaves(params))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
                jax.device_get(orbax_params))

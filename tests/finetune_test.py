@@ -14,7 +14,7 @@ import unigram
 from perceivers_jax.data import tokens
 from perceivers_jax.state import checkpointing
 from perceivers_jax.state import export
-from perceivers_jax.state import model_state
+from perceivers_jax.state import run_dir
 from perceivers_jax.training import config_validation
 from perceivers_jax.training import validation
 from perceivers_jax.training import train
@@ -77,7 +77,7 @@ def _finetune_config(init_from: str):
 
 def _params_at(workdir: str, step: int, config) -> dict:
   trainer = train.build_trainer_for(config)
-  return jax.device_get(model_state.restore_params(workdir, step, trainer.abstract_state["params"]))
+  return jax.device_get(run_dir.restore_params(workdir, step, trainer.abstract_state["params"]))
 
 
 def _train_losses(workdir: pathlib.Path) -> list[tuple[int, float]]:
@@ -124,7 +124,7 @@ def test_resume_continues_from_the_workdir(pretrained, finetuned, sources, monke
   def refuse(*args, **kwargs):
     raise AssertionError(f"init_from read again on resume: {args} {kwargs}")
 
-  monkeypatch.setattr(model_state, "load_params", refuse)
+  monkeypatch.setattr(run_dir, "load_params", refuse)
   config = _finetune_config(pretrained["orbax"])
   config.train.num_steps = STEPS + 5
   train_source, eval_source = sources
@@ -142,13 +142,13 @@ def test_init_from_any_source_gives_the_same_params(pretrained):
   trainer = train.build_trainer_for(_config())
   abstract = trainer.abstract_state["params"]
   for source in ("workdir", "orbax", "safetensors"):
-    params, description = model_state.load_params(pretrained[source], abstract)
+    params, description = run_dir.load_params(pretrained[source], abstract)
     assert pretrained[source] in description
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), pretrained["params"])
   # bfloat16 exports come back as the run's float32, equal to the rounded parameters.
   rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(np.float32), pretrained["params"])
   for source in ("orbax_bf16", "safetensors_bf16"):
-    params, _ = model_state.load_params(pretrained[source], abstract)
+    params, _ = run_dir.load_params(pretrained[source], abstract)
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), rounded)
 
@@ -160,13 +160,13 @@ def test_shape_mismatch_names_the_parameter(pretrained, source):
   abstract = train.build_trainer_for(config).abstract_state["params"]
   with pytest.raises(ValueError, match=r"Parameter 'cross_layers\.0\.attention\.key_kernel' has "
                                        r"shape \(64, 2, 32\) in .* but \(32, 2, 32\)"):
-    model_state.load_params(pretrained[source], abstract)
+    run_dir.load_params(pretrained[source], abstract)
 
 
 def test_init_from_nothing_is_explained(tmp_path):
   abstract = train.build_trainer_for(_config()).abstract_state["params"]
   with pytest.raises(FileNotFoundError, match="init_from=.*neither a perceivers-export"):
-    model_state.load_params(str(tmp_path), abstract)
+    run_dir.load_params(str(tmp_path), abstract)
 
 
 @pytest.mark.parametrize("freeze,message", [

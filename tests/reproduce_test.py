@@ -20,6 +20,7 @@ from perceivers_jax.evaluation import report as report_lib
 from perceivers_jax.experiments import reproduce
 from perceivers_jax.experiments import reproduce_report
 from perceivers_jax.sampling import sampling
+from perceivers_jax.state import run_dir
 from perceivers_jax.training import validation as validation_lib
 
 _MODELS = ("effective_segmentation", "effective_two_full")
@@ -56,7 +57,7 @@ def test_stages_are_the_models_and_folds_they_claim(reproduce_run):
   from perceivers_jax.configs import tiny  # pylint: disable=g-import-not-at-top
   for model in _MODELS:
     for seed in _SEEDS:
-      config = sampling.read_config(_stage(reproduce_run, model, seed) / "train")
+      config = run_dir.read_config(_stage(reproduce_run, model, seed) / "train")
       saved = _flat(json.loads(config.to_json()))
       model_fields = _flat(json.loads(config_base.paper_model(tiny.get_config(), model).to_json()))
       assert {k for k in saved if saved[k] != model_fields[k]} == {
@@ -80,7 +81,7 @@ def test_stages_are_the_models_and_folds_they_claim(reproduce_run):
 @pytest.mark.parametrize("model,seed", [(_MODELS[0], 0), (_MODELS[1], 1)])
 def test_held_out_metrics_are_what_evaluate_gives_for_the_checkpoint(reproduce_run, model, seed):
   workdir = _stage(reproduce_run, model, seed) / "train"
-  fresh = validation_lib.evaluate(sampling.read_config(workdir), str(workdir))  # --mode=eval
+  fresh = validation_lib.evaluate(run_dir.read_config(workdir), str(workdir))  # --mode=eval
   reported = _results(reproduce_run)["models"][model]["per_seed"][str(seed)]
   for name, value in fresh.items():
     if name != "seconds":
@@ -149,7 +150,7 @@ def test_every_number_of_the_report_comes_from_the_runs(reproduce_run):
 def test_openings_are_the_first_seconds_of_samples_and_held_out_pieces(reproduce_run):
   references, generated = [], {m: [] for m in _MODELS}
   for seed in _SEEDS:
-    config = sampling.read_config(_stage(reproduce_run, _MODELS[0], seed) / "train")
+    config = run_dir.read_config(_stage(reproduce_run, _MODELS[0], seed) / "train")
     references += [tokens_lib.opening(t, _OPENING_SECONDS)
                    for t in reproduce.held_out_tokens(config)]
     for model in _MODELS:
@@ -169,7 +170,7 @@ def test_a_stage_is_skipped_when_done_resumed_when_cut_short_and_rerun_when_chan
     reproduce_run, capsys):
   """What a rerun of the command does to each stage (run_reproduce calls run_stage for each)."""
   folder = _stage(reproduce_run, _MODELS[0], 1)
-  config = sampling.read_config(folder / "train")
+  config = run_dir.read_config(folder / "train")
   settings = sampling.SampleSettings.from_flag_values(
       json.loads((folder / "samples.json").read_text())["sampled"]["settings"])
   files = [folder / "eval.json", folder / "samples" / "sample_0000.npy"]
@@ -189,7 +190,7 @@ def test_a_stage_is_skipped_when_done_resumed_when_cut_short_and_rerun_when_chan
   config.train.learning_rate = 0.001  # as --config.train.learning_rate=0.001 would
   reproduce.run_stage(config, settings, folder)
   assert "config.train.learning_rate: 0.002 -> 0.001" in capsys.readouterr().out
-  assert sampling.read_config(folder / "train").train.learning_rate == 0.001
+  assert run_dir.read_config(folder / "train").train.learning_rate == 0.001
   records = [json.loads(line) for line in log.open()]
   assert any("train/loss" in r for r in records)  # trained afresh, not resumed at step 10
   assert files[1].stat().st_mtime_ns != stamps[1]  # and sampled again

@@ -27,7 +27,7 @@ from perceivers_jax.sampling import job
 from perceivers_jax.sampling import listening_page
 from perceivers_jax.sampling import sampling
 from perceivers_jax.state import export
-from perceivers_jax.state import model_state
+from perceivers_jax.state import run_dir
 from perceivers_jax.training import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -373,14 +373,14 @@ def test_attention_impl_is_chosen_at_load_not_taken_from_config_json(workdir, tm
   model, loaded_config, _ = sampling.load_model(str(cudnn), attention_impl="chunked")
   assert loaded_config.model.attention_impl == "chunked"
   assert {layer.attention.impl for layer in model.cross_layers} == {"chunked"}
-  with pytest.raises(sampling.SamplingError, match="--attention_impl='splash!'"):
-    sampling.read_config(str(cudnn), "splash!")
+  with pytest.raises(run_dir.RunDirError, match="--attention_impl='splash!'"):
+    run_dir.read_config(str(cudnn), "splash!")
   # Choice: an export's config.json records --attention_impl (default auto: backend-neutral).
   manifest = export.export(str(cudnn), str(tmp_path / "export"))
   assert manifest["config"]["model"]["attention_impl"] == "auto"
-  exported = model_state.load_config(tmp_path / "export" / "config.json")
+  exported = run_dir.read_config(tmp_path / "export")
   assert exported.model.attention_impl == "auto"
   export.export(str(cudnn), str(tmp_path / "export_xla"), attention_impl="xla")
-  assert sampling.read_config(str(tmp_path / "export_xla")).model.attention_impl == "xla"
+  assert run_dir.read_config(str(tmp_path / "export_xla")).model.attention_impl == "xla"
   with pytest.raises(ValueError, match="--attention_impl='splash!'"):
     export.export(str(cudnn), str(tmp_path / "bad"), attention_impl="splash!")

@@ -12,7 +12,7 @@ whole or not at all (written to a temporary sibling folder, then renamed); an ex
 --output is refused unless --overwrite replaces it once the new export is complete. After a
 process killed mid-export, the next export to the same --output first puts the whole export
 left on disk back in place (the new one, if it was complete). Either restores on any number of
-devices (`perceivers_jax.state.model_state.load_exported`), samples with
+devices (`perceivers_jax.state.run_dir.load_exported`), samples with
 `perceivers-sample --checkpoint=DIR` and starts fine-tuning with `--config.train.init_from=DIR`.
 """
 

@@ -39,6 +39,7 @@ from perceivers_jax.model import attention
 from perceivers_jax.parallel import compiled
 from perceivers_jax.runtime import traces
 from perceivers_jax.sampling import sampling
+from perceivers_jax.state import run_dir
 
 flags.adopt_module_key_flags(distributed)  # --help lists the multi-host flags,
 flags.adopt_module_key_flags(compile_target)  # and the compile-target ones.
@@ -96,8 +97,8 @@ def main(argv: list[str]) -> None:
   indices = _SAMPLE_INDEX.value or None
   try:
     settings = sampling.SampleSettings.from_flag_values({f.name: f.value for f in _SETTINGS})
-    workdir, step = sampling.resolve_path(path, _STEP.value)
-    config = sampling.read_config(workdir, _ATTENTION_IMPL.value)
+    workdir, step = run_dir.resolve_path(path, _STEP.value)
+    config = run_dir.read_config(workdir, _ATTENTION_IMPL.value)
     # Every request error surfaces here, the same on every host, before anything is restored
     # or compiled.
     sampling.check_settings(settings, config.model, indices)
@@ -107,7 +108,7 @@ def main(argv: list[str]) -> None:
     sampling.sample_to_dir(model, config, settings, _OUTPUT_DIR.value, checkpoint_step=step,
                            checkpoint_path=workdir, sample_indices=indices,
                            profile_steps=_PROFILE_STEPS.value)
-  except (FileNotFoundError, sampling.SamplingError) as e:
+  except (FileNotFoundError, sampling.SamplingError, run_dir.RunDirError) as e:
     raise app.UsageError(str(e)) from e
 
 
@@ -123,12 +124,12 @@ def _dry_run() -> None:
       config = _CONFIG.value.copy_and_resolve_references()
       config.model.attention_impl = _ATTENTION_IMPL.value
     else:
-      config = sampling.read_config(sampling.resolve_path(_WORKDIR.value or _CHECKPOINT.value)[0],
-                                    _ATTENTION_IMPL.value)
+      config = run_dir.read_config(run_dir.resolve_path(_WORKDIR.value or _CHECKPOINT.value)[0],
+                                   _ATTENTION_IMPL.value)
     compiled.print_report(dry_run.dry_run(config, settings,
                                           compile_topology=compile_target.COMPILE_TOPOLOGY.value,
                                           num_slices=compile_target.NUM_SLICES.value))
-  except (FileNotFoundError, sampling.SamplingError) as e:
+  except (FileNotFoundError, sampling.SamplingError, run_dir.RunDirError) as e:
     raise app.UsageError(str(e)) from e
 
 

@@ -55,6 +55,7 @@ from perceivers_jax.experiments import demo
 from perceivers_jax.experiments import reproduce_report
 from perceivers_jax.experiments import reproduce_results
 from perceivers_jax.sampling import sampling
+from perceivers_jax.state import run_dir
 from perceivers_jax.training import config_validation
 from perceivers_jax.training import flops
 from perceivers_jax.training import train
@@ -166,7 +167,7 @@ def run_stage(config: ml_collections.ConfigDict, settings: sampling.SampleSettin
   """One model x seed: train (resuming), evaluate, sample; each part skipped when done, the
   whole stage redone when its config changed. Returns eval.json's content."""
   workdir = folder / "train"
-  trained_with = _read_json(workdir / "config.json")
+  trained_with = _read_json(workdir / run_dir.CONFIG_FILE)
   if trained_with is not None and trained_with != _as_json(config):
     changes = _differences(trained_with, _as_json(config))
     print(f"{folder}: the config changed ({'; '.join(changes[:3])}"

@@ -1,11 +1,12 @@
 """Sampling pieces from a trained PerceiverS: loading, primers, per-sample seeds, output files.
 
-`load_model(path, step)` restores the parameters (only those) of a training workdir's
-checkpoint or of a `perceivers-export` directory, with the model config saved beside them
-(config.json), for eval-mode decoding; `sample_to_dir(...)` generates `num_samples` pieces in
-batches of `batch_size` rows and writes, per sample i, `sample_{i:04d}.mid`, `.npy` (raw tokens,
-SOS .. EOS or the last token), `.png` (its piano roll) and a `.json` sidecar, skipping the
-samples already written, then the folder's listening page (`index.html`)
+`load_model(path, step)` builds the model of a training workdir's checkpoint or of a
+`perceivers-export` directory for eval-mode decoding, read through `state/run_dir.py` (the
+config saved beside the parameters, then the parameters only); `sample_to_dir(...)`
+generates `num_samples` pieces in batches of `batch_size` rows and writes, per sample i,
+`sample_{i:04d}.mid`, `.npy` (raw tokens, SOS .. EOS or the last token), `.png` (its piano
+roll) and a `.json` sidecar, skipping the samples already written, then the folder's
+listening page (`index.html`)
 (`job`: the output directory, its resumption, manifest and progress).
 
 Multi-host: every process calls `sample_to_dir` alike (after `jax.distributed.initialize`);
@@ -28,7 +29,6 @@ the device count).
 """
 
 import dataclasses
-import json
 import os
 import pathlib
 from typing import Any, Sequence
@@ -51,10 +51,9 @@ from perceivers_jax.sampling import job
 from perceivers_jax.sampling import listening_page
 from perceivers_jax.sampling.job import SamplingError
 from perceivers_jax.state import model_state
+from perceivers_jax.state import run_dir
 
-CONFIG_FILE = model_state.CONFIG_FILE
 PROFILE_DIR = "profile"  # under the output directory: traces of --profile_steps
-EXPORT_MANIFEST = model_state.MANIFEST  # marks a `perceivers-export` directory.
 DATA_AXIS = "data"
 
 
@@ -173,36 +172,6 @@ def sample_keys(seed: int, sample_indices: Sequence[int]) -> jax.Array:
 # -- loading -------------------------------------------------------------------------------------
 
 
-def read_config(path: str | os.PathLike,
-                attention_impl: str | None = None) -> ml_collections.ConfigDict:
-  """The config saved in `path`/config.json by training (or by an export).
-
-  `attention_impl` (if given) overrides its model.attention_impl (`model_state.load_config`).
-  """
-  file = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f"--checkpoint/--workdir {path}: no {CONFIG_FILE} there; pass a "
-                            "training workdir, one of its checkpoints/STEP folders or an export.")
-  try:
-    return model_state.load_config(file, attention_impl)
-  except ValueError as e:
-    raise SamplingError(str(e)) from e
-
-
-def resolve_path(path: str, step: int | None = None) -> tuple[str, int | None]:
-  """(directory holding config.json, step) for a workdir or a workdir/checkpoints/STEP path."""
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"--checkpoint/--workdir {path}: no such directory.")
-  name, parent = os.path.basename(path), os.path.dirname(path)
-  if (name.isdigit() and os.path.basename(parent) == "checkpoints"
-      and not os.path.isfile(os.path.join(path, CONFIG_FILE))):
-    if step is not None and step != int(name):
-      raise SamplingError(f"--step={step} contradicts the checkpoint path {path}.")
-    return os.path.dirname(parent), int(name)
-  return path, step
-
-
 def _model_state(config: ml_collections.ConfigDict, mesh: Mesh | None) -> model_state.ModelState:
   """`config`'s model on `mesh` (default: a data-only mesh over every device)."""
   return model_state.build(config, mesh or mesh_lib.data_mesh())
@@ -216,44 +185,17 @@ def load_model(path: str | os.PathLike, step: int | None = None, *,
 
   `path` may also be workdir/checkpoints/STEP, or a `perceivers-export` directory (found by
   its manifest.json; `step` must then be None or the exported step). Only the parameters are
-  read (`model_state`'s partial restore, never the optimizer state), straight into the
+  read (`run_dir.restore_params`, never the optimizer state), straight into the
   shardings of `mesh` (default: a data-only mesh over every device, parameters replicated);
   no optimizer is built. `attention_impl` (if given) replaces config.json's
   model.attention_impl.
   """
-  workdir, step = resolve_path(os.fspath(path), step)
-  config = read_config(workdir, attention_impl)
-  step = checkpoint_step(workdir, config, step)
+  workdir, step = run_dir.resolve_path(os.fspath(path), step)
+  config = run_dir.read_config(workdir, attention_impl)
+  step = run_dir.checkpoint_step(workdir, config, step)
   model = _model_state(config, mesh)
-  params = restore_params(workdir, step, model.abstract_params)
+  params = run_dir.restore_params(workdir, step, model.abstract_params)
   return model.merge(params, model.init_rest()), config, step
-
-
-def _is_export(workdir: str) -> bool:
-  return os.path.isfile(os.path.join(workdir, EXPORT_MANIFEST))
-
-
-def checkpoint_step(workdir: str, config: ml_collections.ConfigDict, step: int | None) -> int:
-  """The step `load_model` reads from a `resolve_path` directory (default: the latest)."""
-  if _is_export(workdir):
-    return _exported_step(workdir, step)
-  return model_state.saved_step(workdir, config, step)
-
-
-def restore_params(workdir: str, step: int, abstract_params: Any) -> Any:
-  """The parameters (only) of checkpoint `step` of a `resolve_path` directory (a training
-  workdir or an export), in the shardings and dtypes of `abstract_params`."""
-  if _is_export(workdir):
-    return model_state.load_exported(workdir, abstract_params)[1]
-  return model_state.restore_params(workdir, step, abstract_params)
-
-
-def _exported_step(path: str, step: int | None) -> int:
-  with open(os.path.join(path, EXPORT_MANIFEST), encoding="utf-8") as f:
-    exported_step = int(json.load(f)["step"])
-  if step is not None and step != exported_step:
-    raise SamplingError(f"--step={step}: {path} is an export of step {exported_step}.")
-  return exported_step
 
 
 def untrained_model(config: ml_collections.ConfigDict, *,

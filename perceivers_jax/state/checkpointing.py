@@ -3,7 +3,8 @@
 A checkpoint step holds two items: `state` (step, parameters, optimizer state: sharded jax
 arrays, restored straight into the target shardings) and `data_iter` (the Grain iterator
 state, one small JSON file per host), so a resumed run sees exactly the batches an
-uninterrupted run would have seen.
+uninterrupted run would have seen. Reading a checkpoint's parameters alone (sampling, export,
+fine-tuning, --mode=eval) is `state/run_dir.py`'s.
 """
 
 import os
@@ -19,6 +20,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 
+CHECKPOINTS = "checkpoints"  # workdir/checkpoints/STEP
 STATE = "state"
 DATA_ITER = "data_iter"
 
@@ -27,7 +29,7 @@ def checkpoint_dir(workdir: str) -> str:
   """Where the Orbax checkpoints of `workdir` live (local paths made absolute, as Orbax needs)."""
   if "://" not in workdir:
     workdir = os.path.abspath(workdir)
-  return str(epath.Path(workdir) / "checkpoints")
+  return str(epath.Path(workdir) / CHECKPOINTS)
 
 
 class Checkpointer:

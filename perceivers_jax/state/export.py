@@ -9,7 +9,7 @@ An export directory holds
   config.json    the training config, its model.attention_impl set to the export's
                  `attention_impl` (default "auto": the kernel is a runtime choice, so an
                  export is backend-neutral; the text is kept verbatim when it already says so);
-  manifest.json  format (model_state.FORMATS: which of the two), step, parameter count,
+  manifest.json  format (run_dir.FORMATS: which of the two), step, parameter count,
                  dtype, source workdir, sha256 of config.json, the sha256 of every parameter
                  file (params_sha256, by path inside the export) and the config itself.
 An export is written whole into a temporary sibling folder (`.NAME.export-tmp`, manifest.json
@@ -23,7 +23,7 @@ after it was written, else the old one.
 Only the parameters are read from the training checkpoint (partial restore), straight into
 the target devices' shardings, so exporting never loads the optimizer state. Reading an
 export back (either format, into this process's devices or into any given shardings, as
-sampling and fine-tuning's config.train.init_from do) is `model_state.load_exported`.
+sampling and fine-tuning's config.train.init_from do) is `run_dir.load_exported`.
 
 Safetensors names are the flat dotted names of perceivers_jax/model/param_groups.py, e.g.
 `embed.embedding` [V, D], `cross_layers.0.attention.query_kernel` [D, H, K] (one cross layer
@@ -49,6 +49,7 @@ import safetensors.numpy
 
 from perceivers_jax.model import param_groups
 from perceivers_jax.state import model_state
+from perceivers_jax.state import run_dir
 
 DTYPES = ("float32", "bfloat16")
 
@@ -78,7 +79,7 @@ def _is_complete(path: epath.Path) -> bool:
   """Whether `path` holds a whole export (manifest.json, config and every parameter file
   matching its sha256s)."""
   try:
-    model_state.check_export_files(path)
+    run_dir.check_export_files(path)
   except (OSError, ValueError, KeyError):
     return False
   return True
@@ -108,17 +109,17 @@ def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "
            attention_impl: str = "auto") -> dict[str, Any]:
   """Writes the params of checkpoint `step` (default: latest) of `workdir` to `output`.
 
-  `file_format`: "orbax" or "safetensors" (model_state.FORMATS). `output` must not exist
+  `file_format`: "orbax" or "safetensors" (run_dir.FORMATS). `output` must not exist
   unless `overwrite`, which replaces it once the new export is complete. The export's
   config.json records `attention_impl` as model.attention_impl. Returns the manifest.
   Raises FileNotFoundError / FileExistsError / ValueError naming what is wrong.
   """
   if dtype not in DTYPES:
     raise ValueError(f"--dtype={dtype!r}: use one of {DTYPES}.")
-  if file_format not in model_state.FORMATS:
-    raise ValueError(f"--format={file_format!r}: use one of {tuple(model_state.FORMATS)}.")
-  model_state.check_attention_impl(attention_impl)
-  config_path = epath.Path(workdir) / "config.json"
+  if file_format not in run_dir.FORMATS:
+    raise ValueError(f"--format={file_format!r}: use one of {tuple(run_dir.FORMATS)}.")
+  run_dir.check_attention_impl(attention_impl)
+  config_path = epath.Path(workdir) / run_dir.CONFIG_FILE
   if not config_path.exists():
     raise FileNotFoundError(f"{config_path} not found: --workdir must be a training workdir.")
   out = epath.Path(output)
@@ -132,18 +133,18 @@ def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "
     raise FileExistsError(f"--output={output} exists: choose a new directory, or pass "
                           "--overwrite to replace it.")
   config_text = _with_attention_impl(config_path.read_text(), attention_impl)
-  config = model_state.load_config(config_path, attention_impl)
-  step = model_state.saved_step(workdir, config, step)
+  config = run_dir.read_config(workdir, attention_impl)
+  step = run_dir.saved_step(workdir, config, step)
 
-  params = model_state.restore_params(
+  params = run_dir.restore_params(
       workdir, step, model_state.build_local(config).abstract_params_in(dtype))
   if jax.process_index() == 0:
     if tmp.exists():  # left incomplete by an export that was killed (or an old one's).
       tmp.rmtree()
     tmp.mkdir(parents=True)
   _sync("export-tmp-ready")
-  manifest_format = model_state.FORMATS[file_format]
-  params_name = model_state.PARAMS_PATHS[manifest_format]
+  manifest_format = run_dir.FORMATS[file_format]
+  params_name = run_dir.PARAMS_PATHS[manifest_format]
   manifest = {
       "format": manifest_format,
       "step": int(step),
@@ -161,9 +162,9 @@ def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "
         "format", "step", "dtype", "config_sha256")})
   _sync("export-params-written")
   if jax.process_index() == 0:
-    manifest["params_sha256"] = model_state.params_sha256(tmp, params_name)
-    (tmp / model_state.CONFIG_FILE).write_text(config_text)
-    (tmp / model_state.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    manifest["params_sha256"] = run_dir.params_sha256(tmp, params_name)
+    (tmp / run_dir.CONFIG_FILE).write_text(config_text)
+    (tmp / run_dir.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     if out.exists():  # overwrite: the old export moves aside only now the new one is complete.
       out.rename(old)
     tmp.rename(out)

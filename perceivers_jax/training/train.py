@@ -56,6 +56,7 @@ from perceivers_jax.runtime import time_account
 from perceivers_jax.runtime import traces
 from perceivers_jax.state import checkpointing
 from perceivers_jax.state import model_state
+from perceivers_jax.state import run_dir
 from perceivers_jax.training import config_validation
 from perceivers_jax.training import validation
 from perceivers_jax.training import flops
@@ -281,7 +282,7 @@ def build_trainer_for(config: ml_collections.ConfigDict) -> Trainer:
 def pretrained_params(trainer: Trainer, source: str) -> Any:
   """The parameters of `source` (config.train.init_from: an export or a training workdir) in
   `trainer`'s shardings and dtypes; ValueError naming a parameter whose shape differs."""
-  params, description = model_state.load_params(source, trainer.model.abstract_params)
+  params, description = run_dir.load_params(source, trainer.model.abstract_params)
   update_guard.check_sane(params, f"config.train.init_from={source} ({description})",
                           "fine-tune from an earlier checkpoint or export.")
   logging.info("Fine-tuning from the parameters of %s (fresh optimizer, step 0).", description)

@@ -30,6 +30,7 @@ from perceivers_jax.data import input_pipeline
 from perceivers_jax.model import losses
 from perceivers_jax.parallel import partitioning
 from perceivers_jax.state import model_state
+from perceivers_jax.state import run_dir
 from perceivers_jax.training import config_validation
 from perceivers_jax.training import metrics_writer
 
@@ -185,8 +186,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Evaluates checkpoint `step` (default: the latest) of `workdir` on config.data.eval_split."""
   model = model_state.build(config, config_validation.job_mesh(config),
                             left_padded_windows=model_state.windows_are_left_padded(config))
-  step = model_state.saved_step(workdir, config, step)
-  params = model_state.restore_params(workdir, step, model.abstract_params)
+  step = run_dir.saved_step(workdir, config, step)
+  params = run_dir.restore_params(workdir, step, model.abstract_params)
   if eval_source is None:
     eval_source = input_pipeline.open_data_source(config, config.data.eval_split)
   metrics = run_evaluation(_model_evaluator(model), params, model.init_rest(),

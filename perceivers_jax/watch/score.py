@@ -39,6 +39,7 @@ from perceivers_jax.parallel import partitioning
 from perceivers_jax.sampling import job
 from perceivers_jax.sampling import sampling
 from perceivers_jax.state import model_state
+from perceivers_jax.state import run_dir
 from perceivers_jax.training import config_validation
 from perceivers_jax.training import validation
 
@@ -100,16 +101,16 @@ class Scorer:
     """The model of a training workdir, one of its checkpoints/STEP or an export, laid out
     as the validation pass lays it out (windows per batch: `batch_size`, default the
     config's eval.batch_size)."""
-    workdir, step = sampling.resolve_path(path, step)
-    config = sampling.read_config(workdir)
+    workdir, step = run_dir.resolve_path(path, step)
+    config = run_dir.read_config(workdir)
     with config.unlocked():
       config.eval.max_batches = 0  # every window of the piece.
       if batch_size:
         config.eval.batch_size = batch_size
-    step = sampling.checkpoint_step(workdir, config, step)
+    step = run_dir.checkpoint_step(workdir, config, step)
     model = model_state.build(config, config_validation.job_mesh(config),
                               left_padded_windows=model_state.windows_are_left_padded(config))
-    params = sampling.restore_params(workdir, step, model.abstract_params)
+    params = run_dir.restore_params(workdir, step, model.abstract_params)
     return cls(workdir, step, config, model, params, model.init_rest(),
                validation.make_token_nll_step(model, partitioning.batch_sharding(model.mesh)))
 
