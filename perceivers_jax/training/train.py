@@ -140,18 +140,18 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
       dropout_seed=config.seed + 1, z_loss=config.train.z_loss)
 
   in_mesh = functools.partial(partitioning.InMesh, mesh=mesh, rules=rules)
-  state_from_params = in_mesh(jax.jit(state_from_params, in_shardings=(param_shardings,),
-                                      out_shardings=state_shardings, donate_argnums=(0,)))
+  fresh_state = in_mesh(jax.jit(state_from_params, in_shardings=(param_shardings,),
+                                out_shardings=state_shardings, donate_argnums=(0,)))
 
   def init_fn():
     params, rest = model.init()
-    return state_from_params(params), rest
+    return fresh_state(params), rest
 
   return Trainer(
       config=config, mesh=mesh, model=model, abstract_state=abstract_state,
       abstract_rest=model.abstract_rest,
       state_shardings=state_shardings, batch_sharding=batch_sharding, schedule=schedule,
-      init_fn=init_fn, init_rest=model.init_rest, state_from_params=state_from_params,
+      init_fn=init_fn, init_rest=model.init_rest, state_from_params=fresh_state,
       limits=limits,
       empty_loss_window=in_mesh(jax.jit(lambda: update_guard.empty_loss_window(limits),
                                         out_shardings=state_shardings["loss_window"])),
