@@ -22,6 +22,7 @@ from perceivers_jax.parallel import topology
 from perceivers_jax.training import config_validation
 from perceivers_jax.training import flops
 from perceivers_jax.training import train
+from perceivers_jax.training import train_step
 
 # What lowers the training step's memory per device, for the does-not-fit line.
 KNOBS = ("lower config.train.batch_size or raise config.train.microbatches, set "
@@ -68,7 +69,7 @@ def dry_run(config: ml_collections.ConfigDict, *, compile_step: bool = True,
   }
   if target:
     report.update(compile_topology=target.name, slices=num_slices)
-  batch = train.abstract_batch(config, config.train.batch_size, trainer.batch_sharding)
+  batch = train_step.abstract_batch(config, config.train.batch_size, trainer.batch_sharding)
   start = time.perf_counter()
   lowered = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_rest, batch)
   report["lower_seconds"] = round(time.perf_counter() - start, 2)

@@ -10,8 +10,13 @@ Schedules (t = optimizer step, w = config.train.warmup_steps, lr = config.train.
             w = 10,000 it peaks at 3.1e-4 (Perceiver AR's base_lr) at t = w, then decays.
   constant: linear warm-up from 0 to lr over w steps, then lr.
   cosine:   linear warm-up to lr, then cosine decay to 0 at config.train.num_steps.
+
+Frozen parameter groups (config.train.freeze): `with_frozen_groups`.
 """
 
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -60,3 +65,11 @@ def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTra
   if train_config.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), adam)
   return adam
+
+
+def with_frozen_groups(optimizer: optax.GradientTransformation,
+                       frozen: Any) -> optax.GradientTransformation:
+  """`optimizer` on the parameters where the bool tree `frozen` is False; zero updates and no
+  optimizer state where it is True (clipping and Adam see only the trained gradients)."""
+  labels = jax.tree.map(lambda f: "frozen" if f else "trained", frozen)
+  return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)

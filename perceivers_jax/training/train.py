@@ -1,4 +1,4 @@
-"""Training: the sharded train state, the jitted step, the loop, checkpoints, metrics.
+"""Training: the Trainer (sharded train state, jitted step) and the loop, checkpoints, metrics.
 
 `train_and_evaluate(config, workdir)` trains (resuming from the latest checkpoint in
 `workdir`, or fine-tuning from config.train.init_from while there is none), evaluates
@@ -7,13 +7,14 @@ the one-off evaluation of a checkpoint), runs the periodic evaluators it is give
 evaluator, built above training in perceivers_jax/watch/) and saves on an interval and on
 preemption. Around the loop (perceivers_jax/runtime/): jax's persistent compilation cache,
 profiler traces of config.profile.steps and the time account of the process. The dry
-run (sizes and compiled memory) is `dry_run.py`; FLOPs and MFU are `flops.py`.
+run (sizes and compiled memory) is `dry_run.py`; FLOPs and MFU are `flops.py`; the step
+itself, with its parts passed in, is `train_step.py` (`build_trainer` binds and jits it).
 
 State layout (what the checkpoints hold): {"step": int32, "params": nested dict of arrays (the
 model's nnx.Param values as a pure dict), "opt_state": optax state, "loss_window": the losses of
 the last accepted steps}. The model, its abstract parameters and their shardings come from
-`state/model_state.py`; parameters are created directly in their shardings (jax.jit with
-out_shardings), never whole on one host.
+`state/model_state.py`; parameters are created directly in their shardings (`ModelState.init`:
+jax.jit with out_shardings), never whole on one host, and the optimizer state beside them.
 
 Fine-tuning: config.train.init_from (an export directory, either format, or a training
 workdir) supplies the parameters only (fresh optimizer state, step 0) of a run whose workdir
@@ -47,9 +48,7 @@ import optax
 
 from perceivers_jax import config_base
 from perceivers_jax.data import input_pipeline
-from perceivers_jax.model import losses
 from perceivers_jax.model import param_groups
-from perceivers_jax.parallel import mesh as mesh_lib
 from perceivers_jax.parallel import partitioning
 from perceivers_jax.runtime import compilation_cache
 from perceivers_jax.runtime import time_account
@@ -62,16 +61,15 @@ from perceivers_jax.training import validation
 from perceivers_jax.training import flops
 from perceivers_jax.training import metrics_writer
 from perceivers_jax.training import optimizer as optimizer_lib
+from perceivers_jax.training import train_step as train_step_lib
 from perceivers_jax.training import update_guard
 
-State = dict[str, Any]
-Batch = dict[str, Any]
-
-BATCH_KEYS = ("inputs", "positions", "targets")
+State = train_step_lib.State
+Batch = train_step_lib.Batch
 
 
 # ----------------------------------------------------------------------------------------------
-# State and step functions.
+# The Trainer: state, shardings and the jitted step.
 
 
 @dataclasses.dataclass
@@ -85,7 +83,7 @@ class Trainer:
   state_shardings: State
   batch_sharding: NamedSharding
   schedule: optax.Schedule
-  init_fn: Callable[[], tuple[State, nnx.State]]
+  init_fn: Callable[[], tuple[State, nnx.State]]  # config.seed's state and rest, sharded.
   init_rest: Callable[[], nnx.State]  # the non-parameter state (RNG streams) alone.
   state_from_params: Callable[[Any], State]  # given params, fresh optimizer state, step 0.
   limits: update_guard.Limits  # the update checks' thresholds (config.train).
@@ -98,59 +96,27 @@ class Trainer:
     return self.model.num_params
 
 
-def _rng_stream_names(rest: nnx.State) -> tuple[str, ...]:
-  names = set()
-  for _, var in nnx.to_flat_state(rest):
-    if isinstance(var, nnx.RngKey):
-      names.add(var.tag)
-  return tuple(sorted(names))
-
-
-def _split_microbatches(batch: Batch, num_micro: int, mesh: Mesh) -> Batch:
-  """[B, L] -> [M, B/M, L], microbatch m = rows m, M+m, 2M+m, ...
-
-  Interleaving keeps every microbatch spread over all batch shards (a plain reshape would put
-  each microbatch on a subset of devices).
-  """
-  def split(x):
-    b = x.shape[0]
-    x = x.reshape(b // num_micro, num_micro, *x.shape[1:])
-    x = jax.lax.with_sharding_constraint(
-        x, NamedSharding(mesh, PartitionSpec(partitioning.BATCH_AXES)))
-    return jnp.swapaxes(x, 0, 1)
-  return {k: split(v) for k, v in batch.items()}
-
-
-def _with_frozen_groups(optimizer: optax.GradientTransformation,
-                        frozen: Any) -> optax.GradientTransformation:
-  """`optimizer` on the parameters where the bool tree `frozen` is False; zero updates and no
-  optimizer state where it is True (clipping and Adam see only the trained gradients)."""
-  labels = jax.tree.map(lambda f: "frozen" if f else "trained", frozen)
-  return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
-
-
 def _is_masked(x: Any) -> bool:
   """A frozen parameter's empty slot in the optimizer state."""
   return isinstance(x, optax.MaskedNode)
 
 
 def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
-  """Abstract state, shardings and jitted init/train/eval functions for `config` on `mesh`."""
+  """Abstract state, shardings and jitted init/train/eval functions for `config` on `mesh`:
+  the model's (`ModelState`), the optimizer state's, and `train_step.train_step` bound to its
+  parts."""
   rules = tuple(config.logical_axis_rules)
   schedule = optimizer_lib.make_schedule(config.train)
-  left_padded = model_state.windows_are_left_padded(config)
-  model = model_state.build(config, mesh, left_padded_windows=left_padded)
-  create_model = model_state.model_fn(config, left_padded_windows=left_padded,
-                                      backend=mesh_lib.platform(mesh))
+  model = model_state.build(config, mesh,
+                            left_padded_windows=model_state.windows_are_left_padded(config))
   optimizer = optimizer_lib.make_optimizer(config.train)
   # Configs saved before fine-tuning existed have no train.freeze.
   freeze = tuple(config.train.get("freeze", ()))
   frozen = param_groups.frozen_mask(model.abstract_params, freeze) if freeze else None
   if frozen is not None:
-    optimizer = _with_frozen_groups(optimizer, frozen)
+    optimizer = optimizer_lib.with_frozen_groups(optimizer, frozen)
   param_shardings, rest_shardings = model.param_shardings, model.rest_shardings
   replicated = NamedSharding(mesh, PartitionSpec())
-
   limits = update_guard.Limits.of(config.train)
 
   def state_from_params(params):
@@ -158,11 +124,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
             "opt_state": optimizer.init(params),
             "loss_window": update_guard.empty_loss_window(limits)}
 
-  def init_fn():
-    params, rest = model_state.split(create_model())
-    return state_from_params(params), rest
-
-  abstract_state, _ = jax.eval_shape(init_fn)
+  abstract_state = jax.eval_shape(state_from_params, model.abstract_params)
   opt_shardings = optax.tree_utils.tree_map_params(
       optimizer, lambda leaf, s: leaf if _is_masked(leaf) else s, abstract_state["opt_state"],
       param_shardings, transform_non_params=lambda _: replicated, is_leaf=_is_masked)
@@ -173,101 +135,31 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
       state_shardings)
   batch_sharding = partitioning.batch_sharding(mesh)
-  rng_streams = _rng_stream_names(model.abstract_rest)
-  num_micro = config.train.microbatches
-  dropout_seed = config.seed + 1
-
-  def reseeded(params, rest, key):
-    """`rest` with every RNG stream reset from `key`: dropout depends only on (seed, step)."""
-    if not rng_streams:
-      return rest
-    merged = model.merge(params, rest)
-    nnx.reseed(merged, policy="match_shape", **{name: key for name in rng_streams})
-    return model_state.split(merged)[1]
-
-  def loss_fn(params, rest, batch):
-    logits_BNV = model.merge(params, rest)(batch["inputs"], batch["positions"],
-                                           deterministic=False)
-    sums = losses.sum_losses(losses.token_losses(logits_BNV, batch, config.model.num_latents,
-                                                 config.train.z_loss))
-    return sums["nll"] + sums["z_loss"], sums  # a sum; divided by the global count below.
-
-  grad_fn = jax.grad(loss_fn, has_aux=True)
-
-  def train_step(state, rest, batch):
-    step = state["step"]
-    key = jax.random.fold_in(jax.random.key(dropout_seed), step)
-    params = state["params"]
-    if num_micro == 1:
-      grads, sums = grad_fn(params, reseeded(params, rest, key), batch)
-    else:
-      micro = _split_microbatches(batch, num_micro, mesh)
-
-      def body(carry, xs):
-        index, microbatch = xs
-        micro_rest = reseeded(params, rest, jax.random.fold_in(key, index))
-        grads, sums = grad_fn(params, micro_rest, microbatch)
-        return jax.tree.map(jnp.add, carry, (grads, sums)), None
-
-      zero = jax.tree.map(jnp.zeros_like,
-                          jax.eval_shape(grad_fn, params, rest,
-                                         jax.tree.map(lambda x: x[0], micro)))
-      (grads, sums), _ = jax.lax.scan(body, zero, (jnp.arange(num_micro), micro))
-    # Exact mean over every target of the global batch, however it was split.
-    count = jnp.maximum(sums["count"], 1.0)
-    grads = jax.tree.map(lambda g: g / count, grads)
-    if frozen is not None:  # unused: without microbatches XLA then skips computing them.
-      grads = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    loss = losses.mean_loss(sums)
-    # A rejected update is never applied: the previous parameters and optimizer state stay
-    # (donation lets XLA select in place). The loop stops or counts it (config.train.on_bad_update).
-    verdict = update_guard.judge(loss, grads, params, updates, new_params, state["loss_window"],
-                                 limits)
-    keep = lambda new, old: jnp.where(verdict["rejected"] == 0, new, old)
-    new_state = {"step": step + 1, "params": jax.tree.map(keep, new_params, params),
-                 "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
-                 "loss_window": verdict["loss_window"]}
-    metrics = {
-        "rejected": verdict["rejected"],
-        "update_ratio": verdict["update_ratio"],
-        "loss_z": verdict["loss_z"],
-        "loss": loss,
-        "nll": sums["nll"] / count,
-        "accuracy": sums["correct"] / count,
-        "targets": sums["count"],
-        "grad_norm": optax.tree.norm(grads),
-        "lr": schedule(step),
-    }
-    return new_state, metrics
+  step = functools.partial(
+      train_step_lib.train_step, model=model, optimizer=optimizer, limits=limits, frozen=frozen,
+      schedule=schedule, num_microbatches=config.train.microbatches,
+      dropout_seed=config.seed + 1, z_loss=config.train.z_loss)
 
   in_mesh = functools.partial(partitioning.InMesh, mesh=mesh, rules=rules)
+  fresh_state = in_mesh(jax.jit(state_from_params, in_shardings=(param_shardings,),
+                                out_shardings=state_shardings, donate_argnums=(0,)))
+
+  def init_fn():
+    params, rest = model.init()
+    return fresh_state(params), rest
+
   return Trainer(
       config=config, mesh=mesh, model=model, abstract_state=abstract_state,
       abstract_rest=model.abstract_rest,
       state_shardings=state_shardings, batch_sharding=batch_sharding, schedule=schedule,
-      init_fn=in_mesh(jax.jit(init_fn, out_shardings=(state_shardings, rest_shardings))),
-      init_rest=model.init_rest,
-      state_from_params=in_mesh(jax.jit(state_from_params, in_shardings=(param_shardings,),
-                                        out_shardings=state_shardings, donate_argnums=(0,))),
+      init_fn=init_fn, init_rest=model.init_rest, state_from_params=fresh_state,
       limits=limits,
       empty_loss_window=in_mesh(jax.jit(lambda: update_guard.empty_loss_window(limits),
                                         out_shardings=state_shardings["loss_window"])),
       train_step=in_mesh(jax.jit(
-          train_step, in_shardings=(state_shardings, rest_shardings, batch_sharding),
+          step, in_shardings=(state_shardings, rest_shardings, batch_sharding),
           out_shardings=(state_shardings, replicated), donate_argnums=(0,))),
       eval_step=validation.make_eval_step(model, batch_sharding))
-
-
-# ----------------------------------------------------------------------------------------------
-# Batches.
-
-
-def abstract_batch(config: ml_collections.ConfigDict, batch_size: int,
-                   sharding: NamedSharding) -> Batch:
-  shape = (batch_size, config.model.max_length)
-  return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for k in BATCH_KEYS}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Which updates the train step applies, what the loop does about the others, and the check of
 the parameters a run resumes or fine-tunes from (README "Training", "Rejected updates").
 
-The step (train.py) rejects an update, keeping the previous parameters and optimizer state
+The step (train_step.py) rejects an update, keeping the previous parameters and optimizer state
 (only the step counter and the data advance), when
   non-finite  a gradient, the loss or an updated parameter is NaN or infinite;
   exploded    an updated parameter has |x| > MAX_PARAM_ABS;
