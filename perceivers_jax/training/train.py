@@ -208,7 +208,7 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    (path / run_dir.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
