@@ -27,7 +27,6 @@ def _dtype(name: str, field: str):
     raise ValueError(f"config.model.{field}={name!r} is not a dtype (e.g. 'bfloat16').") from e
 
 
-
 class Settings:
   """The static settings the layers share, read once from config.model."""
 

@@ -122,7 +122,7 @@ class PerceiverS(nnx.Module):
                                                   ("vocab", "embed")), rngs=rngs)
     # Output axis unnamed (replicated): one width can't carry two mesh axes' worth of names.
     self.latent_init = layers.Dense(s.embed_dim, s.embed_dim, ("embed", None), dtype=s.dtype,
-                             param_dtype=s.param_dtype, rngs=rngs)
+                                    param_dtype=s.param_dtype, rngs=rngs)
     self.cross_layers = nnx.List([layers.CrossAttentionLayer(s, length, scale, rngs)
                                   for length, scale in zip(self.key_lengths, self.scales)])
     if self.scan_layers:
@@ -135,8 +135,9 @@ class PerceiverS(nnx.Module):
       self.latent_layers = nnx.List([layers.LatentLayer(s, cfg.num_latents, rngs)
                                      for _ in range(cfg.num_latent_layers)])
     self.final_norm = layers.layer_norm(s, rngs)
-    self.head = layers.Dense(s.embed_dim, cfg.vocab_size, ("embed", "vocab"), dtype=jnp.float32,
-                      param_dtype=s.param_dtype, rngs=rngs, zero_init=True)
+    self.head = layers.Dense(s.embed_dim, cfg.vocab_size, ("embed", "vocab"),
+                             dtype=jnp.float32, param_dtype=s.param_dtype, rngs=rngs,
+                             zero_init=True)
 
   # -- steps shared with the cached decoder ----------------------------------------------------
 
