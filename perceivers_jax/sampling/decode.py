@@ -33,7 +33,8 @@ stale).
 
 Layers are used through their steps (`CrossAttentionLayer.key_value`, the model's
 `cross_attend_cached`, `over_latent_layers` with `LatentLayer.project` / `finish`): the
-forward's combination of scales and its scan over the latent layers, no copy of them.
+decoder runs the forward's combination of scales and its scan over the latent layers
+rather than copies of them.
 """
 
 import functools
