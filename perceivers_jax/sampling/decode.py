@@ -31,8 +31,10 @@ costs at most N - F of the oldest inputs of context. Only `sliding` scale masks 
 supported (a `final_block` window moves with the last token, so cached latents would be
 stale).
 
-Layers are used through their steps (`CrossAttentionLayer.key_value` / `attend` via
-`PerceiverS.cross_attend`, `LatentLayer.project` / `finish`): no attention code is copied.
+Layers are used through their steps (`CrossAttentionLayer.key_value`, the model's
+`cross_attend_cached`, `over_latent_layers` with `LatentLayer.project` / `finish`): the
+decoder runs the forward's combination of scales and its scan over the latent layers
+rather than copies of them.
 """
 
 import functools
@@ -179,7 +181,8 @@ def _latent_layers_step(model, cache: Cache, x_BTD, positions_BT):
                               latent_positions_BN.shape)
   mask = masks.causal_mask(positions_BT, latent_positions_BN, valid_BN)
 
-  def layer_step(layer, index, x, keys, values):
+  def layer_step(layer, index, carry):
+    x, keys, values = carry
     # The stacked caches are carried whole and written at one layer's new slots, in place
     # (scanning over them as xs/ys would rebuild both stacks every step).
     q, k, v = layer.project(x, positions_BT)
@@ -191,19 +194,12 @@ def _latent_layers_step(model, cache: Cache, x_BTD, positions_BT):
                      deterministic=True)
     return x, keys, values
 
-  carry = (x_BTD, cache.latent_keys, cache.latent_values)
-  if model.scan_layers:
-    graphdef, layer_state = nnx.split(model.latent_layers)
-
-    def body(carry, layer_xs):
-      state, index = layer_xs
-      return layer_step(nnx.merge(graphdef, state), index, *carry), None
-
-    carry, _ = jax.lax.scan(body, carry, (layer_state, jnp.arange(model.num_latent_layers)))
-  else:
-    for index, layer in enumerate(model.latent_layers):
-      carry = layer_step(layer, index, *carry)
-  x_BTD, keys, values = carry
+  # Through a model of fresh Variables made at this trace level: nnx.scan writes the layers'
+  # state back, which NNX refuses for Variables made outside the decoder's lax loops.
+  graphdef, state = nnx.split(model)
+  model = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+  x_BTD, keys, values = model.over_latent_layers(
+      layer_step, (x_BTD, cache.latent_keys, cache.latent_values), remat=False)
   cache = cache.replace(latent_keys=keys, latent_values=values,
                         latent_positions_BN=latent_positions_BN,
                         num_latents=start + positions_BT.shape[1])
@@ -227,13 +223,10 @@ def add_latents(model: model_lib.PerceiverS, cache: Cache, count: int, *,
   tokens_BT = cache.input_tokens_BL[:, (cache.num_inputs - count + jnp.arange(count))
                                     % model.max_length]
   x_BTD = model.initial_latents(model.embed_inputs(tokens_BT))
-  x_BTD = model.cross_attend(x_BTD, positions_BT, None, None,
-                             keys_values=tuple(
-                                 _cache_views(k, v, batch, model.num_heads)
+  x_BTD = model.cross_attend_cached(
+      x_BTD, positions_BT, tuple(_cache_views(k, v, batch, model.num_heads)
                                  for k, v in zip(cache.cross_keys, cache.cross_values)),
-                             layer_kv_positions=cache.cross_positions,
-                             min_key_position_B=cache.horizon_B - model.max_length,
-                             deterministic=True, remat=False)
+      cache.cross_positions, cache.horizon_B - model.max_length)
   x_BTD, cache = _latent_layers_step(model, cache, x_BTD, positions_BT)
   return model.logits(x_BTD[:, -1:])[:, 0], cache
 
