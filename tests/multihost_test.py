@@ -155,8 +155,17 @@ def test_music_is_written_once_by_process_0_with_the_pieces_of_one_device(uninte
   folder = uninterrupted.workdir / music.NAME
   assert sorted(map(int, json.loads((folder / music.MANIFEST).read_text()))) == [*MUSIC_STEPS]
   assert all((folder / str(step) / "index.html").exists() for step in MUSIC_STEPS)
-  records = map(json.loads, (uninterrupted.workdir / "metrics.jsonl").read_text().splitlines())
-  assert [r["step"] for r in records if "music/oa_mean/unconditional" in r] == [*MUSIC_STEPS]
+  records = [json.loads(line) for line in
+             (uninterrupted.workdir / "metrics.jsonl").read_text().splitlines()]
+  scalars = [r for r in records if "music/oa_mean/unconditional" in r]
+  assert [r["step"] for r in scalars] == [*MUSIC_STEPS]
+  # Process 0's time account after each evaluation and at the end: between the two
+  # evaluations its music time grew by the second one's sampling (compiled at the first), not
+  # by any writing, which went on in the background (the other host never waited for it).
+  accounts = [r for r in records if "time/music_seconds" in r]
+  assert [r["step"] for r in accounts] == [*MUSIC_STEPS, STEPS]
+  grown = accounts[1]["time/music_seconds"] - accounts[0]["time/music_seconds"]
+  assert grown < scalars[1]["music/sampling_seconds"] + scalars[1]["music/writing_seconds"] / 2
 
   model, config, step = sampling.load_model(uninterrupted.workdir, step=STEPS,
                                             mesh=mesh_lib.data_mesh(jax.devices()[:1]))
