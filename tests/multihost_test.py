@@ -8,8 +8,10 @@ of its entries here), and a process 0 that skips compiling can wait for process 
 collective past gloo's 30 s set-up limit.
 
 The uninterrupted run also plays music (validation and the music evaluator after steps 6 and
-12): a host that waited for process 0's measuring and writing of step 6 would miss step 7's
-collective for longer than gloo's 30 s wait.
+12); its losses are still those of the runs without. A process 0 that measured and wrote on
+its training thread would hold the other host in the next step's collective, which waits
+without a limit once set up (gloo's 30 s is the set-up's), so the test reads that off process
+0's time account.
 """
 
 import csv
