@@ -9,9 +9,9 @@ collective past gloo's 30 s set-up limit.
 
 The uninterrupted run also plays music (validation and the music evaluator after steps 6 and
 12); its losses are still those of the runs without. A process 0 that measured and wrote on
-its training thread would hold the other host in the next step's collective, which waits
-without a limit once set up (gloo's 30 s is the set-up's), so the test reads that off process
-0's time account.
+its training thread would hold the other host in the next step's collective, which, once
+set up, waited a minute here without failing (gloo's 30 s limit is the set-up's), so the
+test reads that off process 0's time account.
 """
 
 import csv
