@@ -6,6 +6,12 @@ tests are about code paths and equal losses between runs that all compile the sa
 persistent compilation cache would not help: only process 0 writes it (process 1 found none
 of its entries here), and a process 0 that skips compiling can wait for process 1 in its first
 collective past gloo's 30 s set-up limit.
+
+The uninterrupted run also plays music (validation and the music evaluator after steps 6 and
+12); its losses are still those of the runs without. A process 0 that measured and wrote on
+its training thread would hold the other host in the next step's collective, which, once
+set up, waited a minute here without failing (gloo's 30 s limit is the set-up's), so the
+test reads that off process 0's time account.
 """
 
 import csv
@@ -17,14 +23,26 @@ import socket
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
+import jax
+import numpy as np
 import pytest
 
 from data_prep.maestro_performance import maestro_performance_dataset_builder as builder_lib
+from perceivers_jax.parallel import mesh as mesh_lib
+from perceivers_jax.sampling import sampling
+from perceivers_jax.training import metrics_writer
+from perceivers_jax.watch import music
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 HEARTBEAT_TIMEOUT_S = 30
 STEPS = 12  # of the uninterrupted run; the interrupted ones stop and resume within them.
+MUSIC_STEPS = (6, 12)  # the uninterrupted run's: two pieces from SOS, one row per host.
+MUSIC_FLAGS = (f"--config.eval.every_steps={MUSIC_STEPS[0]}", "--config.eval.max_batches=1",
+               "--config.eval.music.every_evals=1", "--config.eval.music.num_unconditional=2",
+               "--config.eval.music.num_continuations=0", "--config.eval.music.num_tokens=24",
+               "--config.eval.music.batch_size=2", "--config.eval.music.num_reference=2")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +73,7 @@ def _free_port() -> int:
 
 
 def _start_two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, num_steps: int,
-                         checkpoint_every: int = 2) -> list[subprocess.Popen]:
+                         checkpoint_every: int = 2, *extra: str) -> list[subprocess.Popen]:
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
       "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
@@ -69,7 +87,7 @@ def _start_two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, num_step
       "--config.eval.every_steps=1000", "--config.eval.max_batches=2",
       f"--config.checkpoint.every_steps={checkpoint_every}", "--config.log_every_steps=1",
       "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
-      f"--heartbeat_timeout_s={HEARTBEAT_TIMEOUT_S}"]
+      f"--heartbeat_timeout_s={HEARTBEAT_TIMEOUT_S}", *extra]
   return [subprocess.Popen(command + [f"--process_id={i}"], cwd=REPO, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
           for i in range(2)]
@@ -112,17 +130,56 @@ def _wait_for_steps(processes, workdir: pathlib.Path, count: int) -> None:
                 + "\n".join(outputs))
 
 
+class Run(NamedTuple):
+  workdir: pathlib.Path
+  outputs: list[str]  # each process's stdout and stderr
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_dir):
-  """The workdir of a 2-process run of STEPS steps, never interrupted."""
+def uninterrupted(tmp_path_factory, data_dir) -> Run:
+  """A 2-process run of STEPS steps with music (MUSIC_FLAGS), never interrupted."""
   workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
-  _finish(_start_two_processes(workdir, data_dir, STEPS))
-  return workdir
+  return Run(workdir, _finish(_start_two_processes(workdir, data_dir, STEPS, 2, *MUSIC_FLAGS)))
 
 
 def test_two_processes_train_and_checkpoint(uninterrupted):
-  assert _saved_steps(uninterrupted) == [STEPS - 2, STEPS]  # every 2 steps, keep 2.
-  assert _train_steps(uninterrupted) == list(range(1, STEPS + 1))
+  assert _saved_steps(uninterrupted.workdir) == [STEPS - 2, STEPS]  # every 2 steps, keep 2.
+  assert _train_steps(uninterrupted.workdir) == list(range(1, STEPS + 1))
+
+
+def test_music_is_written_once_by_process_0_with_the_pieces_of_one_device(uninterrupted,
+                                                                           tmp_path):
+  """Both hosts sample, process 0 alone measures and writes (in the background, while both
+  go on training): each step's pages and scalars come once, with the pieces one process on
+  one device samples from the same parameters and seeds."""
+  # evaluation/report.py logs each report it writes.
+  assert [output.count("evaluation/report.md") for output in uninterrupted.outputs] == [2, 0]
+  folder = uninterrupted.workdir / music.NAME
+  assert sorted(map(int, json.loads((folder / music.MANIFEST).read_text()))) == [*MUSIC_STEPS]
+  assert all((folder / str(step) / "index.html").exists() for step in MUSIC_STEPS)
+  records = [json.loads(line) for line in
+             (uninterrupted.workdir / "metrics.jsonl").read_text().splitlines()]
+  scalars = [r for r in records if "music/oa_mean/unconditional" in r]
+  assert [r["step"] for r in scalars] == [*MUSIC_STEPS]
+  # Process 0's time account after each evaluation and at the end: between the two
+  # evaluations its music time grew by the second one's sampling (compiled at the first), not
+  # by any writing, which went on in the background (the other host never waited for it).
+  accounts = [r for r in records if "time/music_seconds" in r]
+  assert [r["step"] for r in accounts] == [*MUSIC_STEPS, STEPS]
+  grown = accounts[1]["time/music_seconds"] - accounts[0]["time/music_seconds"]
+  assert grown < scalars[1]["music/sampling_seconds"] + scalars[1]["music/writing_seconds"] / 2
+
+  model, config, step = sampling.load_model(uninterrupted.workdir, step=STEPS,
+                                            mesh=mesh_lib.data_mesh(jax.devices()[:1]))
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  evaluator = music.MusicEvaluator(config, str(tmp_path))
+  evaluator.run(step, model)
+  evaluator.log_finished(writer, wait=True)
+  writer.close()
+  for piece in ("sample_0000.npy", "sample_0001.npy"):
+    np.testing.assert_array_equal(
+        np.load(folder / str(STEPS) / "unconditional" / piece),
+        np.load(tmp_path / music.NAME / str(STEPS) / "unconditional" / piece))
 
 
 def test_resumed_after_sigterm_to_both_and_sigkill_of_one_equals_uninterrupted(
@@ -157,7 +214,7 @@ def test_resumed_after_sigterm_to_both_and_sigkill_of_one_equals_uninterrupted(
 
   outputs = _finish(_start_two_processes(workdir, data_dir, STEPS))
   assert f"Resuming from step {last_saved}" in outputs[0]
-  assert _losses(workdir) == _losses(uninterrupted)
+  assert _losses(workdir) == _losses(uninterrupted.workdir)
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path, data_dir):
@@ -173,3 +230,4 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path, data
   for output in outputs:
     assert f"Preempted: saved step {saved[0]}" in output, output[-3000:]
   assert _train_steps(workdir) == list(range(1, saved[0] + 1))
+

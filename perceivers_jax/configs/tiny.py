@@ -10,8 +10,8 @@ nats on the other 2 against a training unigram entropy of 4.87):
       --config.data.data_dir=$HOME/tensorflow_datasets
 
 The music evaluator is off here (README "Watching a run"): `--config.eval.music.every_evals=1`
-samples and measures 16 pieces at every validation (about a fifth of a 400-step run's time
-with validation every 100 steps).
+samples and measures 16 pieces at every validation (sampling about a sixth of a 400-step
+run's time with validation every 100 steps; the measuring and writing go on beside training).
 
 Variants: `tiny.py:final_block` (short scale uses the final-block mask), and every model of
 `config_base.PAPER_MODELS` at this size: `tiny.py:perceiver_ar` (one full cross-attention,

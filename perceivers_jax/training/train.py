@@ -311,6 +311,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
         writer.write_scalars(step, scalars, prefix="train/")
         writer.log_progress(step, num_steps, {k: scalars[k] for k in (
             "loss", "accuracy", "grad_norm", "lr", "tokens_per_s") if k in scalars})
+        for evaluator in evaluators:
+          with account.span(evaluator.name):
+            evaluator.log_finished(writer)
         interval_start, interval_steps = time.perf_counter(), 0
 
       if run_eval:
@@ -322,8 +325,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
             "nll", "bits_per_token", "accuracy")})
       for evaluator in due:
         with account.span(evaluator.name):
-          scalars = evaluator.run(step, trainer.model.merge(state["params"], rest), writer)
-        writer.write_scalars(step, scalars, prefix=f"{evaluator.name}/")
+          evaluator.run(step, trainer.model.merge(state["params"], rest))
       if run_eval or due:
         writer.write_scalars(step, account.summary(), prefix="time/")
         interval_start, interval_steps = time.perf_counter(), 0
@@ -341,6 +343,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
     tracer.close(step)
     with account.span("checkpoints"):
       ckpt.close()  # waits for an asynchronous save.
+    for evaluator in evaluators:  # after the save: a preempted run's is not held up.
+      with account.span(evaluator.name):
+        evaluator.log_finished(writer, wait=True)
     writer.write_scalars(step, account.summary(), prefix="time/")
     writer.close()
     watcher.close()

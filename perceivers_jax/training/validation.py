@@ -68,10 +68,13 @@ class PeriodicEvaluator(Protocol):
   name: str  # its TensorBoard prefix and time-account category
   every_steps: int  # it runs at multiples of it and after the last step
 
-  def run(self, step: int, model: nnx.Module,
-          writer: metrics_writer.MetricsWriter) -> Mapping[str, float]:
-    """Evaluates `model` (the parameters of `step`); returns scalars (images and audio may go
-    to `writer` directly)."""
+  def run(self, step: int, model: nnx.Module) -> None:
+    """Evaluates `model` (the parameters of `step`); the work no other host needs may go on
+    in the background after it returns."""
+
+  def log_finished(self, writer: metrics_writer.MetricsWriter, *, wait: bool = False) -> None:
+    """Writes the scalars (and images, audio) of the evaluations finished by now at their
+    steps; with `wait`, waits for the unfinished ones first."""
 
 
 def _window_step(model: model_state.ModelState, batch_sharding: NamedSharding,

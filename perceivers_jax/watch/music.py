@@ -6,7 +6,11 @@ Pieces, fixed for the whole run and across resumes: piece k < num_unconditional 
 piece j % V (its opening). Piece k draws with key fold_in(key(seed), k) (`sampling.sample_key`),
 in batches of batch_size pieces of one kind (all prompts of a kind have one length, so each
 kind compiles one program). Every host samples its share of each batch's rows; the tokens
-are gathered and process 0 alone measures and writes.
+are gathered and process 0 alone measures and writes, in a background thread, as an
+asynchronous checkpoint save does: no host waits for it, and training goes on. Evaluations
+queue there, one after another; the training loop logs each one's scalars and media at its
+step once it is done (`log_finished`), and waits for the rest at the end of the run, after
+the last checkpoint is saved.
 
 Measures, per set (unconditional; continuation: its generated part):
   music/oa_mean/SET, music/oa/SET/FEATURE: Table I overlap areas against num_reference
@@ -15,7 +19,9 @@ Measures, per set (unconditional; continuation: its generated part):
   music/copied_share/SET: the share of notes in runs of >= 16 notes found in the training
       pieces, a continuation's primer left out (`evaluation/memorisation.py`);
   the reference excerpts' own repetitive and copied shares as baselines, the share of pieces
-  ending with EOS, their mean duration, and the sampling time.
+  ending with EOS, their mean duration, the sampling time (every host, counted in the time
+  account's "music" share with the waits for the background) and the background's measuring
+  and writing time (process 0, beside training: writing_seconds).
 TensorBoard also gets each set's piano-roll grid and, where fluidsynth is installed
 (`data/audio.py`), the audio of its first piece (rendered for that piece alone: rendering
 every piece took longer than sampling them on CPU).
@@ -29,6 +35,8 @@ Files, under WORKDIR/music (local or a bucket):
                                             at every checkpoint side by side
 """
 
+import collections
+from concurrent import futures
 import dataclasses
 import json
 import pathlib
@@ -36,6 +44,7 @@ import tempfile
 import time
 from typing import Any, Sequence
 
+from absl import logging
 from etils import epath
 import jax
 import ml_collections
@@ -93,6 +102,14 @@ def _check(config: ml_collections.ConfigDict) -> next_token.SamplingConfig:
     raise config_base.ConfigError(f"config.eval.music.{e}") from e
 
 
+@dataclasses.dataclass(frozen=True)
+class _Written:
+  """What the background hands the training loop's writer for one evaluation."""
+  scalars: dict[str, float]
+  images: dict[str, np.ndarray]  # TensorBoard tag -> RGB uint8 [H, W, 3]
+  audio: dict[str, tuple[np.ndarray, int]]  # TensorBoard tag -> (samples, sample rate)
+
+
 def _pieces(source: Any, limit: int = 0) -> list[np.ndarray]:
   count = len(source) if not limit else min(limit, len(source))
   return [np.asarray(source[i]["tokens"], np.int32) for i in range(count)]
@@ -128,6 +145,9 @@ class MusicEvaluator:
     # The training pieces' notes, indexed at the first evaluation, and the reference's copies.
     self._corpus = self._reference_copied = None
     self._synth = audio.synthesizer()
+    # Process 0's measuring and writing, one evaluation after another, beside training.
+    self._background = futures.ThreadPoolExecutor(1, thread_name_prefix=NAME)
+    self._pending: collections.deque[tuple[int, futures.Future]] = collections.deque()
 
   # -- sampling (every host) -------------------------------------------------------------------
 
@@ -151,18 +171,46 @@ class MusicEvaluator:
         generated.update(zip(slots, tokens_BT))
     return generated
 
-  def run(self, step: int, model, writer: metrics_writer.MetricsWriter) -> dict[str, float]:
+  def run(self, step: int, model) -> None:
+    """Samples the pieces with `model` on every host; process 0 then measures and writes them
+    in the background (`log_finished` logs the results)."""
     start = time.perf_counter()
     generated = self._sample(model)
     sampling_seconds = time.perf_counter() - start
     if jax.process_index() != 0:
-      return {}
+      return
+    if self._pending and not self._pending[-1][1].done():
+      logging.warning("music evaluator: step %d's pieces queue behind step %d's, still being "
+                      "measured and written; evaluate less often (a larger "
+                      "config.eval.music.every_evals) if the queue grows.", step,
+                      self._pending[-1][0])
+    self._pending.append((step, self._background.submit(self._write, step, generated,
+                                                        sampling_seconds)))
+
+  def log_finished(self, writer: metrics_writer.MetricsWriter, *, wait: bool = False) -> None:
+    """Logs the scalars and media of every evaluation measured and written by now, at its step;
+    with `wait`, waits for those still running first (the end of a run)."""
+    while self._pending and (wait or self._pending[0][1].done()):
+      step, future = self._pending.popleft()
+      written = future.result()  # raises what the background raised.
+      for tag, image_HWC in written.images.items():
+        writer.write_image(step, tag, image_HWC)
+      for tag, (samples_T, sample_rate) in written.audio.items():
+        writer.write_audio(step, tag, samples_T, sample_rate)
+      writer.write_scalars(step, written.scalars, prefix=f"{NAME}/")
+
+  # -- measuring and writing (process 0, in the background) -------------------------------------
+
+  def _write(self, step: int, generated: dict[int, np.ndarray],
+             sampling_seconds: float) -> _Written:
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as staging:
       staging = pathlib.Path(staging)
       sets = self._write_samples(staging, step, generated)
       scalars = self._measure(staging, sets)
       scalars["sampling_seconds"] = sampling_seconds
-      self._log_media(writer, step, staging, sets)
+      media = self._media(staging, sets)
+      scalars["writing_seconds"] = time.perf_counter() - start  # before the pages and copies.
       (staging / "scalars.json").write_text(json.dumps(scalars, indent=1, sort_keys=True))
       listening_page.write_page(
           staging / listening_page.INDEX, f"Music at step {step}",
@@ -176,9 +224,7 @@ class MusicEvaluator:
           figures=[(f"Piano rolls: {name}", staging / "evaluation" / f"piano_rolls_{name}.png")
                    for name in ("reference", *SETS)])
       self._publish(staging, step, sets)
-    return scalars
-
-  # -- measuring and writing (process 0) -------------------------------------------------------
+    return _Written(scalars, *media)
 
   def _set_description(self, name: str) -> str:
     if name == "unconditional":
@@ -261,16 +307,18 @@ class MusicEvaluator:
       scalars[f"seconds_mean/{name}"] = np.mean([s["duration_seconds"] for s in sets[name]])
     return {k: float(v) for k, v in scalars.items() if v is not None}
 
-  def _log_media(self, writer: metrics_writer.MetricsWriter, step: int, staging: pathlib.Path,
-                 sets: dict[str, list[dict]]) -> None:
+  def _media(self, staging: pathlib.Path, sets: dict[str, list[dict]]
+             ) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, int]]]:
+    """(each set's piano-roll grid, the audio of its first piece where rendered) by tag."""
+    images, sounds = {}, {}
     for name in SETS:
       grid = staging / "evaluation" / f"piano_rolls_{name}.png"
       if grid.exists():
-        writer.write_image(step, f"{NAME}/piano_rolls/{name}",
-                           np.asarray(Image.open(grid).convert("RGB")))
+        images[f"{NAME}/piano_rolls/{name}"] = np.asarray(Image.open(grid).convert("RGB"))
       wav = staging / name / "sample_0000.wav"
       if sets[name] and wav.exists():
-        writer.write_audio(step, f"{NAME}/audio/{name}", *audio.read_wav(wav))
+        sounds[f"{NAME}/audio/{name}"] = audio.read_wav(wav)
+    return images, sounds
 
   def _publish(self, staging: pathlib.Path, step: int, sets: dict[str, list[dict]]) -> None:
     """Copies the staged files to WORKDIR/music/STEP (replacing a redone step's), then the
